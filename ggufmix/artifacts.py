@@ -1,0 +1,58 @@
+"""The one JSON reader/writer for ggufmix's versioned artifacts (scores, plan, build, report).
+
+Every file is ``{"format": "ggufmix.<kind>", "version": N, ...}``, written atomically and with
+sorted keys so the same inputs give byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ggufmix.errors import InputError, UsageError
+
+VERSIONS = {"scores": 1, "plan": 1, "build": 1, "report": 1}
+
+
+def write_artifact(path: str | os.PathLike[str], kind: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as a ``ggufmix.<kind>`` artifact, atomically."""
+    doc = {"format": f"ggufmix.{kind}", "version": VERSIONS[kind], **payload}
+    return write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def read_artifact(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """Read and check a ``ggufmix.<kind>`` artifact.
+
+    Raises:
+        InputError: missing, not JSON, another kind, or a version this ggufmix does not read.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p}: not a ggufmix {kind} file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != f"ggufmix.{kind}":
+        raise InputError(f"{p}: not a ggufmix {kind} file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("version") != VERSIONS[kind]:
+        raise InputError(f"{p}: {kind} version {doc.get('version')!r}; this ggufmix reads version {VERSIONS[kind]}")
+    return doc
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write through a temporary file in the same folder and rename it into place."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise UsageError(f"{p}: folder {p.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p

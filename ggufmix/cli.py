@@ -1,0 +1,166 @@
+"""The command line: each command validates its flags and calls one library function."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ggufmix import __version__
+from ggufmix.errors import GgufmixError
+
+logger = logging.getLogger("ggufmix")
+
+_path = click.Path(path_type=Path)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="ggufmix")
+@click.option("--debug", is_flag=True, help="Show tracebacks and llama.cpp's log.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Mixed-precision GGUF: every tensor its own llama.cpp quantization type, to a size budget."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"debug": debug, "progress": not quiet and sys.stderr.isatty()}
+
+
+def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool):  # noqa: ANN202
+    from ggufmix.quantize.build import ScoreOptions
+    from ggufmix.score.base import SCORERS
+    from ggufmix.score import quant_error  # noqa: F401
+
+    if strategy not in SCORERS:
+        raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(SCORERS))}", param_hint="--strategy")
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize)
+
+
+def _palette(types: str | None):  # noqa: ANN202
+    from ggufmix.types import parse_type
+
+    return None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
+
+
+_score_options = [
+    click.option("--strategy", default="measured", show_default=True, help="Scorer (measured, uniform, ...)."),
+    click.option("--imatrix", type=_path, help="Importance matrix (llama-imatrix GGUF or legacy .dat)."),
+    click.option("--rows", default=256, show_default=True, help="Rows sampled per tensor when measuring."),
+    click.option("--threads", default=2, show_default=True, help="Scoring threads."),
+    click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
+]
+_plan_options = [
+    click.option("--budget", required=True, help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ..."),
+    click.option("--types", help="Comma-separated palette, e.g. Q4_K,Q5_K,Q6_K,Q8_0."),
+    click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
+]
+
+
+def _apply(options):  # noqa: ANN001, ANN202
+    def deco(fn):  # noqa: ANN001, ANN202
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("-o", "--output", type=_path, required=True, help="Output .gguf.")
+@_apply(_score_options + _plan_options)
+@click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
+@click.pass_context
+def build(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
+          threads: int, allow_requantize: bool, budget: str, types: str | None, pins: tuple[str, ...],
+          scores_path: Path | None, force: bool, no_smoke: bool) -> None:
+    """Build MODEL (F32/F16/BF16 GGUF) into a mixed-precision GGUF that fits --budget."""
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import parse_pin
+    from ggufmix.quantize.build import build as run_build
+
+    res = run_build(model, output, parse_budget(budget),
+                    opts=_score_opts(strategy, imatrix, rows, threads, allow_requantize),
+                    types=_palette(types), pins=[parse_pin(p) for p in pins], scores_path=scores_path,
+                    force=force, smoke=not no_smoke, progress=ctx.obj["progress"])
+    v = res.verified
+    click.echo(f"wrote {res.output}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
+               f"(budget {res.plan.budget}), {v.n_tensors} tensors verified")
+    click.echo("types by bytes: " + ", ".join(f"{k} {b / 1e6:.1f}MB" for k, b in res.plan.type_histogram().items()))
+    click.echo("seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in res.seconds.items()))
+    if res.smoke is not None:
+        click.echo(f"smoke test: {res.smoke!r}")
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("-o", "--output", type=_path, required=True, help="scores.json to write.")
+@_apply(_score_options)
+@click.pass_context
+def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
+          threads: int, allow_requantize: bool) -> None:
+    """Measure every tensor of MODEL once; plan any budget from the result."""
+    from ggufmix.quantize.build import load_imatrix, open_source, score_source
+
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize)
+    src = open_source(model, allow_requantize)
+    scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
+    scores.save(output)
+    click.echo(f"wrote {output}: {len(scores.tensors)} tensors scored with {strategy}")
+
+
+@cli.command()
+@click.argument("scores_file", type=_path)
+@_apply(_plan_options)
+@click.option("-o", "--output", type=_path, required=True, help="plan.json to write.")
+@click.option("--recipe", type=_path, help="Also write a llama-quantize --tensor-type-file.")
+def plan(scores_file: Path, budget: str, types: str | None, pins: tuple[str, ...], output: Path,
+         recipe: Path | None) -> None:
+    """Plan a budget from saved scores (instant)."""
+    from ggufmix.artifacts import write_text_atomic
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan, parse_pin
+    from ggufmix.quantize.build import versions
+    from ggufmix.quantize.overrides import recipe as make_recipe
+    from ggufmix.score.scores import Scores
+
+    p = make_plan(Scores.load(scores_file), parse_budget(budget), types=_palette(types),
+                  pins=[parse_pin(x) for x in pins]).with_versions(versions())
+    p.save(output)
+    if recipe:
+        write_text_atomic(recipe, make_recipe(p))
+    click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Per tensor: name, shape, type, bytes, bpw; totals."""
+    from ggufmix.inspect_gguf import format_inspect, inspect_gguf
+
+    info = inspect_gguf(model)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
+
+
+def main() -> None:
+    """Entry point: one line and a non-zero exit for user errors; tracebacks only with --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ggufmix: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except GgufmixError as e:
+        if debug:
+            raise
+        click.echo(f"ggufmix: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("ggufmix: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,86 @@
+"""Import llama_cpp once, route llama.cpp's log into Python, keep the last lines for error messages."""
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import logging
+import re
+from collections.abc import Callable
+from types import ModuleType
+
+from ggufmix.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=200)
+_LISTENERS: list[Callable[[str], None]] = []
+_CALLBACK: list[object] = []  # the ctypes callback must stay referenced: a collected one segfaults
+_PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+
+
+@functools.cache
+def llama() -> ModuleType:
+    """The llama_cpp module, with llama.cpp's log sent to ``logging`` (DEBUG) instead of stderr."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise EngineError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python==0.3.36") from None
+
+    @llama_cpp.llama_log_callback
+    def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", "replace")
+        _LOG_TAIL.append(line)
+        for fn in list(_LISTENERS):
+            fn(line)
+        if level in (2, 3):
+            logger.debug("llama.cpp: %s", line.rstrip())
+
+    _CALLBACK.append(_log)
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def log_tail(n: int = 20) -> list[str]:
+    """The last ``n`` pieces of llama.cpp's log."""
+    return list(_LOG_TAIL)[-n:]
+
+
+def last_error() -> str:
+    """The most recent llama.cpp line that looks like an error, for one-line messages."""
+    text = "".join(_LOG_TAIL)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "error" in ln.lower() or "failed" in ln.lower():
+            return ln
+    return lines[-1] if lines else "no message from llama.cpp"
+
+
+class LogProgress:
+    """Feeds llama.cpp's ``[ i/ n]`` per-tensor lines to a callback while active."""
+
+    def __init__(self, on_step: Callable[[int, int], None]) -> None:
+        self._on_step = on_step
+
+    def _listen(self, line: str) -> None:
+        m = _PROGRESS.search(line)
+        if m:
+            self._on_step(int(m.group(1)), int(m.group(2)))
+
+    def __enter__(self) -> LogProgress:
+        _LISTENERS.append(self._listen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _LISTENERS.remove(self._listen)
+
+
+def version() -> str:
+    """llama-cpp-python's version (it pins the llama.cpp it ships)."""
+    try:
+        from importlib.metadata import version as v
+
+        return v("llama-cpp-python")
+    except Exception:  # noqa: BLE001 - metadata is informative only
+        return "unknown"

@@ -1,0 +1,158 @@
+"""From scores and a budget to a Plan: every tensor's type, as the knapsack solver chose it."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from ggufmix.errors import BudgetError, UsageError
+from ggufmix.plan.budget import Budget, bpw
+from ggufmix.plan.layout import Slot
+from ggufmix.plan.plan import Plan, PlanEntry
+from ggufmix.plan.solver import Item, Option, feasible_range, solve
+from ggufmix.score.scores import Scores
+from ggufmix.types import QuantType, parse_type
+
+logger = logging.getLogger(__name__)
+
+# Tensors that must share one type, as (regex, group key template). Each line names the models it is for.
+DEFAULT_TIES: tuple[tuple[str, str], ...] = (
+    # MoE models (Mixtral, Qwen3-MoE, DeepSeek): llama.cpp's fused gate+up expert path wants one type
+    (r"^blk\.(\d+)\.ffn_(?:gate|up)_exps\.weight$", r"blk.\1.ffn_gate_up_exps"),
+)
+TOLERANCE_BPW = 0.02
+
+
+@dataclass(frozen=True)
+class Pin:
+    pattern: re.Pattern[str]
+    qtype: QuantType
+
+
+def parse_pin(text: str) -> Pin:
+    """``'output\\.weight=Q6_K'`` -> Pin (regex searched in tensor names, like llama-quantize --tensor-type).
+
+    Raises:
+        UsageError: no ``=``, a bad regex or an unknown type.
+    """
+    pattern, sep, tname = text.rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--pin {text!r}: expected REGEX=TYPE, e.g. 'output\\.weight=Q6_K'")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--pin {text!r}: bad regex ({e})") from None
+    return Pin(rx, parse_type(tname))
+
+
+def load_gains() -> dict[str, float]:
+    """Role weights shipped in ggufmix/data/role_gains.json."""
+    doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
+    return {k: float(v) for k, v in doc["gains"].items()}
+
+
+def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | None = None,
+              pins: Sequence[Pin] = (), ties: Sequence[tuple[str, str]] = DEFAULT_TIES,
+              gains: dict[str, float] | None = None) -> Plan:
+    """Solve the budget over the scored candidates.
+
+    Raises:
+        UsageError: a pin or palette no tensor can take.
+        BudgetError: the budget is outside the feasible range (the message gives the range).
+    """
+    gains = load_gains() if gains is None else gains
+    slots = [s for s in scores.layout.slots if s.quantized]
+    options = {s.name: _options(s, scores, types, pins, gains, scores.layout.tied_embeddings) for s in slots}
+    _check_pins_used(pins, options)
+    groups = _groups([s.name for s in slots], ties)
+    items = [_merge(key, [options[n] for n in names]) for key, names in groups.items()]
+    total_elements = scores.layout.total_elements
+    fixed = scores.layout.fixed_bytes
+    target = budget.to_bytes(total_elements)
+    lo, hi = feasible_range(items)
+    if not lo + fixed <= target <= hi + fixed:
+        raise BudgetError(_range_message(budget, target, lo + fixed, hi + fixed, total_elements))
+    sol = solve(items, target - fixed)
+    chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
+    plan = _assemble(scores, budget, target, chosen, options, types, pins, gains)
+    slack = bpw(target - plan.total_bytes, total_elements)
+    if slack > TOLERANCE_BPW:
+        logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
+                       slack, TOLERANCE_BPW)
+    return plan
+
+
+def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
+             gains: dict[str, float], tied: bool) -> dict[QuantType, Option]:
+    allowed = dict(slot.candidates)
+    if types is not None:
+        allowed = {t: b for t, b in allowed.items() if t in types}
+        if not allowed:
+            raise UsageError(f"{slot.name!r}: rows of {slot.shape[0]} fit none of --types "
+                             f"{','.join(t.name for t in types)}; it can take {','.join(t.name for t in slot.candidates)}")
+    pin = next((p for p in pins if p.pattern.search(slot.name)), None)
+    if pin is not None:
+        if pin.qtype not in slot.candidates:
+            raise UsageError(f"{slot.name!r}: pinned to {pin.qtype.name}, but rows of {slot.shape[0]} can take only "
+                             f"{','.join(t.name for t in slot.candidates)}")
+        allowed = {pin.qtype: slot.candidates[pin.qtype]}
+    ts = scores.tensors.get(slot.name)
+    if ts is None:
+        raise UsageError(f"{slot.name!r}: no scores for this tensor; re-run ggufmix score")
+    role = "token_embd_tied" if slot.role == "token_embd" and tied else slot.role
+    weight = gains.get(role, gains.get("other", 1.0)) * ts.importance
+    return {t: Option(t, b, weight * ts.errors[t]) for t, b in allowed.items()}
+
+
+def _check_pins_used(pins: Sequence[Pin], options: dict[str, dict[QuantType, Option]]) -> None:
+    for p in pins:
+        if not any(p.pattern.search(n) for n in options):
+            raise UsageError(f"--pin {p.pattern.pattern!r}={p.qtype.name} matches no quantizable tensor")
+
+
+def _groups(names: Sequence[str], ties: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        key = n
+        for rx, template in ties:
+            m = re.match(rx, n)
+            if m:
+                key = m.expand(template)
+                break
+        groups.setdefault(key, []).append(n)
+    return groups
+
+
+def _merge(key: str, members: list[dict[QuantType, Option]]) -> Item:
+    common = set(members[0]).intersection(*members[1:])
+    if not common:
+        raise UsageError(f"{key!r}: tied tensors share no type they can all take")
+    return Item(key, tuple(Option(t, sum(m[t].bytes for m in members), sum(m[t].cost for m in members))
+                           for t in sorted(common)))
+
+
+def _range_message(budget: Budget, target: int, lo: int, hi: int, n: int) -> str:
+    return (f"budget {budget} ({target / 1e6:.2f} MB) is not achievable for this model: sizes range from "
+            f"{lo / 1e6:.2f} MB ({bpw(lo, n):.3f} bpw) to {hi / 1e6:.2f} MB ({bpw(hi, n):.3f} bpw) "
+            "with the allowed types")
+
+
+def _assemble(scores: Scores, budget: Budget, target: int, chosen: dict[str, QuantType],
+              options: dict[str, dict[QuantType, Option]], types: Sequence[QuantType] | None,
+              pins: Sequence[Pin], gains: dict[str, float]) -> Plan:
+    entries = []
+    for s in scores.layout.slots:
+        if s.quantized:
+            t = chosen[s.name]
+            ts = scores.tensors[s.name]
+            entries.append(PlanEntry(s.name, s.shape, t, s.candidates[t], s.role, s.layer,
+                                     ts.errors[t], options[s.name][t].cost))
+        else:
+            entries.append(PlanEntry(s.name, s.shape, s.source_type, s.fixed_bytes, s.role, s.layer))
+    settings = {"types": None if types is None else [t.name for t in types],
+                "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains}
+    return Plan(tuple(entries), str(budget), target, scores.layout.total_elements, scores.strategy,
+                scores.source, {**scores.settings, **settings}, scores.layout.arch)

@@ -1,0 +1,82 @@
+"""The scorer interface: pure functions from one tensor's sampled rows to per-type errors.
+
+A scorer never opens files or imports llama_cpp: the runner hands it the rows, the imatrix slice and
+the quantize/dequantize kernels. Register one with ``@register("name")``; ``--strategy name`` selects it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ggufmix.types import QuantType
+
+QuantizeFn = Callable[[np.ndarray, QuantType, "np.ndarray | None"], np.ndarray]
+DequantizeFn = Callable[[np.ndarray, QuantType, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The exact llama.cpp kernels, injected by the runner."""
+
+    quantize: QuantizeFn
+    dequantize: DequantizeFn
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """What a scorer sees of one tensor."""
+
+    name: str
+    role: str
+    layer: int | None
+    shape: tuple[int, ...]
+    candidates: tuple[QuantType, ...]
+    rows: np.ndarray                    # float32 (n sampled rows, ncols)
+    row_groups: np.ndarray              # index into imatrix rows (expert id) for each sampled row
+    imatrix: np.ndarray | None          # (n experts, ncols) per-column mean squared activation, or None
+    kernels: Kernels
+
+
+@dataclass(frozen=True)
+class TensorScore:
+    """A scorer's answer for one tensor.
+
+    ``errors[t]`` is the predicted damage of storing the tensor as type ``t`` (for the measured scorer:
+    the imatrix-weighted noise-to-signal ratio of the tensor's output); ``importance`` multiplies it in
+    the planner's objective; ``stats`` carries diagnostics (entropy, z-share ...) into scores.json.
+    """
+
+    errors: Mapping[QuantType, float]
+    importance: float = 1.0
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {t.name: e for t, e in self.errors.items() if not np.isfinite(e) or e < 0}
+        if bad:
+            raise ValueError(f"errors must be finite and >= 0, got {bad}")
+
+
+ScorerFn = Callable[[TensorJob], TensorScore]
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    name: str
+    fn: ScorerFn
+    needs_rows: bool
+    description: str
+
+
+SCORERS: dict[str, ScorerSpec] = {}
+
+
+def register(name: str, *, needs_rows: bool = True, description: str = "") -> Callable[[ScorerFn], ScorerFn]:
+    """Decorator: make ``fn`` selectable as ``--strategy name``."""
+
+    def deco(fn: ScorerFn) -> ScorerFn:
+        SCORERS[name] = ScorerSpec(name, fn, needs_rows, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco

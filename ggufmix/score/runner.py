@@ -1,0 +1,70 @@
+"""Stream a model tensor by tensor through a scorer: load sampled rows, score, drop."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ggufmix.io.gguf_source import GGUFSource
+from ggufmix.plan.layout import Layout, Slot
+from ggufmix.score import quant_error  # noqa: F401  (registers the built-in scorers)
+from ggufmix.score.base import SCORERS, Kernels, TensorJob
+from ggufmix.score.scores import Scores, TensorScores
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROWS = 256
+
+
+def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
+    """Evenly spaced row indices, all rows when there are few: deterministic, covers the whole tensor."""
+    if nrows <= max_rows:
+        return np.arange(nrows)
+    return np.unique(np.linspace(0, nrows - 1, max_rows).round().astype(np.int64))
+
+
+def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
+                imatrix: Any = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
+                progress: bool = True) -> Scores:
+    """Score every quantizable tensor of ``source`` with the strategy's scorer.
+
+    Args:
+        imatrix: an object with ``.get(name) -> np.ndarray | None`` (per-column mean squared activation,
+            n_experts * ncols values), or None.
+        max_rows: rows sampled per tensor (per-row scales make a row the natural unit).
+    """
+    spec = SCORERS[strategy]
+    slots = [s for s in layout.slots if s.quantized]
+    jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in slots)
+    results: dict[str, TensorScores] = {}
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        it: Iterator = pool.map(lambda j: (j.name, spec.fn(j)), jobs)
+        for name, ts in tqdm(it, total=len(slots), desc=f"scoring ({strategy})", unit="tensor",
+                             disable=not progress, leave=False):
+            results[name] = TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
+    settings = {"max_rows": max_rows, "imatrix": None if imatrix is None else str(getattr(imatrix, "path", "yes"))}
+    st = source.path.stat()
+    src = {"path": str(source.path), "name": source.path.name, "size": st.st_size,
+           "total_elements": layout.total_elements, "arch": layout.arch}
+    return Scores(src, strategy, settings, layout, results)
+
+
+def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_rows: int,
+         needs_rows: bool) -> TensorJob:
+    ncols = slot.shape[0]
+    nrows = slot.n_elements // ncols
+    idx = sample_rows(nrows, max_rows) if needs_rows else np.arange(0)
+    rows = source.rows(slot.name, idx) if needs_rows else np.zeros((0, ncols), np.float32)
+    rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
+    imat = None
+    if imatrix is not None:
+        values = imatrix.get(slot.name)
+        if values is not None:
+            imat = np.asarray(values, dtype=np.float32).reshape(-1, ncols)
+    groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
+    return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
+                     groups, imat, kernels)

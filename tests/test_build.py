@@ -1,0 +1,133 @@
+"""The whole build on tiny models that llama.cpp loads: plan, overrides, verification, artifacts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ggufmix.engine.quantize import quantize_file, stock_ftype
+from ggufmix.errors import BudgetError, UsageError, VerifyError
+from ggufmix.io.gguf_source import open_gguf
+from ggufmix.plan.budget import bpw, parse_budget
+from ggufmix.plan.plan import Plan, PlanEntry
+from ggufmix.plan.planner import make_plan, parse_pin
+from ggufmix.quantize.build import ScoreOptions, build, open_source, score_source
+from ggufmix.quantize.overrides import overrides, recipe
+from ggufmix.quantize.verify import verify
+from ggufmix.types import QuantType, block_size
+
+
+@pytest.fixture(scope="module")
+def tiny_scores(tiny_model: Path):  # noqa: ANN201
+    return score_source(open_source(tiny_model, False), ScoreOptions(max_rows=64), None, progress=False)
+
+
+def test_build_hits_budget_and_verifies(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    res = build(tiny_model, out, parse_budget("4.5bpw"), opts=ScoreOptions(max_rows=64), progress=False)
+    written = open_gguf(out)
+    assert written.total_bytes == res.plan.total_bytes
+    assert bpw(written.total_bytes, written.total_elements) <= 4.5
+    assert {n: t.qtype for n, t in written.tensors.items()} == res.plan.types()
+    assert len(set(res.plan.types().values())) > 2  # a real mix, not one type
+    assert isinstance(res.smoke, str)
+    plan = Plan.load(tmp_path / "out.plan.json")
+    assert plan.types() == res.plan.types() and plan.versions["llama-cpp-python"] == "0.3.36"
+    lines = (tmp_path / "out.recipe.txt").read_text().split()
+    assert len(lines) == len(plan.quantized()) and lines[0].startswith("^") and "=" in lines[0]
+    assert json.loads((tmp_path / "out.build.json").read_text())["verified"]["total_bytes"] == written.total_bytes
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("budget", ["3.0bpw", "4.0bpw", "5.0bpw", "6.5bpw"])
+def test_plan_lands_within_tolerance(tiny_scores, budget: str) -> None:  # noqa: ANN001
+    b = parse_budget(budget)
+    plan = make_plan(tiny_scores, b)
+    assert 0 <= b.value - plan.bpw <= 0.02
+
+
+def test_more_budget_never_more_error(tiny_scores) -> None:  # noqa: ANN001
+    costs = [sum(e.cost for e in make_plan(tiny_scores, parse_budget(f"{b}bpw")).quantized())
+             for b in (3.0, 3.5, 4.0, 5.0, 6.0, 8.0)]
+    assert costs == sorted(costs, reverse=True)
+
+
+def test_plan_is_deterministic(tiny_scores, tmp_path: Path) -> None:  # noqa: ANN001
+    a = make_plan(tiny_scores, parse_budget("4bpw")).save(tmp_path / "a.json")
+    b = make_plan(tiny_scores, parse_budget("4bpw")).save(tmp_path / "b.json")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_size_budget_in_bytes(tiny_scores) -> None:  # noqa: ANN001
+    plan = make_plan(tiny_scores, parse_budget("2.5MB"))
+    assert plan.total_bytes <= 2_500_000 and plan.budget_bytes == 2_500_000
+
+
+def test_infeasible_budget_states_range(tiny_scores) -> None:  # noqa: ANN001
+    with pytest.raises(BudgetError, match=r"sizes range from .* MB \(.* bpw\) to .* MB \(8\.5"):
+        make_plan(tiny_scores, parse_budget("1.0bpw"))
+    with pytest.raises(BudgetError):
+        make_plan(tiny_scores, parse_budget("9bpw"))
+
+
+def test_pins_and_palette(tiny_scores) -> None:  # noqa: ANN001
+    plan = make_plan(tiny_scores, parse_budget("5bpw"), pins=[parse_pin(r"output\.weight=Q6_K")],
+                     types=(QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K, QuantType.Q8_0))
+    types = plan.types()
+    assert types["output.weight"] == QuantType.Q6_K
+    assert {t for e, t in types.items() if plan.entries[0] and e.endswith("weight") and "norm" not in e} <= {
+        QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K, QuantType.Q8_0}
+    with pytest.raises(UsageError, match="matches no quantizable tensor"):
+        make_plan(tiny_scores, parse_budget("5bpw"), pins=[parse_pin(r"nothing\.here=Q6_K")])
+    with pytest.raises(UsageError, match="bad regex"):
+        parse_pin("blk.(=Q4_K")
+
+
+def test_palette_that_fits_nothing_names_the_tensor(odd_model: Path) -> None:
+    scores = score_source(open_source(odd_model, False), ScoreOptions(max_rows=32), None, progress=False)
+    with pytest.raises(UsageError, match=r"'token_embd\.weight': rows of 320 fit none of --types Q4_K,Q6_K; it can take Q2_0"):
+        make_plan(scores, parse_budget("5bpw"), types=(QuantType.Q4_K, QuantType.Q6_K))
+
+
+def test_odd_shapes_plan_only_types_that_fit(odd_model: Path, tmp_path: Path) -> None:
+    """Rows of 320: the plan uses 32/64-block types there, and llama.cpp writes exactly those."""
+    out = tmp_path / "odd.gguf"
+    res = build(odd_model, out, parse_budget("4.0bpw"), opts=ScoreOptions(max_rows=32), smoke=False, progress=False)
+    blocks = {e.name: block_size(e.qtype) for e in res.plan.quantized()}
+    assert all(e.shape[0] % blocks[e.name] == 0 for e in res.plan.quantized())
+    assert 256 in blocks.values() and any(b < 256 for b in blocks.values())  # both families in use
+    assert res.verified.bpw <= 4.0
+
+
+def test_overrides_are_anchored_and_escaped(tiny_scores) -> None:  # noqa: ANN001
+    plan = make_plan(tiny_scores, parse_budget("4bpw"))
+    pats = dict(overrides(plan))
+    assert r"^blk\.1\.attn_q\.weight$" in pats
+    assert recipe(plan).count("\n") == len(plan.quantized())
+
+
+def test_verify_catches_a_fallback(odd_model: Path, tmp_path: Path) -> None:
+    """llama.cpp silently turns Q4_K into Q5_0 on rows of 320; verification must refuse that file."""
+    src = open_gguf(odd_model)
+    out = tmp_path / "fb.gguf"
+    quantize_file(odd_model, out, ftype=stock_ftype("Q8_0"),
+                  overrides=[(r"^blk\.0\.attn_q\.weight$", QuantType.Q4_K)], progress=False)
+    written = open_gguf(out)
+    entries = tuple(PlanEntry(n, t.shape, QuantType.Q4_K if n == "blk.0.attn_q.weight" else t.qtype, t.n_bytes,
+                              "x", None, 0.0 if n == "blk.0.attn_q.weight" else None) for n, t in written.tensors.items())
+    plan = Plan(entries, "x", 0, src.total_elements, "measured", {}, {}, "llama")
+    with pytest.raises(VerifyError, match=r"'blk\.0\.attn_q\.weight' is Q5_0, planned Q4_K"):
+        verify(out, plan)
+
+
+def test_output_rules(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="overwrite the input"):
+        build(tiny_model, tiny_model, parse_budget("4bpw"), progress=False)
+    existing = tmp_path / "exists.gguf"
+    existing.write_bytes(b"x")
+    with pytest.raises(UsageError, match="already exists"):
+        build(tiny_model, existing, parse_budget("4bpw"), progress=False)
+    with pytest.raises(UsageError, match="does not exist"):
+        build(tiny_model, tmp_path / "nope" / "o.gguf", parse_budget("4bpw"), progress=False)
+    assert existing.read_bytes() == b"x"

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ggufmix.cli import cli
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ggufmix", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_score_plan_build_inspect(tiny_model: Path, tmp_path: Path) -> None:
+    r = CliRunner()
+    scores = tmp_path / "scores.json"
+    res = r.invoke(cli, ["-q", "score", str(tiny_model), "-o", str(scores), "--rows", "32"])
+    assert res.exit_code == 0, res.output
+    plan = tmp_path / "plan.json"
+    res = r.invoke(cli, ["plan", str(scores), "--budget", "4.0bpw", "-o", str(plan), "--recipe", str(tmp_path / "r.txt")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(plan.read_text())["totals"]["bpw"] <= 4.0
+    out = tmp_path / "o.gguf"
+    res = r.invoke(cli, ["-q", "build", str(tiny_model), "-o", str(out), "--budget", "4.0bpw", "--scores", str(scores),
+                         "--no-smoke"])
+    assert res.exit_code == 0, res.output
+    assert "verified" in res.output
+    res = r.invoke(cli, ["inspect", str(out), "--json"])
+    info = json.loads(res.output)
+    assert info["totals"]["bpw"] <= 4.0 and info["totals"]["tensors"] == len(info["tensors"])
+    plan_types = {t["name"]: t["type"] for t in json.loads(plan.read_text())["tensors"]}
+    assert {t["name"]: t["type"] for t in info["tensors"]} == plan_types
+    res = r.invoke(cli, ["inspect", str(out)])
+    assert "total:" in res.output and "bpw" in res.output
+
+
+@pytest.mark.parametrize("case", ["missing", "bad_magic", "budget", "pin", "type", "exists"])
+def test_errors_are_one_line(case: str, tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(64))
+    exists = tmp_path / "exists.gguf"
+    exists.write_bytes(b"keep")
+    args = {
+        "missing": (["inspect", str(tmp_path / "none.gguf")], "no such file"),
+        "bad_magic": (["inspect", str(bad)], "not a GGUF file"),
+        "budget": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "1bpw", "--rows", "16"],
+                   "sizes range from"),
+        "pin": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4bpw", "--pin", "blk.(=Q4_K"],
+                "bad regex"),
+        "type": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4bpw", "--types", "Q4_K,Q9"],
+                 "unknown quantization type 'Q9'"),
+        "exists": (["build", str(tiny_model), "-o", str(exists), "--budget", "4bpw"], "already exists"),
+    }[case]
+    res = _run(*args[0])
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ggufmix: error:") and args[1] in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o.gguf").exists() and exists.read_bytes() == b"keep"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    res = _run("--debug", "inspect", str(tmp_path / "none.gguf"))
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_lean_import() -> None:
+    code = ("import sys, ggufmix, ggufmix.cli, ggufmix.plan.planner, ggufmix.score.runner; "
+            "bad = [m for m in ('llama_cpp', 'torch') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
