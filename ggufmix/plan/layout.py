@@ -48,6 +48,10 @@ class Layout:
         names = {s.name for s in self.slots}
         return "output.weight" not in names
 
+    @property
+    def n_layers(self) -> int:
+        return 1 + max((s.layer for s in self.slots if s.layer is not None), default=-1)
+
     def by_name(self) -> dict[str, Slot]:
         return {s.name: s for s in self.slots}
 

@@ -48,10 +48,37 @@ def parse_pin(text: str) -> Pin:
     return Pin(rx, parse_type(tname))
 
 
-def load_gains() -> dict[str, float]:
-    """Role weights shipped in ggufmix/data/role_gains.json."""
+def load_gains(imatrix: bool = False) -> dict[str, float]:
+    """Objective weights per ``role@depth`` shipped in ggufmix/data/role_gains.json (see gain_key)."""
     doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
-    return {k: float(v) for k, v in doc["gains"].items()}
+    table = doc["imatrix" if imatrix and "imatrix" in doc else "plain"]
+    return {k: float(v) for k, v in table.items()}
+
+
+def depth_bucket(layer: int | None, n_layers: int) -> str:
+    """``early``/``mid``/``late`` by llama.cpp's ``use_more_bits`` split (first and last eighth)."""
+    if layer is None or n_layers <= 0:
+        return "none"
+    if layer < n_layers / 8:
+        return "early"
+    if layer >= 7 * n_layers / 8:
+        return "late"
+    return "mid"
+
+
+def gain_key(slot: Slot, n_layers: int, tied: bool) -> str:
+    """``role@depth``: the key of a tensor's objective weight (token_embd counts as output when tied)."""
+    role = "token_embd_tied" if slot.role == "token_embd" and tied else slot.role
+    return f"{role}@{depth_bucket(slot.layer, n_layers)}"
+
+
+def lookup_gain(gains: dict[str, float], key: str) -> float:
+    """The calibrated weight for ``key``, else the role's average, else ``other``, else 1."""
+    if key in gains:
+        return gains[key]
+    role = key.split("@")[0]
+    same = [v for k, v in gains.items() if k.split("@")[0] == role]
+    return sum(same) / len(same) if same else gains.get("other@none", 1.0)
 
 
 def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | None = None,
@@ -63,9 +90,12 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         UsageError: a pin or palette no tensor can take.
         BudgetError: the budget is outside the feasible range (the message gives the range).
     """
-    gains = load_gains() if gains is None else gains
+    gains = load_gains(scores.settings.get("imatrix") is not None) if gains is None else gains
     slots = [s for s in scores.layout.slots if s.quantized]
-    options = {s.name: _options(s, scores, types, pins, gains, scores.layout.tied_embeddings) for s in slots}
+    n_layers = scores.layout.n_layers
+    options = {s.name: _options(s, scores, types, pins,
+                                lookup_gain(gains, gain_key(s, n_layers, scores.layout.tied_embeddings)))
+               for s in slots}
     _check_pins_used(pins, options)
     groups = _groups([s.name for s in slots], ties)
     items = [_merge(key, [options[n] for n in names]) for key, names in groups.items()]
@@ -77,7 +107,9 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         raise BudgetError(_range_message(budget, target, lo + fixed, hi + fixed, total_elements))
     sol = solve(items, target - fixed)
     chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
-    plan = _assemble(scores, budget, target, chosen, options, types, pins, gains)
+    settings = {"types": None if types is None else [t.name for t in types],
+                "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains}
+    plan = _assemble(scores, str(budget), target, chosen, options, settings)
     slack = bpw(target - plan.total_bytes, total_elements)
     if slack > TOLERANCE_BPW:
         logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
@@ -86,7 +118,7 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
 
 
 def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
-             gains: dict[str, float], tied: bool) -> dict[QuantType, Option]:
+             gain: float) -> dict[QuantType, Option]:
     allowed = dict(slot.candidates)
     if types is not None:
         allowed = {t: b for t, b in allowed.items() if t in types}
@@ -102,9 +134,26 @@ def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins
     ts = scores.tensors.get(slot.name)
     if ts is None:
         raise UsageError(f"{slot.name!r}: no scores for this tensor; re-run ggufmix score")
-    role = "token_embd_tied" if slot.role == "token_embd" and tied else slot.role
-    weight = gains.get(role, gains.get("other", 1.0)) * ts.importance
+    weight = gain * ts.importance
     return {t: Option(t, b, weight * ts.errors[t]) for t, b in allowed.items()}
+
+
+def plan_from_types(scores: Scores, chosen: dict[str, QuantType], label: str) -> Plan:
+    """A Plan with given types (every quantized tensor named), e.g. to probe or to mirror a stock mix.
+
+    Raises:
+        UsageError: a tensor is missing or given a type it cannot take.
+    """
+    options = {}
+    for s in scores.layout.slots:
+        if s.quantized:
+            t = chosen.get(s.name)
+            if t not in s.candidates:
+                raise UsageError(f"{s.name!r}: {t.name if t else 'no type'} is not one of its candidates")
+            ts = scores.tensors[s.name]
+            options[s.name] = {t: Option(t, s.candidates[t], ts.importance * ts.errors[t])}
+    total = scores.layout.fixed_bytes + sum(o.bytes for opts in options.values() for o in opts.values())
+    return _assemble(scores, label, total, {n: chosen[n] for n in options}, options, {"fixed_types": label})
 
 
 def _check_pins_used(pins: Sequence[Pin], options: dict[str, dict[QuantType, Option]]) -> None:
@@ -140,9 +189,8 @@ def _range_message(budget: Budget, target: int, lo: int, hi: int, n: int) -> str
             "with the allowed types")
 
 
-def _assemble(scores: Scores, budget: Budget, target: int, chosen: dict[str, QuantType],
-              options: dict[str, dict[QuantType, Option]], types: Sequence[QuantType] | None,
-              pins: Sequence[Pin], gains: dict[str, float]) -> Plan:
+def _assemble(scores: Scores, budget: str, target: int, chosen: dict[str, QuantType],
+              options: dict[str, dict[QuantType, Option]], settings: dict[str, object]) -> Plan:
     entries = []
     for s in scores.layout.slots:
         if s.quantized:
@@ -152,7 +200,5 @@ def _assemble(scores: Scores, budget: Budget, target: int, chosen: dict[str, Qua
                                      ts.errors[t], options[s.name][t].cost))
         else:
             entries.append(PlanEntry(s.name, s.shape, s.source_type, s.fixed_bytes, s.role, s.layer))
-    settings = {"types": None if types is None else [t.name for t in types],
-                "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains}
-    return Plan(tuple(entries), str(budget), target, scores.layout.total_elements, scores.strategy,
+    return Plan(tuple(entries), budget, target, scores.layout.total_elements, scores.strategy,
                 scores.source, {**scores.settings, **settings}, scores.layout.arch)
