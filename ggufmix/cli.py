@@ -145,6 +145,45 @@ def inspect(model: Path, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
 
 
+@cli.command("eval")
+@click.argument("base", type=_path)
+@click.argument("quants", type=_path, nargs=-1)
+@click.option("--text", "text_file", type=_path, required=True, help="Evaluation text (not the calibration text).")
+@click.option("--ctx", "n_ctx", default=512, show_default=True, help="Tokens per chunk (llama-perplexity -c).")
+@click.option("--chunks", type=int, help="Chunks to score (default: all the text holds).")
+@click.option("--exact", is_flag=True, help="Full-vocabulary KLD in lock-step, no base cache (slower).")
+@click.option("--threads", type=int, help="llama.cpp threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.pass_context
+def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: Path, n_ctx: int,
+          chunks: int | None, exact: bool, threads: int | None, as_json: bool) -> None:
+    """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE."""
+    from ggufmix.evaluate.runner import evaluate, format_table, read_eval_text
+
+    report = evaluate(base, list(quants), read_eval_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
+                      n_threads=threads, progress=ctx.obj["progress"])
+    click.echo(json.dumps(report.to_json(), indent=1, default=str) if as_json else format_table(report))
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("--text", "text_file", type=_path, required=True, help="Calibration text.")
+@click.option("-o", "--output", type=_path, required=True, help="imatrix.gguf to write (llama-imatrix format).")
+@click.option("--ctx", "n_ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, help="Chunks to run (default: all the text holds).")
+@click.pass_context
+def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ctx: int, chunks: int | None) -> None:
+    """Compute an importance matrix for MODEL on calibration text (llama-imatrix's statistic and format)."""
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.evaluate.runner import read_eval_text
+    from ggufmix.io.imatrix import write_imatrix_gguf
+
+    im = collect_imatrix(model, read_eval_text(text_file), n_ctx=n_ctx, n_chunks=chunks,
+                         progress=ctx.obj["progress"], dataset=text_file.name)
+    write_imatrix_gguf(output, im)
+    click.echo(f"wrote {output}: {len(im)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens")
+
+
 def main() -> None:
     """Entry point: one line and a non-zero exit for user errors; tracebacks only with --debug."""
     debug = "--debug" in sys.argv[1:]

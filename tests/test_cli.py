@@ -74,3 +74,26 @@ def test_lean_import() -> None:
             "bad = [m for m in ('llama_cpp', 'torch') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_imatrix_build_eval_chain(tiny_model: Path, tmp_path: Path) -> None:
+    """`imatrix` writes a file that `build --imatrix` accepts (unlocking IQ2 types); `eval` compares the result."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
+    r = CliRunner()
+    im = tmp_path / "im.gguf"
+    res = r.invoke(cli, ["-q", "imatrix", str(tiny_model), "--text", str(text), "-o", str(im), "--ctx", "64",
+                         "--chunks", "2"])
+    assert res.exit_code == 0, res.output
+    assert "2 chunks of 64 tokens" in res.output
+    out = tmp_path / "iq.gguf"
+    res = r.invoke(cli, ["-q", "build", str(tiny_model), "-o", str(out), "--budget", "2.6bpw", "--rows", "32",
+                         "--imatrix", str(im), "--no-smoke"])
+    assert res.exit_code == 0, res.output
+    types = {t["type"] for t in json.loads(r.invoke(cli, ["inspect", str(out), "--json"]).output)["tensors"]}
+    assert types & {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}, types
+    res = r.invoke(cli, ["-q", "eval", str(tiny_model), str(out), "--text", str(text), "--ctx", "64", "--json",
+                         "--exact"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["settings"]["kld_mode"] == "exact" and rep["quants"][0]["divergence"]["kld_mean"]["value"] > 0

@@ -68,7 +68,7 @@ def load_imatrix(path: Path | None, src: GGUFSource) -> dict[str, Any] | None:
 
     im = read_imatrix(path)
     check_against(im, {n: t.ncols for n, t in src.tensors.items()})
-    return {name: im.values(name) for name in im.names()}
+    return {name: im.values(name) for name in im.names}
 
 
 def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | None,
