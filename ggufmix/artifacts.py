@@ -42,15 +42,33 @@ def read_artifact(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     return doc
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_beside(path: Path) -> Path:
+    """An empty temporary file in ``path``'s folder, with the permissions a plain ``open`` would give.
+
+    ``mkstemp`` makes files only the owner can read; renamed into place they would surprise users.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write through a temporary file in the same folder and rename it into place."""
     p = Path(path)
     if not p.parent.is_dir():
         raise UsageError(f"{p}: folder {p.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    tmp = temp_beside(p)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -131,3 +131,19 @@ def test_output_rules(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         build(tiny_model, tmp_path / "nope" / "o.gguf", parse_budget("4bpw"), progress=False)
     assert existing.read_bytes() == b"x"
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Temporary files renamed into place carry the umask's permissions, not mkstemp's 0600."""
+    import os
+    import stat
+
+    from ggufmix.artifacts import write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        p = write_text_atomic(tmp_path / "r.txt", "x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    assert [q.name for q in tmp_path.iterdir()] == ["r.txt"]

@@ -5,7 +5,6 @@ import ctypes
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm

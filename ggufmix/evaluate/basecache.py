@@ -39,12 +39,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ggufmix.artifacts import temp_beside
 from ggufmix.engine.logits import ChunkPlan
 from ggufmix.evaluate.metrics import TokenStats, target_nll
 
@@ -285,9 +285,9 @@ def save(key: CacheKey, base: BaseLogits, root: Path | None = None) -> Path:
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "key": asdict(key), "ctx": base.plan.ctx,
             "n_chunks": base.plan.n_chunks, "n_vocab": base.n_vocab, "add_bos": base.add_bos, "bos": base.bos,
             "decode_s": base.decode_s}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), tokens=base.tokens,
                      **{name: getattr(base.rows, name) for name in _ROW_FIELDS})
         os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ggufmix.artifacts import temp_beside
 from ggufmix.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -246,8 +246,7 @@ def write_imatrix_gguf(path: str | os.PathLike[str], imatrix: Imatrix) -> Path:
     p = Path(path)
     if not p.parent.is_dir():
         raise InputError(f"{p}: folder {p.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = str(temp_beside(p))
     try:
         writer = gguf.GGUFWriter(tmp, arch="imatrix")
         # llama-imatrix writes no architecture key; the writer adds one unconditionally.

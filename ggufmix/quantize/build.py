@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufmix import __version__
-from ggufmix.artifacts import write_artifact, write_text_atomic
+from ggufmix.artifacts import temp_beside, write_artifact, write_text_atomic
 from ggufmix.errors import InputError, UsageError
 from ggufmix.io.gguf_source import GGUFSource, open_gguf
 from ggufmix.plan.budget import Budget
@@ -131,9 +130,7 @@ def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: dict[str, Any] |
     free = shutil.disk_usage(out.parent).free
     if free < plan.total_bytes + (16 << 20):
         raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free, the output needs {plan.total_bytes / 1e6:.0f} MB")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_beside(out)
     try:
         quantize_file(source, tmp, ftype=base_ftype(plan), overrides=overrides(plan), imatrix=imatrix,
                       nthread=nthread, progress=progress, allow_requantize=True)
