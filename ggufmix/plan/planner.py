@@ -56,7 +56,8 @@ def load_gains(imatrix: bool = False) -> dict[str, float]:
 
 
 def depth_bucket(layer: int | None, n_layers: int) -> str:
-    """``early``/``mid``/``late`` by llama.cpp's ``use_more_bits`` split (first and last eighth)."""
+    """``early``/``mid``/``late``: the first and last eighth of the blocks, the eighths llama.cpp's
+    ``use_more_bits()`` favours (it rounds n/8 down; this split does not, so 30 blocks give 4/23/3)."""
     if layer is None or n_layers <= 0:
         return "none"
     if layer < n_layers / 8:
@@ -72,11 +73,18 @@ def gain_key(slot: Slot, n_layers: int, tied: bool) -> str:
     return f"{role}@{depth_bucket(slot.layer, n_layers)}"
 
 
+# Roles the calibration model lacks, measured through their nearest stand-in: an untied output matrix
+# does the tied embedding's output job (SmolLM2, the calibration model, ties them; Qwen2.5-1.5B does not).
+ROLE_STAND_IN = {"output": "token_embd_tied"}
+
+
 def lookup_gain(gains: dict[str, float], key: str) -> float:
-    """The calibrated weight for ``key``, else the role's average, else ``other``, else 1."""
+    """The calibrated weight for ``key``, else its stand-in role's, else the role's average, else ``other``, else 1."""
     if key in gains:
         return gains[key]
-    role = key.split("@")[0]
+    role, _, depth = key.partition("@")
+    if role in ROLE_STAND_IN:
+        return lookup_gain(gains, f"{ROLE_STAND_IN[role]}@{depth}")
     same = [v for k, v in gains.items() if k.split("@")[0] == role]
     return sum(same) / len(same) if same else gains.get("other@none", 1.0)
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Calibrate the planner's objective weights against measured end-to-end KL-divergence.
+
+For every tensor group (role@depth, e.g. ``ffn_down@early``), quantize only that group to a probe type
+(Q4_0, which every row length of 32 takes) and everything else to Q8_0, and measure the KLD against
+the F16 source on calibration text. The group's weight is
+
+    gain = (KLD(group at probe) - KLD(all Q8_0)) / sum over the group of NSR(probe)
+
+i.e. KLD per unit of the scorer's noise-to-signal ratio. The result is written into
+ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its provenance.
+
+    python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ggufmix.evaluate.runner import evaluate, read_eval_text
+from ggufmix.plan.planner import gain_key, plan_from_types
+from ggufmix.quantize.build import ScoreOptions, load_imatrix, open_source, quantize_plan, score_source
+from ggufmix.types import QuantType
+
+PROBE = QuantType.Q4_0
+FLOOR = QuantType.Q8_0
+GAINS = Path(__file__).resolve().parent.parent / "ggufmix" / "data" / "role_gains.json"
+logger = logging.getLogger("calibrate")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("source", type=Path)
+    ap.add_argument("text", type=Path)
+    ap.add_argument("--imatrix", type=Path)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ggufmix-calibrate")
+    ap.add_argument("--dry-run", action="store_true", help="Print the gains, do not write role_gains.json.")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    src = open_source(args.source, False)
+    imatrix = load_imatrix(args.imatrix, src)
+    scores = score_source(src, ScoreOptions(imatrix=args.imatrix), imatrix)
+    layout = scores.layout
+    groups: dict[str, list[str]] = defaultdict(list)
+    for s in layout.slots:
+        if s.quantized:
+            groups[gain_key(s, layout.n_layers, layout.tied_embeddings)].append(s.name)
+    files = {"floor": _probe(scores, src.path, imatrix, set(), args.workdir / "floor.gguf")}
+    for key, names in sorted(groups.items()):
+        files[key] = _probe(scores, src.path, imatrix, set(names), args.workdir / f"{key.replace('@', '-')}.gguf")
+    report = evaluate(src.path, list(files.values()), read_eval_text(args.text), ctx=args.ctx, chunks=args.chunks)
+    kld = {key: q.divergence.kld.value for key, q in zip(files, report.quants)}
+    gains = {}
+    for key, names in sorted(groups.items()):
+        nsr = sum(scores.tensors[n].errors[PROBE] - scores.tensors[n].errors[FLOOR] for n in names)
+        gains[key] = max(kld[key] - kld["floor"], 1e-6) / max(nsr, 1e-12)
+        print(f"{key:<24} {len(names):>3} tensors  KLD {kld[key]:.5f}  sum NSR {nsr:.4f}  gain {gains[key]:.4f}")
+    print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
+    if not args.dry_run:
+        _write(gains, args, src.path.name)
+
+
+def _probe(scores, source: Path, imatrix, group: set[str], out: Path) -> Path:  # noqa: ANN001
+    chosen = {s.name: PROBE if s.name in group else FLOOR for s in scores.layout.slots if s.quantized}
+    if not out.exists():
+        quantize_plan(source, out, plan_from_types(scores, chosen, out.stem), imatrix, progress=False)
+    return out
+
+
+def _write(gains: dict[str, float], args: argparse.Namespace, model: str) -> None:
+    doc = json.loads(GAINS.read_text())
+    table = "imatrix" if args.imatrix else "plain"
+    doc[table] = {k: round(v, 6) for k, v in gains.items()}
+    doc.setdefault("provenance_by_table", {})[table] = (
+        f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
+        + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
+        + f"; probe {PROBE.name} vs floor {FLOOR.name}")
+    GAINS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GAINS} [{table}]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
