@@ -29,11 +29,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool):  # noqa: ANN202
     from ggufmix.quantize.build import ScoreOptions
-    from ggufmix.score.base import SCORERS
-    from ggufmix.score import quant_error  # noqa: F401
+    from ggufmix.score.base import scorers
 
-    if strategy not in SCORERS:
-        raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(SCORERS))}", param_hint="--strategy")
+    if strategy not in scorers():
+        raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
     return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize)
 
 
@@ -182,6 +181,38 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
                          progress=ctx.obj["progress"], dataset=text_file.name)
     write_imatrix_gguf(output, im)
     click.echo(f"wrote {output}: {len(im)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens")
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("--text", "text_file", type=_path, required=True, help="Evaluation text (never the calibration text).")
+@click.option("--budgets", default="", help="ggufmix budgets in bpw, comma-separated, e.g. 4.5,5,5.5.")
+@click.option("--baselines", default="Q2_K,Q4_K_M", show_default=True, help="Stock llama-quantize mixes.")
+@click.option("--strategies", default="measured,uniform", show_default=True, help="ggufmix strategies to build.")
+@click.option("--calib", type=_path, help="Calibration text: adds every file again with an imatrix computed on it.")
+@click.option("--imatrix-chunks", default=32, show_default=True, help="Chunks of --calib for the imatrix.")
+@click.option("--ctx", "n_ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, help="Evaluation chunks (default: all the text holds).")
+@click.option("--exact", is_flag=True, help="Full-vocabulary KLD (the base runs again for every file).")
+@click.option("-o", "--output", type=_path, default=Path("bench"), show_default=True, help="Output folder.")
+@click.pass_context
+def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
+          calib: Path | None, imatrix_chunks: int, n_ctx: int, chunks: int | None, exact: bool, output: Path) -> None:
+    """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
+    from ggufmix.bench.runner import BenchConfig, run_bench
+
+    try:
+        bpws = tuple(float(b) for b in budgets.replace("bpw", "").split(",") if b.strip())
+    except ValueError:
+        raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
+    cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
+                      n_ctx, chunks, exact, ctx.obj["progress"])
+    run_bench(cfg)
+    click.echo((output / "results.md").read_text(), nl=False)
+
+
+def _names(csv: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in csv.split(",") if x.strip())
 
 
 def main() -> None:

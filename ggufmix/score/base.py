@@ -80,3 +80,16 @@ def register(name: str, *, needs_rows: bool = True, description: str = "") -> Ca
         return fn
 
     return deco
+
+
+# Modules whose import registers the built-in scorers (imported on first lookup, not at ``import ggufmix``).
+BUILTIN_MODULES = ("ggufmix.score.quant_error",)
+
+
+def scorers() -> Mapping[str, ScorerSpec]:
+    """Every registered scorer, the built-in ones included."""
+    import importlib
+
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+    return SCORERS

@@ -11,8 +11,7 @@ from tqdm import tqdm
 
 from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.plan.layout import Layout, Slot
-from ggufmix.score import quant_error  # noqa: F401  (registers the built-in scorers)
-from ggufmix.score.base import SCORERS, Kernels, TensorJob
+from ggufmix.score.base import Kernels, TensorJob, scorers
 from ggufmix.score.scores import Scores, TensorScores
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
             n_experts * ncols values), or None.
         max_rows: rows sampled per tensor (per-row scales make a row the natural unit).
     """
-    spec = SCORERS[strategy]
+    spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
     jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in slots)
     results: dict[str, TensorScores] = {}

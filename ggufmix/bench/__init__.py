@@ -1,0 +1,1 @@
+"""Benchmarks of ggufmix against llama.cpp's stock mixes (``ggufmix bench``)."""

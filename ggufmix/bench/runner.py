@@ -1,0 +1,219 @@
+"""``ggufmix bench``: llama.cpp's stock mixes against ggufmix strategies at equal size, evaluated alike.
+
+For each imatrix mode (none, and the imatrix computed on ``calib`` text when given):
+
+1. quantize every stock mix with llama.cpp (``llama_model_quantize`` with the mix's ftype);
+2. score the source once per strategy, then build a ggufmix file at every ``--budgets`` bpw and at
+   exactly every stock mix's tensor bytes (from the saved scores: planning is instant);
+3. evaluate every file against the source in one ``ggufmix eval`` pass (the base runs once).
+
+Files already in the output folder are reused (the folder doubles as a cache: delete it to rebuild),
+so an interrupted bench resumes where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ggufmix.errors import BudgetError, EngineError, UsageError
+from ggufmix.plan.budget import Budget
+
+logger = logging.getLogger(__name__)
+
+STOCK = "stock"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to compare; see ``ggufmix bench --help``."""
+
+    source: Path
+    text: Path
+    out: Path
+    budgets: tuple[float, ...] = ()
+    baselines: tuple[str, ...] = ("Q2_K", "Q4_K_M")
+    strategies: tuple[str, ...] = ("measured", "uniform")
+    calib: Path | None = None
+    imatrix_chunks: int | None = 32
+    ctx: int = 512
+    chunks: int | None = None
+    exact: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from ggufmix.engine.quantize import stock_ftype
+        from ggufmix.score.base import scorers
+
+        for b in self.budgets:
+            if b <= 0:
+                raise UsageError(f"--budgets: {b:g} is not a positive bpw")
+        for mix in self.baselines:
+            stock_ftype(mix)
+        for s in self.strategies:
+            if s not in scorers():
+                raise UsageError(f"--strategies: {s!r} is not a strategy; choose from {', '.join(sorted(scorers()))}")
+        if not self.baselines and not self.budgets:
+            raise UsageError("nothing to compare: give --baselines or --budgets")
+
+
+@dataclass(frozen=True)
+class BenchFile:
+    """One evaluated file: a stock mix or a ggufmix build."""
+
+    path: Path
+    kind: str      # "stock" or the strategy
+    imatrix: str   # "none" or "imatrix"
+    target: str    # the stock mix (for ggufmix: built at its size) or "4.5bpw"
+    build_s: float | None
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Build, evaluate and report; returns the ``results.json`` body (also written with the md and plots).
+
+    Raises:
+        InputError, UsageError, EngineError: as the stages they come from.
+    """
+    from ggufmix.evaluate.runner import evaluate, read_eval_text
+
+    if not cfg.out.parent.is_dir():
+        raise UsageError(f"{cfg.out}: folder {cfg.out.parent} does not exist")
+    cfg.out.mkdir(exist_ok=True)
+    text = read_eval_text(cfg.text)
+    modes: dict[str, Path | None] = {"none": None}
+    if cfg.calib is not None:
+        modes["imatrix"] = _imatrix(cfg)
+    files: list[BenchFile] = []
+    for mode, imatrix in modes.items():
+        stock = [f for f in (_stock(cfg, mix, mode, imatrix) for mix in cfg.baselines) if f is not None]
+        targets = [(f"{b:g}bpw", Budget(b, "bpw")) for b in cfg.budgets]
+        targets += [(f.target, Budget(_tensor_bytes(f.path), "b")) for f in stock]
+        files += stock
+        for strategy in cfg.strategies:
+            scores = _scores(cfg, strategy, mode, imatrix)
+            files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget)
+                                  for label, budget in targets) if f is not None]
+    report = evaluate(cfg.source, [f.path for f in files], text, ctx=cfg.ctx, chunks=cfg.chunks,
+                      cache=not cfg.exact, progress=cfg.progress)
+    results = _results(cfg, files, report)
+    _write_outputs(cfg, results)
+    return results
+
+
+def _imatrix(cfg: BenchConfig) -> Path:
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.evaluate.runner import read_eval_text
+    from ggufmix.io.imatrix import write_imatrix_gguf
+
+    out = cfg.out / "imatrix.gguf"
+    if not out.exists():
+        assert cfg.calib is not None
+        im = collect_imatrix(cfg.source, read_eval_text(cfg.calib), n_ctx=cfg.ctx, n_chunks=cfg.imatrix_chunks,
+                             progress=cfg.progress, dataset=cfg.calib.name)
+        write_imatrix_gguf(out, im)
+    return out
+
+
+def _imatrix_values(imatrix: Path | None) -> dict[str, Any] | None:
+    from ggufmix.io.imatrix import read_imatrix
+
+    if imatrix is None:
+        return None
+    im = read_imatrix(imatrix)
+    return {n: im.values(n) for n in im.names}
+
+
+def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> BenchFile | None:
+    from ggufmix.artifacts import temp_beside
+    from ggufmix.engine.quantize import quantize_file, stock_ftype
+
+    out = cfg.out / f"stock-{mix}-{mode}.gguf"
+    seconds = None
+    if not out.exists():
+        tmp = temp_beside(out)
+        t0 = time.perf_counter()
+        try:
+            quantize_file(cfg.source, tmp, ftype=stock_ftype(mix), imatrix=_imatrix_values(imatrix), progress=False)
+            tmp.replace(out)
+        except EngineError as e:  # e.g. IQ mixes without an imatrix: llama.cpp refuses them
+            logger.warning("stock %s (%s imatrix) skipped: %s", mix, mode, e)
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        seconds = time.perf_counter() - t0
+    return BenchFile(out, STOCK, mode, mix, seconds)
+
+
+def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) -> Path:
+    from ggufmix.quantize.build import ScoreOptions, load_imatrix, open_source, score_source
+
+    out = cfg.out / f"scores-{strategy}-{mode}.json"
+    if not out.exists():
+        src = open_source(cfg.source, False)
+        score_source(src, ScoreOptions(strategy, imatrix), load_imatrix(imatrix, src), cfg.progress).save(out)
+    return out
+
+
+def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scores: Path, label: str,
+          budget: Budget) -> BenchFile | None:
+    from ggufmix.quantize.build import ScoreOptions, build
+
+    out = cfg.out / f"ggufmix-{strategy}-{mode}-{label}.gguf"
+    seconds = None
+    if not out.exists():
+        t0 = time.perf_counter()
+        try:
+            build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores_path=scores, smoke=False,
+                  progress=False)
+        except BudgetError as e:
+            logger.warning("%s at %s skipped: %s", strategy, label, e)
+            return None
+        seconds = time.perf_counter() - t0
+    return BenchFile(out, strategy, mode, label, seconds)
+
+
+def _tensor_bytes(path: Path) -> int:
+    from ggufmix.io.gguf_source import open_gguf
+
+    return open_gguf(path).total_bytes
+
+
+def _results(cfg: BenchConfig, files: Sequence[BenchFile], report: Any) -> dict[str, Any]:
+    from ggufmix.io.gguf_source import open_gguf
+
+    rows = []
+    for f, q in zip(files, report.quants):
+        info = open_gguf(f.path)
+        d = q.divergence
+        rows.append({"file": f.path.name, "kind": f.kind, "imatrix": f.imatrix, "target": f.target,
+                     "tensor_bytes": info.total_bytes, "file_bytes": f.path.stat().st_size,
+                     "bpw": info.total_bytes * 8 / info.total_elements,
+                     "kld": d.kld.value, "kld_stderr": d.kld.stderr, "kld_p99": d.kld_p99,
+                     "ppl": q.perplexity.ppl.value, "ppl_stderr": q.perplexity.ppl.stderr,
+                     "top1": d.same_top.value, "build_s": None if f.build_s is None else round(f.build_s, 2)})
+    return {"format": "ggufmix.bench", "version": 1, "model": cfg.source.name,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "eval": vars(report.settings).copy(), "base_ppl": report.base.perplexity.ppl.value, "rows": rows}
+
+
+def _write_outputs(cfg: BenchConfig, results: dict[str, Any]) -> None:
+    import json
+
+    from ggufmix.artifacts import write_text_atomic
+    from ggufmix.bench.report import markdown
+
+    write_text_atomic(cfg.out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+    write_text_atomic(cfg.out / "results.md", markdown(results))
+    try:
+        from ggufmix.bench import plots
+    except ImportError:
+        logger.warning("matplotlib is not installed: no pictures (pip install 'ggufmix[plot]')")
+        return
+    plots.pareto(results, cfg.out / "pareto.png")
+    for row in results["rows"]:
+        if row["kind"] != STOCK:
+            plan = cfg.out / (Path(row["file"]).stem + ".plan.json")
+            plots.layers(plan, cfg.out / (Path(row["file"]).stem + ".layers.png"))

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ggufmix.bench.report import markdown, versus_stock
+from ggufmix.cli import cli
+
+
+def _row(kind: str, target: str, kld: float, nbytes: int, imatrix: str = "none") -> dict:
+    return {"file": f"{kind}-{target}.gguf", "kind": kind, "imatrix": imatrix, "target": target,
+            "tensor_bytes": nbytes, "file_bytes": nbytes + 100, "bpw": nbytes * 8 / 1000, "kld": kld,
+            "kld_stderr": 0.001, "kld_p99": 10 * kld, "ppl": 10.0, "ppl_stderr": 0.1, "top1": 0.9, "build_s": 1.0}
+
+
+def test_versus_stock_pairs_same_target_and_imatrix() -> None:
+    rows = [_row("stock", "Q2_K", 0.4, 500), _row("measured", "Q2_K", 0.2, 499), _row("uniform", "Q2_K", 0.5, 498),
+            _row("measured", "Q2_K", 0.1, 499, "imatrix"), _row("measured", "4bpw", 0.3, 500)]
+    vs = versus_stock(rows)
+    assert [(v["strategy"], round(v["ratio"], 3)) for v in vs] == [("measured", 0.5), ("uniform", 1.25)]
+    md = markdown({"model": "m.gguf", "base_ppl": 9.0, "config": {"text": "t.txt"}, "rows": rows,
+                   "eval": {"n_chunks": 2, "ctx": 64, "kld_mode": "exact", "llama_cpp_python": "0.3.36"}})
+    assert "| Q2_K | none | measured | 0.4000 | 0.2000 | 0.500 | 499 / 500 |" in md
+
+
+def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
+    out = tmp_path / "bench"
+    args = ["-q", "bench", str(tiny_model), "--text", str(text), "--calib", str(text), "--baselines", "Q4_K_M",
+            "--budgets", "5", "--imatrix-chunks", "2", "--ctx", "64", "--chunks", "2", "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert len(rows) == 2 * (1 + 2 * 2)  # (none, imatrix) x (stock + 2 strategies x (5bpw, Q4_K_M size))
+    for mode in ("none", "imatrix"):
+        stock = next(r for r in rows if r["kind"] == "stock" and r["imatrix"] == mode)
+        ours = [r for r in rows if r["kind"] != "stock" and r["imatrix"] == mode and r["target"] == "Q4_K_M"]
+        assert len(ours) == 2 and all(r["tensor_bytes"] <= stock["tensor_bytes"] for r in ours)
+    assert all(r["kld"] > 0 and r["build_s"] is not None for r in rows if r["kind"] != "stock")
+    assert "At each stock mix's size" in (out / "results.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "ggufmix-measured-imatrix-5bpw.layers.png").exists()
+    res = CliRunner().invoke(cli, args)  # a second run reuses every file
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["build_s"] is None for r in again)
+    assert [r["kld"] for r in again] == [r["kld"] for r in rows]
