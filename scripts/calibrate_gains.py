@@ -58,8 +58,7 @@ def main() -> None:
     files = {"floor": _probe(scores, src.path, imatrix, set(), args.workdir / "floor.gguf")}
     for key, names in sorted(groups.items()):
         files[key] = _probe(scores, src.path, imatrix, set(names), args.workdir / f"{key.replace('@', '-')}.gguf")
-    report = evaluate(src.path, list(files.values()), read_eval_text(args.text), ctx=args.ctx, chunks=args.chunks)
-    kld = {key: q.divergence.kld.value for key, q in zip(files, report.quants)}
+    kld = _measure_klds(files, src.path, args)
     gains = {}
     for key, names in sorted(groups.items()):
         nsr = sum(scores.tensors[n].errors[PROBE] - scores.tensors[n].errors[FLOOR] for n in names)
@@ -68,6 +67,22 @@ def main() -> None:
     print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
     if not args.dry_run:
         _write(gains, args, src.path.name)
+
+
+def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace) -> dict[str, float]:
+    """KLD of every probe file; kept in the workdir, so re-scoring (a new error measure) needs no new eval:
+    the probes' types, hence their KLDs, do not depend on the scores."""
+    key = {"source": str(source), "text": str(args.text), "chunks": args.chunks, "ctx": args.ctx,
+           "imatrix": str(args.imatrix)}
+    cache = args.workdir / "kld.json"
+    if cache.exists():
+        doc = json.loads(cache.read_text())
+        if doc["key"] == key and set(doc["kld"]) == set(files):
+            return doc["kld"]
+    report = evaluate(source, list(files.values()), read_eval_text(args.text), ctx=args.ctx, chunks=args.chunks)
+    kld = {k: q.divergence.kld.value for k, q in zip(files, report.quants)}
+    cache.write_text(json.dumps({"key": key, "kld": kld}, indent=1))
+    return kld
 
 
 def _probe(scores, source: Path, imatrix, group: set[str], out: Path) -> Path:  # noqa: ANN001

@@ -27,6 +27,8 @@ class Budget:
         return int(self.value * _UNITS[self.unit])
 
     def __str__(self) -> str:
+        if self.unit == "b":
+            return f"{int(self.value)}B"
         return f"{self.value:g}{self.unit if self.unit == 'bpw' else self.unit.upper().replace('I', 'i')}"
 
 
