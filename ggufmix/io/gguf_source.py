@@ -1,6 +1,7 @@
 """A GGUF model as a lazy index of tensors: name -> shape, type and a row loader.
 
-Nothing is read until a scorer asks for rows; ``gguf.GGUFReader`` memmaps the file.
+Nothing is read until a scorer asks for rows: the header is parsed by :mod:`ggufmix.io.gguf_index`
+and the data section is memmapped.
 """
 from __future__ import annotations
 
@@ -13,11 +14,17 @@ from typing import Any
 import numpy as np
 
 from ggufmix.errors import InputError
-from ggufmix.types import FLOAT_TYPES, QuantType, row_bytes, to_type
+from ggufmix.io.gguf_index import read_index
+from ggufmix.types import FLOAT_TYPES, QuantType, block_size, row_bytes, to_type
 
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+
+# How each unquantized type is stored; quantized blocks stay raw bytes.
+_STORAGE: dict[QuantType, type] = {QuantType.F32: np.float32, QuantType.F16: np.float16, QuantType.BF16: np.uint16,
+                                   QuantType.F64: np.float64, QuantType.I8: np.int8, QuantType.I16: np.int16,
+                                   QuantType.I32: np.int32, QuantType.I64: np.int64}
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,8 @@ class GGUFSource:
     arch: str
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    _data: dict[str, Any] = field(repr=False, default_factory=dict)
+    offsets: dict[str, int] = field(repr=False, default_factory=dict)  # absolute file offset of each tensor
+    _map: np.ndarray | None = field(repr=False, default=None)
 
     def rows(self, name: str, index: np.ndarray | None = None) -> np.ndarray:
         """Rows of tensor ``name`` as float32, shape (len(index), ncols); all rows when index is None.
@@ -82,7 +90,12 @@ class GGUFSource:
         return np.asarray(data, dtype=np.float32)
 
     def _raw(self, name: str) -> np.ndarray:
-        return self._data[name].data
+        """The tensor's bytes as a memmapped array of its storage dtype (uint8 for quantized types)."""
+        info = self.tensors[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start = self.offsets[name]
+        return self._map[start:start + info.n_bytes].view(_STORAGE.get(info.qtype, np.uint8))
 
     @property
     def total_bytes(self) -> int:
@@ -97,31 +110,33 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
     """Open a GGUF lazily and index its tensors.
 
     Raises:
-        InputError: missing, not a GGUF, truncated, or a tensor type this version does not know.
+        InputError: missing, not a GGUF, truncated, a tensor outside the file, or a tensor type this
+            version does not know.
     """
     p = Path(path)
     _check_header(p)
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(p, "r")
-    except (ValueError, IndexError, OSError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise InputError(f"{p}: not a readable GGUF file ({e}); is it truncated or damaged?") from None
-    tensors = {}
-    for t in reader.tensors:
+    index = read_index(p)
+    tensors, offsets = {}, {}
+    for t in index.tensors:
         try:
-            qtype = to_type(int(t.tensor_type))
+            qtype = to_type(t.type_id)
         except ValueError:
-            raise InputError(f"{p}: tensor {t.name!r} has unknown ggml type id {int(t.tensor_type)}; "
+            raise InputError(f"{p}: tensor {t.name!r} has unknown ggml type id {t.type_id}; "
                              "it needs a newer ggufmix") from None
-        info = TensorInfo(t.name, tuple(int(x) for x in t.shape), qtype)
-        if info.n_bytes != t.n_bytes:
-            raise InputError(f"{p}: tensor {t.name!r} holds {t.n_bytes} bytes, its shape and type say {info.n_bytes}")
-        tensors[t.name] = info
-    metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    arch = str(metadata.get("general.architecture", "unknown"))
+        info = TensorInfo(t.name, t.shape, qtype)
+        if t.shape[0] % block_size(qtype):
+            raise InputError(f"{p}: tensor {t.name!r} has rows of {t.shape[0]}, not a whole number of "
+                             f"{qtype.name} blocks")
+        start = index.data_offset + t.offset
+        if start + info.n_bytes > index.file_size:
+            raise InputError(f"{p}: tensor {t.name!r} needs bytes {start}..{start + info.n_bytes}, the file has "
+                             f"{index.file_size}; is it truncated?")
+        if t.name in tensors:
+            raise InputError(f"{p}: tensor {t.name!r} appears twice")
+        tensors[t.name], offsets[t.name] = info, start
+    arch = str(index.metadata.get("general.architecture", "unknown"))
     logger.debug("%s: %s, %d tensors", p, arch, len(tensors))
-    return GGUFSource(p, arch, metadata, tensors, {t.name: t for t in reader.tensors})
+    return GGUFSource(p, arch, index.metadata, tensors, offsets)
 
 
 def _check_header(p: Path) -> None:
@@ -133,11 +148,3 @@ def _check_header(p: Path) -> None:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise InputError(f"{p}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-
-
-def _field_value(f: Any) -> Any:
-    """A reader field as a plain Python value (strings decoded, arrays as lists)."""
-    try:
-        return f.contents()
-    except (AttributeError, IndexError, ValueError, UnicodeDecodeError):
-        return None
