@@ -45,7 +45,7 @@ def _palette(types: str | None):  # noqa: ANN202
 _score_options = [
     click.option("--strategy", default="measured", show_default=True, help="Scorer (measured, uniform, ...)."),
     click.option("--imatrix", type=_path, help="Importance matrix (llama-imatrix GGUF or legacy .dat)."),
-    click.option("--rows", default=256, show_default=True, help="Rows sampled per tensor when measuring."),
+    click.option("--rows", default=128, show_default=True, help="Rows sampled per tensor when measuring."),
     click.option("--threads", default=2, show_default=True, help="Scoring threads."),
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
 ]

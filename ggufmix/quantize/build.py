@@ -20,6 +20,7 @@ from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
 from ggufmix.quantize.overrides import base_ftype, overrides, recipe
 from ggufmix.quantize.verify import Verified, verify
+from ggufmix.score.runner import DEFAULT_ROWS
 from ggufmix.score.scores import Scores
 from ggufmix.types import DEFAULT_TYPES, FLOAT_TYPES, QuantType
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 class ScoreOptions:
     strategy: str = "measured"
     imatrix: Path | None = None
-    max_rows: int = 256
+    max_rows: int = DEFAULT_ROWS
     threads: int = 2
     allow_requantize: bool = False
 

@@ -16,7 +16,9 @@ from ggufmix.score.scores import Scores, TensorScores
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROWS = 256
+# Rows sampled per tensor. 128 rows of SmolLM2-135M: errors within a few percent of 256 rows (18 of 211
+# tensors planned differently at Q4_K_M size, all between near-equal options) in 60% of the time.
+DEFAULT_ROWS = 128
 
 
 def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
