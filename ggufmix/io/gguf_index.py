@@ -47,6 +47,7 @@ class GGUFIndex:
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorEntry, ...]
+    tensors_offset: int      # where the tensor index starts (after the metadata)
     data_offset: int
     file_size: int
 
@@ -134,12 +135,13 @@ def _parse(c: _Cursor, size: int) -> GGUFIndex:
     for _ in range(n_kv):
         key = c.string("metadata key")
         metadata[key] = c.value(c.unpack("<I", f"type of {key!r}"), key)
+    tensors_offset = c.pos
     tensors = tuple(_tensor_entry(c) for _ in range(n_tensors))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise InputError(f"{c.path}: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-c.pos // alignment) * alignment
-    return GGUFIndex(version, metadata, tensors, data_offset, size)
+    return GGUFIndex(version, metadata, tensors, tensors_offset, data_offset, size)
 
 
 def _tensor_entry(c: _Cursor) -> TensorEntry:
@@ -148,6 +150,11 @@ def _tensor_entry(c: _Cursor) -> TensorEntry:
     if not 1 <= n_dims <= 4:
         raise InputError(f"{c.path}: tensor {name!r} has {n_dims} dimensions (ggml allows 1 to 4)")
     shape = tuple(c.unpack("<Q", f"shape of {name!r}") for _ in range(n_dims))
+    n = 1
+    for d in shape:
+        n *= d
+    if n == 0 or n >= 1 << 63:  # ggml counts elements in int64; an empty weight is no model's
+        raise InputError(f"{c.path}: tensor {name!r} has shape {list(shape)}: {'no' if n == 0 else 'too many'} elements")
     type_id = c.unpack("<I", f"type of {name!r}")
     offset = c.unpack("<Q", f"offset of {name!r}")
     return TensorEntry(name, shape, type_id, offset)

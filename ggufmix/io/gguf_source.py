@@ -15,7 +15,7 @@ import numpy as np
 
 from ggufmix.errors import InputError
 from ggufmix.io.gguf_index import read_index
-from ggufmix.types import FLOAT_TYPES, QuantType, block_size, row_bytes, to_type
+from ggufmix.types import QuantType, block_size, row_bytes, to_type
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +74,26 @@ class GGUFSource:
     def rows(self, name: str, index: np.ndarray | None = None) -> np.ndarray:
         """Rows of tensor ``name`` as float32, shape (len(index), ncols); all rows when index is None.
 
+        Quantized tensors are dequantized with gguf-py (scoring an already-quantized source).
+
         Raises:
-            InputError: the tensor is quantized (only float sources can be read as weights).
+            InputError: a quantized type gguf-py cannot dequantize.
         """
         info = self.tensors[name]
         data = self._raw(name).reshape(info.nrows, -1)
         if index is not None:
             data = data[index]
-        if info.qtype not in FLOAT_TYPES:
-            from gguf.quants import dequantize
-
-            return dequantize(np.ascontiguousarray(data), info.qtype).astype(np.float32, copy=False)
         if info.qtype == QuantType.BF16:
-            return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return np.asarray(data, dtype=np.float32)
+            return (data.astype(np.uint32) << 16).view(np.float32)
+        if info.qtype in _STORAGE:
+            return np.asarray(data, dtype=np.float32)
+        from gguf.quants import dequantize
+
+        try:
+            return dequantize(np.ascontiguousarray(data), info.qtype).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise InputError(f"{self.path}: tensor {name!r} is {info.qtype.name}, which gguf-py cannot dequantize; "
+                             "start from an F16/BF16/F32 GGUF") from None
 
     def _raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a memmapped array of its storage dtype (uint8 for quantized types)."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Fuzz ggufmix's GGUF reading: mutate the header and tensor index of a tiny valid GGUF, open the
+mutant with ``inspect`` and read rows; anything but a GgufmixError is a finding.
+
+    python scripts/fuzz.py [--cases 10000] [--seed 0]
+
+Prints the count and every distinct escape (exit status 1 if there was one). CI runs a few hundred
+cases of the same idea (tests/test_fuzz_header.py).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from tinymodel import write_tiny_llama  # noqa: E402
+
+from ggufmix.errors import GgufmixError  # noqa: E402
+from ggufmix.inspect_gguf import inspect_gguf  # noqa: E402
+from ggufmix.io.gguf_index import read_index  # noqa: E402
+from ggufmix.io.gguf_source import open_gguf  # noqa: E402
+
+BYTES = (0, 1, 2, 3, 4, 0x7F, 0x80, 0xFF)
+
+
+def mutate(data: bytes, index_start: int, header_end: int, rng: random.Random) -> bytes:
+    """1-4 byte edits, 70% in the tensor index, the rest anywhere in the header; sometimes a cut."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        pos = rng.randrange(index_start, header_end) if rng.random() < 0.7 else rng.randrange(0, header_end)
+        buf[pos] = rng.choice(BYTES) if rng.random() < 0.5 else rng.randrange(256)
+    if rng.random() < 0.1:
+        buf = buf[:rng.randrange(len(buf))]
+    return bytes(buf)
+
+
+def probe(path: Path) -> None:
+    inspect_gguf(path)
+    src = open_gguf(path)
+    for name in list(src.tensors)[:4]:
+        src.rows(name)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=10_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ggufmix-fuzz-"))
+    seed_file = write_tiny_llama(work / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
+                                 n_vocab=300, seed=4)
+    data, index = seed_file.read_bytes(), read_index(seed_file)
+    rng = random.Random(args.seed)
+    mutant = work / "mutant.gguf"
+    escapes: dict[str, int] = {}
+    refused = 0
+    for i in range(args.cases):
+        mutant.write_bytes(mutate(data, index.tensors_offset, index.data_offset, rng))
+        try:
+            probe(mutant)
+        except GgufmixError:
+            refused += 1
+        except Exception as e:  # noqa: BLE001 - the point is to catch everything else
+            escapes.setdefault(f"{type(e).__name__}: {str(e)[:160]}", i)
+    print(f"{args.cases} cases (seed {args.seed}): {refused} refused with a GgufmixError, "
+          f"{args.cases - refused - len(escapes)} opened, {len(escapes)} distinct escapes")
+    for what, case in escapes.items():
+        print(f"  case {case}: {what}")
+    return 1 if escapes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
