@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Time and memory of ggufmix's stages against one plain llama.cpp quantize, in the same run.
+
+Each stage runs as its own process (so its peak RSS is its own, read with wait4):
+
+    python scripts/bench_build.py ~/.cache/ggufmix-bench/smollm2-135m.dither.f16.gguf [--mix Q4_K_M]
+
+Targets (issue 2): the whole build within 3x of one plain quantize; re-planning from saved scores
+under 2 s. Prints a table; nothing here is a timed test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {shlex.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("source", type=Path)
+    ap.add_argument("--mix", default="Q4_K_M", help="stock mix to compare with and to size the budget")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ggufmix-bench-"))
+    stock = work / f"stock-{args.mix}.gguf"
+    rows: list[tuple[str, float, float]] = []
+    rows.append(("plain llama.cpp quantize " + args.mix, *run(
+        [PY, "-c", "import sys; from ggufmix.engine.quantize import quantize_file, stock_ftype; "
+         f"quantize_file(sys.argv[1], sys.argv[2], ftype=stock_ftype('{args.mix}'), progress=False)",
+         str(args.source), str(stock)])))
+    from ggufmix.io.gguf_source import open_gguf
+
+    budget = f"{open_gguf(stock).total_bytes}B"
+    gm = [PY, "-m", "ggufmix", "-q"]
+    rows.append(("ggufmix score", *run([*gm, "score", str(args.source), "-o", str(work / "s.json")])))
+    rows.append(("ggufmix plan (from saved scores)", *run([*gm, "plan", str(work / "s.json"), "--budget", budget,
+                                                          "-o", str(work / "p.json")])))
+    rows.append(("ggufmix build --scores (quantize+verify)", *run(
+        [*gm, "build", str(args.source), "--scores", str(work / "s.json"), "--budget", budget,
+         "-o", str(work / "a.gguf"), "--no-smoke"])))
+    rows.append(("ggufmix build (whole: score+plan+quantize+verify)", *run(
+        [*gm, "build", str(args.source), "--budget", budget, "-o", str(work / "b.gguf"), "--no-smoke"])))
+    rows.append(("ggufmix build (whole, with smoke test)", *run(
+        [*gm, "build", str(args.source), "--budget", budget, "-o", str(work / "c.gguf")])))
+    plain = rows[0][1]
+    print(f"model: {args.source.name}   budget: {budget} (= stock {args.mix})   cpus: {os.cpu_count()}")
+    print(f"| {'stage':<50} | {'seconds':>8} | {'x plain':>7} | {'peak RSS MB':>11} |")
+    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 9}|{'-' * 13}|")
+    for name, sec, rss in rows:
+        print(f"| {name:<50} | {sec:>8.2f} | {sec / plain:>7.2f} | {rss:>11.0f} |")
+
+
+if __name__ == "__main__":
+    main()
