@@ -26,3 +26,17 @@ def test_shipped_gains_are_calibrated(imatrix: bool) -> None:
     # the two roles every transformer block has, at every depth, and the tied embedding
     for key in ("attn_v@early", "attn_v@mid", "ffn_down@late", "token_embd_tied@none"):
         assert key in gains, key
+
+
+def test_uniform_plans_ignore_role_gains(tiny_model) -> None:  # noqa: ANN001
+    """`uniform` is the unweighted baseline: the solver's cost of a tensor is its type's 2^(-2 bpw), whatever its role."""
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+    from ggufmix.types import bits_per_weight
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("uniform"), None, progress=False)
+    plan = make_plan(scores, Budget(5.5, "bpw"))
+    assert plan.settings["gains"] == {}
+    for e in plan.quantized():
+        assert e.cost == 2.0 ** (-2.0 * bits_per_weight(e.qtype)), e.name

@@ -98,7 +98,11 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         UsageError: a pin or palette no tensor can take.
         BudgetError: the budget is outside the feasible range (the message gives the range).
     """
-    gains = load_gains(scores.settings.get("imatrix") is not None) if gains is None else gains
+    if gains is None:
+        from ggufmix.score.base import scorers
+
+        spec = scorers().get(scores.strategy)
+        gains = load_gains(scores.settings.get("imatrix") is not None) if spec is None or spec.calibrated else {}
     slots = [s for s in scores.layout.slots if s.quantized]
     n_layers = scores.layout.n_layers
     options = {s.name: _options(s, scores, types, pins,

@@ -67,16 +67,22 @@ class ScorerSpec:
     fn: ScorerFn
     needs_rows: bool
     description: str
+    calibrated: bool = True  # its errors are in the units role_gains.json was measured in (NSR)
 
 
 SCORERS: dict[str, ScorerSpec] = {}
 
 
-def register(name: str, *, needs_rows: bool = True, description: str = "") -> Callable[[ScorerFn], ScorerFn]:
-    """Decorator: make ``fn`` selectable as ``--strategy name``."""
+def register(name: str, *, needs_rows: bool = True, description: str = "",
+             calibrated: bool = True) -> Callable[[ScorerFn], ScorerFn]:
+    """Decorator: make ``fn`` selectable as ``--strategy name``.
+
+    ``calibrated=False``: the planner does not weight its errors by the role/depth gains.
+    """
 
     def deco(fn: ScorerFn) -> ScorerFn:
-        SCORERS[name] = ScorerSpec(name, fn, needs_rows, description or (fn.__doc__ or "").strip().split("\n")[0])
+        SCORERS[name] = ScorerSpec(name, fn, needs_rows, description or (fn.__doc__ or "").strip().split("\n")[0],
+                                   calibrated)
         return fn
 
     return deco

@@ -43,9 +43,11 @@ def measured(job: TensorJob) -> TensorScore:
     return TensorScore(errors, stats={"signal": signal / job.rows.size})
 
 
-@register("uniform", needs_rows=False, description="no measurement: every tensor alike, error 2^(-2 bpw)")
+@register("uniform", needs_rows=False, calibrated=False,
+          description="no measurement: every tensor alike, error 2^(-2 bpw)")
 def uniform(job: TensorJob) -> TensorScore:
-    """The textbook rate-distortion model, identical for every tensor: the plan is as even as sizes allow."""
+    """The textbook rate-distortion model, identical for every tensor and not weighted by role: the plan
+    spreads bits as evenly as the tensors' sizes allow (the baseline every measured strategy must beat)."""
     return TensorScore({t: float(2.0 ** (-2.0 * bits_per_weight(t))) for t in job.candidates})
 
 
