@@ -1,0 +1,59 @@
+"""KV-cache arithmetic against the buffer sizes llama.cpp itself logs, on tiny models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ggufmix.engine.memory import measure_buffers, parse_buffers
+from ggufmix.errors import EngineError, UsageError
+from ggufmix.io.gguf_source import open_gguf
+from ggufmix.package.memory import FitReport, ModelShape, kv_cache_bytes, kv_type, n_cells, resolve_fit
+
+HALF_LOGGED_DIGIT = 0.005 * (1 << 20) + 1  # llama.cpp prints MiB with two decimals (6.375 -> "6.38")
+
+
+@pytest.mark.parametrize("n_ctx", [100, 256, 700, 3000])
+@pytest.mark.parametrize(("model", "kv"), [("odd_model", "f16"), ("tiny_model", "f16"), ("tiny_model", "q8_0"),
+                                           ("tiny_model", "q4_0")])
+def test_kv_cache_matches_llama_cpp(model: str, kv: str, n_ctx: int, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model)  # odd_model: 2 KV heads of 80 (GQA); tiny_model: heads of 64
+    shape = ModelShape.from_metadata(open_gguf(path).metadata)
+    measured = measure_buffers(path, n_ctx=n_ctx, n_ubatch=64, kv_type=kv)
+    assert abs(kv_cache_bytes(shape, n_ctx, kv_type(kv), kv_type(kv)) - measured.kv) <= HALF_LOGGED_DIGIT
+    assert measured.compute > 0 and measured.model > 0
+
+
+def test_shape_and_padding(tiny_model: Path) -> None:
+    shape = ModelShape.from_metadata(open_gguf(tiny_model).metadata)
+    assert (shape.n_layer, shape.n_embd) == (4, 256) and shape.key_length * shape.n_head == 256
+    assert [n_cells(c, shape) for c in (1, 256, 257, 512)] == [256, 256, 512, 512]
+    f16 = kv_cache_bytes(shape, 512)
+    assert f16 == 512 * sum(2 * 2 * shape.key_length * kv for kv in shape.head_count_kv)
+    assert kv_cache_bytes(shape, 512, kv_type("q8_0"), kv_type("q8_0")) == f16 * 34 // 64
+
+
+def test_parse_buffers_sums_devices_and_refuses_silence() -> None:
+    log = ("load_tensors:   CPU_Mapped model buffer size =    98.87 MiB\n"
+           "load_tensors:   CPU_REPACK model buffer size =     7.59 MiB\n"
+           "llama_kv_cache:        CPU KV buffer size =    45.00 MiB\n"
+           "sched_reserve:        CPU compute buffer size =    98.25 MiB\n"
+           "llama_context:        CPU  output buffer size =     0.19 MiB\n")
+    b = parse_buffers(log, "x")
+    assert b.model == round(106.46 * (1 << 20)) and b.kv == 45 * (1 << 20) and len(b.lines) == 5
+    with pytest.raises(EngineError, match="no buffer sizes"):
+        parse_buffers("nothing here", "x.gguf")
+
+
+def test_fit_arithmetic_and_errors() -> None:
+    dev = resolve_fit("rpi5-8gb")
+    assert dev.usable_bytes == 6 << 30
+    r = FitReport(resolve_fit("100MB"), 512, 64, "f16", 11 << 20, 13 << 20, 1 << 18, 4 << 20)
+    assert r.weights_bytes == 100_000_000 - (28 << 20) - (1 << 18)
+    assert r.lines()[-1].startswith("= weights budget")
+    with pytest.raises(UsageError, match="not a size"):
+        resolve_fit("toaster")
+    with pytest.raises(UsageError, match="not bits per weight"):
+        resolve_fit("4bpw")
+    with pytest.raises(UsageError, match="KV cache takes"):
+        kv_type("q2_k")
