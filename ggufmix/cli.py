@@ -50,7 +50,7 @@ _score_options = [
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
 ]
 _plan_options = [
-    click.option("--budget", required=True, help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ..."),
+    click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
     click.option("--types", help="Comma-separated palette, e.g. Q4_K,Q5_K,Q6_K,Q8_0."),
     click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
 ]
@@ -64,33 +64,129 @@ def _apply(options):  # noqa: ANN001, ANN202
     return deco
 
 
+_fit_options = [
+    click.option("--fit", help="Derive the budget from a device's memory: a size (100MB, 4GB) or a profile "
+                               "(rpi5-8gb, iphone15, mac-16gb ...; see ggufmix/data/devices.json)."),
+    click.option("--ctx", "n_ctx", default=2048, show_default=True, help="With --fit: context the KV cache holds."),
+    click.option("--ubatch", default=512, show_default=True, help="With --fit: llama.cpp's n_ubatch (compute buffer)."),
+    click.option("--kv-type", default="f16", show_default=True, help="With --fit: KV cache type (f16, q8_0 ...)."),
+]
+
+
 @cli.command()
 @click.argument("model", type=_path)
-@click.option("-o", "--output", type=_path, required=True, help="Output .gguf.")
-@_apply(_score_options + _plan_options)
+@click.option("-o", "--output", type=_path, help="Output .gguf (or --bundle).")
+@_apply(_score_options + _plan_options + _fit_options)
+@click.option("--bundle", type=_path, help="Write a folder: model.gguf, Modelfile, README.md, recipe, plan, SHA256SUMS.")
+@click.option("--ollama", "ollama_name", help="With --bundle: ollama create NAME (or print the commands).")
+@click.option("--eval-text", type=_path, help="Evaluate the result against MODEL on this text (numbers in the card).")
 @click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
 @click.pass_context
-def build(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, budget: str, types: str | None, pins: tuple[str, ...],
-          scores_path: Path | None, force: bool, no_smoke: bool) -> None:
-    """Build MODEL (F32/F16/BF16 GGUF) into a mixed-precision GGUF that fits --budget."""
-    from ggufmix.plan.budget import parse_budget
+def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
+          threads: int, allow_requantize: bool, budget: str | None, types: str | None, pins: tuple[str, ...],
+          fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
+          eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool) -> None:
+    """Build MODEL (F32/F16/BF16 GGUF) into a mixed-precision GGUF that fits --budget or --fit."""
+    from ggufmix.package.ship import staging_dir
     from ggufmix.plan.planner import parse_pin
-    from ggufmix.quantize.build import build as run_build
 
-    res = run_build(model, output, parse_budget(budget),
-                    opts=_score_opts(strategy, imatrix, rows, threads, allow_requantize),
-                    types=_palette(types), pins=[parse_pin(p) for p in pins], scores_path=scores_path,
-                    force=force, smoke=not no_smoke, progress=ctx.obj["progress"])
+    if (budget is None) == (fit is None):
+        raise click.UsageError("give one of --budget (size or bpw of the weights) or --fit (memory of a device)")
+    if (output is None) == (bundle is None):
+        raise click.UsageError("give one of -o FILE or --bundle DIR")
+    if ollama_name and not bundle:
+        raise click.UsageError("--ollama needs --bundle (Ollama builds from the bundle's Modelfile)")
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize)
+    kw = {"types": _palette(types), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
+          "scores_path": scores_path}
+    staging = staging_dir(bundle, force) if bundle else None
+    out = staging / "model.gguf" if staging else output
+    try:
+        res, fit_lines = _build_one(model, out, budget, fit, (n_ctx, ubatch, kv_type), opts, kw, force,
+                                    ctx.obj["progress"])
+        quality = _quality(model, out, eval_text, ctx.obj["progress"]) if eval_text else None
+        if staging is not None:
+            _bundle(model, staging, bundle, res, fit_lines, quality, imatrix, (n_ctx, ubatch) if fit else None)
+    except BaseException:
+        if staging is not None:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final = bundle / "model.gguf" if bundle else out
     v = res.verified
-    click.echo(f"wrote {res.output}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
+    click.echo(f"wrote {final}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
                f"(budget {res.plan.budget}), {v.n_tensors} tensors verified")
     click.echo("types by bytes: " + ", ".join(f"{k} {b / 1e6:.1f}MB" for k, b in res.plan.type_histogram().items()))
     click.echo("seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in res.seconds.items()))
+    for line in fit_lines or ():
+        click.echo(line)
+    if quality:
+        click.echo(f"quality: PPL {quality['ppl']:.3f} (source {quality['base_ppl']:.3f}), mean KLD {quality['kld']:.4f}, "
+                   f"same top-1 {100 * quality['top1']:.2f}%")
     if res.smoke is not None:
         click.echo(f"smoke test: {res.smoke!r}")
+    if bundle:
+        click.echo(f"bundle: {bundle}/ (check with: cd {bundle} && sha256sum -c SHA256SUMS)")
+    if ollama_name:
+        from ggufmix.package.ship import run_ollama
+
+        click.echo(run_ollama(bundle, ollama_name))
+
+
+def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str],
+               opts, kw: dict, force: bool, progress: bool):  # noqa: ANN001, ANN202
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.package.memory import resolve_fit
+    from ggufmix.package.ship import FitSettings, build_to_fit
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.quantize.build import build as run_build
+
+    if fit is None:
+        return run_build(model, out, parse_budget(budget), opts=opts, force=force, progress=progress, **kw), None
+    settings = FitSettings(resolve_fit(fit), *fit_args)
+    res, report, measured = build_to_fit(model, out, open_gguf(model).metadata, settings, opts=opts, force=force,
+                                         progress=progress, **kw)
+    lines = [*report.lines(), f"llama.cpp measured model + KV + compute + output = {measured / 2**20:.2f} MiB "
+             f"<= {settings.device.usable_bytes / 2**20:.2f} MiB usable"]
+    return res, lines
+
+
+def _quality(model: Path, out: Path, text: Path, progress: bool) -> dict:
+    from ggufmix.evaluate.runner import evaluate, read_eval_text
+
+    rep = evaluate(model, [out], read_eval_text(text), chunks=8, progress=progress)
+    q, s = rep.quants[0], rep.settings
+    d = q.divergence
+    return {"settings": f"{s.n_chunks} x {s.ctx} tokens of {text.name}, KLD {s.kld_mode}",
+            "base_ppl": rep.base.perplexity.ppl.value, "ppl": q.perplexity.ppl.value, "kld": d.kld.value,
+            "kld_err": d.kld.stderr, "kld_p99": d.kld_p99, "top1": d.same_top.value}
+
+
+def _bundle(model: Path, staging: Path, final: Path, res, fit_lines, quality, imatrix: Path | None,  # noqa: ANN001
+            fit_ctx: tuple[int, int] | None) -> None:
+    import importlib.util
+
+    from ggufmix.engine.quantize import STOCK_FTYPES
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.package.bundle import finish_bundle, model_card
+    from ggufmix.package.modelfile import modelfile
+    from ggufmix.quantize.overrides import base_ftype
+
+    meta = open_gguf(model).metadata
+    ftype = base_ftype(res.plan)
+    name = next((k for k, v in STOCK_FTYPES.items() if v == ftype), str(ftype))
+    rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")
+               + f"{model.name} model.gguf {name}")
+    chat = meta.get("tokenizer.chat_template")
+    text = modelfile("model.gguf", chat if isinstance(chat, str) else None,
+                     num_ctx=fit_ctx[0] if fit_ctx else None, num_batch=fit_ctx[1] if fit_ctx else None,
+                     use_mmap=False if fit_ctx else None)
+    card = model_card(res.plan, meta, verified=res.verified.__dict__, fit_lines=fit_lines, quality=quality,
+                      rebuild=rebuild, has_picture=importlib.util.find_spec("matplotlib") is not None)
+    finish_bundle(staging, final, modelfile_text=text, card=card)
 
 
 @cli.command()
@@ -112,21 +208,34 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
 
 @cli.command()
 @click.argument("scores_file", type=_path)
-@_apply(_plan_options)
+@_apply(_plan_options + _fit_options)
 @click.option("-o", "--output", type=_path, required=True, help="plan.json to write.")
 @click.option("--recipe", type=_path, help="Also write a llama-quantize --tensor-type-file.")
-def plan(scores_file: Path, budget: str, types: str | None, pins: tuple[str, ...], output: Path,
-         recipe: Path | None) -> None:
-    """Plan a budget from saved scores (instant)."""
+def plan(scores_file: Path, budget: str | None, types: str | None, pins: tuple[str, ...], fit: str | None, n_ctx: int,
+         ubatch: int, kv_type: str, output: Path, recipe: Path | None) -> None:
+    """Plan a budget from saved scores (instant); with --fit, show the memory arithmetic behind the budget."""
     from ggufmix.artifacts import write_text_atomic
-    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.budget import Budget, parse_budget
     from ggufmix.plan.planner import make_plan, parse_pin
     from ggufmix.quantize.build import versions
     from ggufmix.quantize.overrides import recipe as make_recipe
     from ggufmix.score.scores import Scores
 
-    p = make_plan(Scores.load(scores_file), parse_budget(budget), types=_palette(types),
-                  pins=[parse_pin(x) for x in pins]).with_versions(versions())
+    if (budget is None) == (fit is None):
+        raise click.UsageError("give one of --budget or --fit")
+    scores = Scores.load(scores_file)
+    if fit is not None:
+        from ggufmix.io.gguf_source import open_gguf
+        from ggufmix.package.memory import resolve_fit
+        from ggufmix.package.ship import FitSettings, fit_report
+
+        source = Path(scores.source["path"])
+        report = fit_report(source, open_gguf(source).metadata, FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type))
+        click.echo("\n".join(report.lines()))
+        target = Budget(max(report.weights_bytes, 1), "b")
+    else:
+        target = parse_budget(budget)
+    p = make_plan(scores, target, types=_palette(types), pins=[parse_pin(x) for x in pins]).with_versions(versions())
     p.save(output)
     if recipe:
         write_text_atomic(recipe, make_recipe(p))

@@ -1,0 +1,124 @@
+"""``build --fit`` and ``--bundle``: a budget from a device's memory, checked by llama.cpp, and a shareable folder.
+
+``--fit`` assumes llama.cpp runs without mmap (``--no-mmap``; the bundle's Modelfile says ``use_mmap
+false``): then its buffers hold each weight once. Arithmetic: usable memory - KV cache (computed, package.memory) - compute and output buffers
+(measured by loading the source in llama.cpp at the same n_ctx / n_ubatch) - a reserve = the weight
+budget. After the build, the output is loaded in llama.cpp at those settings; if its buffers (model +
+KV + compute + output, from llama.cpp's log) exceed the usable memory (repacked weights are the usual
+reason: llama.cpp copies Q4_0/IQ4_NL/Q4_K tensors into interleaved CPU layouts), the weight budget
+shrinks by the overshoot and the plan is rebuilt from the saved scores, up to three times.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ggufmix.errors import BudgetError, UsageError
+from ggufmix.plan.budget import Budget
+from ggufmix.package.memory import Device, FitReport, ModelShape, kv_cache_bytes, kv_type
+
+logger = logging.getLogger(__name__)
+
+RESERVE_SHARE = 0.02
+FIT_TRIES = 3
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    device: Device
+    n_ctx: int = 2048
+    n_ubatch: int = 512
+    kv: str = "f16"
+
+
+def fit_report(source: Path, meta: dict[str, Any], fit: FitSettings, reserve: int | None = None) -> FitReport:
+    """The arithmetic of ``--fit`` (the compute/output buffers measured on ``source`` by llama.cpp)."""
+    from ggufmix.engine.memory import measure_buffers
+
+    shape = ModelShape.from_metadata(meta)
+    kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv))
+    measured = measure_buffers(source, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv)
+    reserve = int(fit.device.usable_bytes * RESERVE_SHARE) if reserve is None else reserve
+    return FitReport(fit.device, fit.n_ctx, fit.n_ubatch, fit.kv, kv, measured.compute, measured.output, reserve)
+
+
+def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings, *, opts: Any,
+                 force: bool = False, progress: bool = True, **build_kw: Any) -> tuple[Any, FitReport, int]:
+    """Build ``out`` so that llama.cpp's measured memory at ``fit``'s settings is within the device's.
+
+    ``build_kw`` goes to :func:`ggufmix.quantize.build.build` (types, pins, smoke ...). The source is
+    scored once; a retry only re-plans and re-quantizes.
+
+    Returns:
+        (BuildResult, the FitReport used, llama.cpp's measured total bytes).
+
+    Raises:
+        BudgetError: the model cannot fit (nothing left for the weights, or retries ran out).
+    """
+    from ggufmix.engine.memory import measure_buffers
+    from ggufmix.quantize.build import build, load_imatrix, open_source, score_source
+
+    report = fit_report(source, meta, fit)
+    scores = build_kw.pop("scores_path", None)
+    tmp_scores = None
+    if scores is None:
+        src = open_source(source, opts.allow_requantize)
+        tmp_scores = scores = Path(f"{out.with_suffix('')}.scores.json")
+        score_source(src, opts, load_imatrix(opts.imatrix, src), progress).save(scores)
+    try:
+        for attempt in range(FIT_TRIES):
+            if report.weights_bytes <= 0:
+                raise BudgetError(f"{fit.device.name}: {fit.device.usable_bytes / 2**20:.1f} MiB leave nothing for "
+                                  f"the weights at n_ctx {fit.n_ctx} (KV {report.kv_bytes / 2**20:.1f} MiB, compute "
+                                  f"{report.compute_bytes / 2**20:.1f} MiB); lower --ctx or --ubatch")
+            res = build(source, out, Budget(report.weights_bytes, "b"), opts=opts, scores_path=scores,
+                        force=force or attempt > 0, progress=progress, **build_kw)
+            total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv).total
+            over = total - fit.device.usable_bytes
+            if over <= 0:
+                return res, report, total
+            logger.warning("llama.cpp measured %.2f MiB, %.2f MiB over %s; shrinking the weights budget",
+                           total / 2**20, over / 2**20, fit.device.name)
+            report = FitReport(report.device, report.n_ctx, report.n_ubatch, report.kv_type, report.kv_bytes,
+                               report.compute_bytes, report.output_bytes, report.reserve_bytes + over + (1 << 20))
+    finally:
+        if tmp_scores is not None:
+            tmp_scores.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
+    raise BudgetError(f"{out}: still over {fit.device.name}'s memory after {FIT_TRIES} tries")
+
+
+def staging_dir(final: Path, force: bool) -> Path:
+    """A temporary folder beside ``final`` to assemble a bundle in.
+
+    Raises:
+        UsageError: ``final`` exists (without force), or its parent is missing.
+    """
+    if final.exists() and not force:
+        raise UsageError(f"{final}: already exists (pass --force to replace it)")
+    if not final.parent.is_dir():
+        raise UsageError(f"{final}: folder {final.parent} does not exist")
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def ollama_commands(bundle: Path, name: str) -> list[list[str]]:
+    return [["ollama", "create", name, "-f", str(bundle / "Modelfile")],
+            ["ollama", "run", name, "Say hello in one short sentence."]]
+
+
+def run_ollama(bundle: Path, name: str) -> str:
+    """``ollama create`` + a one-line ``ollama run`` when the binary is on PATH; else the commands to type."""
+    cmds = ollama_commands(bundle, name)
+    if shutil.which("ollama") is None:
+        return "ollama is not on PATH; run:\n  " + "\n  ".join(" ".join(c) for c in cmds)
+    for cmd in cmds:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+        if res.returncode != 0:
+            raise UsageError(f"{' '.join(cmd)} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    return f"ollama: {res.stdout.strip()[:200]}"
