@@ -261,15 +261,16 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--chunks", type=int, help="Chunks to score (default: all the text holds).")
 @click.option("--exact", is_flag=True, help="Full-vocabulary KLD in lock-step, no base cache (slower).")
 @click.option("--threads", type=int, help="llama.cpp threads (default: all cores).")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (Metal/CUDA builds; -1: all).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.pass_context
 def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: Path, n_ctx: int,
-          chunks: int | None, exact: bool, threads: int | None, as_json: bool) -> None:
+          chunks: int | None, exact: bool, threads: int | None, gpu_layers: int, as_json: bool) -> None:
     """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE."""
     from ggufmix.evaluate.runner import evaluate, format_table, read_eval_text
 
     report = evaluate(base, list(quants), read_eval_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
-                      n_threads=threads, progress=ctx.obj["progress"])
+                      n_threads=threads, progress=ctx.obj["progress"], n_gpu_layers=gpu_layers)
     click.echo(json.dumps(report.to_json(), indent=1, default=str) if as_json else format_table(report))
 
 

@@ -346,3 +346,15 @@ def test_errors(models: tuple[Path, Path], tmp_path: Path) -> None:
         evaluate(tmp_path / "missing.gguf", [], "x", ctx=CTX)
     with pytest.raises(UsageError):
         evaluate(models[0], [], "x", ctx=63)
+
+
+def test_backend_is_reported(models: tuple[Path, Path], reference: dict[str, object]) -> None:
+    """The report says where the forward passes ran; asking for GPU layers on a CPU build falls back to CPU."""
+    from ggufmix.engine.logits import system_info
+    from ggufmix.evaluate.runner import evaluate
+
+    rep = evaluate(models[0], [models[1]], reference["text"], ctx=CTX, chunks=2, cache=False, n_threads=2,
+                   progress=False, n_gpu_layers=99)
+    gpu, info = system_info()
+    assert "CPU" in info
+    assert (rep.settings.backend == "CPU") != gpu

@@ -149,13 +149,13 @@ class LogitsModel:
         EngineError: llama.cpp cannot load it.
     """
 
-    def __init__(self, path: Path, *, ctx: int, n_threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such model file")
         self.ctx = ctx
         self._lc = _import_llama()
-        self._llm = self._load(n_threads or os.cpu_count() or 1)
+        self._llm = self._load(n_threads or os.cpu_count() or 1, n_gpu_layers)
         vocab = self._lc.llama_model_get_vocab(self._llm.model)
         self.n_vocab: int = int(self._lc.llama_vocab_n_tokens(vocab))
         self.add_bos: bool = bool(self._lc.llama_vocab_get_add_bos(vocab))
@@ -163,12 +163,13 @@ class LogitsModel:
         self._batch: Any = None
         self._buf: np.ndarray | None = None
 
-    def _load(self, n_threads: int) -> Any:
+    def _load(self, n_threads: int, n_gpu_layers: int) -> Any:
         try:
             # logits_all=False: we choose the output rows per token ourselves (need_logits below), and
             # Llama then never fills its own (n_ctx, n_vocab) score matrix.
             return self._lc.Llama(str(self.path), n_ctx=self.ctx, n_batch=self.ctx, logits_all=False,
-                                  verbose=False, n_threads=n_threads, n_threads_batch=n_threads)
+                                  verbose=False, n_threads=n_threads, n_threads_batch=n_threads,
+                                  n_gpu_layers=n_gpu_layers)
         except (ValueError, RuntimeError, OSError) as e:
             raise EngineError(f"{self.path}: llama.cpp could not load the model ({e})") from None
 
@@ -263,6 +264,12 @@ class LogitsModel:
         for k in range(n):
             b.seq_id[k][0] = 0
         return views
+
+
+def system_info() -> tuple[bool, str]:
+    """(GPU offload available, llama.cpp's system info line) of the installed llama-cpp-python."""
+    lc = _import_llama()
+    return bool(lc.llama_supports_gpu_offload()), lc.llama_print_system_info().decode("utf-8", "replace")
 
 
 def llama_cpp_version() -> str:

@@ -121,6 +121,7 @@ class EvalSettings:
     llama_cpp_python: str
     cache_file: str | None
     cache_hit: bool
+    backend: str = "CPU"  # where the forward passes ran (llama.cpp's own system info)
 
     def __post_init__(self) -> None:
         if self.kld_mode not in (_CACHED, "exact"):
@@ -140,6 +141,19 @@ class EvalReport:
                 "base": self.base.to_json(), "quants": [q.to_json() for q in self.quants]}
 
 
+def backend_report(n_gpu_layers: int) -> str:
+    """``CPU`` or ``GPU offload (N layers)``, with llama.cpp's backend line (``CUDA : ...``, ``Metal : ...``)."""
+    from ggufmix.engine.logits import system_info
+
+    gpu, info = system_info()
+    if n_gpu_layers and not gpu:
+        logger.warning("--gpu-layers %d: this llama-cpp-python has no GPU backend; running on the CPU", n_gpu_layers)
+    if not (n_gpu_layers and gpu):
+        return "CPU"
+    lines = [part.strip() for part in info.split("|") if ":" in part and not part.strip().startswith("CPU")]
+    return f"GPU offload ({n_gpu_layers} layers): " + ("; ".join(lines[:2]) or "llama.cpp GPU backend")
+
+
 def read_eval_text(path: Path) -> str:
     """An evaluation text file, minus ``<doc ...>`` / ``</doc>`` wrapper lines (wiki.utf8 style).
 
@@ -155,7 +169,7 @@ def read_eval_text(path: Path) -> str:
 
 
 def evaluate(base: Path, quants: Sequence[Path], text: str, *, ctx: int = 512, chunks: int | None = None,
-             cache: bool = True, n_threads: int | None = None, progress: bool = True,
+             cache: bool = True, n_threads: int | None = None, progress: bool = True, n_gpu_layers: int = 0,
              topk: int = basecache.DEFAULT_TOPK, tail: int = basecache.DEFAULT_TAIL) -> EvalReport:
     """Perplexity of ``base`` and of each quantized model, and their divergence from the base.
 
@@ -167,6 +181,7 @@ def evaluate(base: Path, quants: Sequence[Path], text: str, *, ctx: int = 512, c
         chunks: chunks to score (``--chunks``); None for as many as the text holds.
         cache: read/write the base's top-k cache (KLD estimated) instead of exact lock-step KLD.
         n_threads: CPU threads for llama.cpp (default: all cores).
+        n_gpu_layers: layers to offload to the GPU (Metal/CUDA builds of llama-cpp-python; -1: all).
         progress: show tqdm progress bars.
         topk: entries a token kept in the base cache.
         tail: samples a token of the base's tail kept in the cache (0: KLD is the lumped lower bound).
@@ -181,7 +196,7 @@ def evaluate(base: Path, quants: Sequence[Path], text: str, *, ctx: int = 512, c
     """
     _validate(base, quants, ctx, chunks, topk, tail)
     threads = n_threads or os.cpu_count() or 1
-    run = _Run(Path(base), [Path(q) for q in quants], text, ctx, chunks, threads, progress)
+    run = _Run(Path(base), [Path(q) for q in quants], text, ctx, chunks, threads, progress, n_gpu_layers)
     return run.with_cache(topk, tail) if cache else run.exact()
 
 
@@ -215,9 +230,10 @@ class _Run:
     chunks: int | None
     n_threads: int
     progress: bool
+    n_gpu_layers: int = 0
 
     def _open(self, path: Path) -> LogitsModel:
-        return LogitsModel(path, ctx=self.ctx, n_threads=self.n_threads)
+        return LogitsModel(path, ctx=self.ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers)
 
     def _bar(self, it: Iterator[ChunkLogits], plan: ChunkPlan, path: Path) -> Iterator[ChunkLogits]:
         return tqdm(it, total=plan.n_chunks, desc=path.name, unit="chunk", disable=not self.progress, leave=False)
@@ -226,7 +242,7 @@ class _Run:
         return EvalSettings(self.ctx, self.chunks, plan.n_chunks, plan.n_scored, basecache.text_sha256(self.text),
                             len(self.text), _CACHED if key else "exact", key.topk if key else None,
                             key.tail if key else None, self.n_threads, llama_cpp_version(),
-                            str(key.path()) if key else None, hit)
+                            str(key.path()) if key else None, hit, backend_report(self.n_gpu_layers))
 
     # -- cached base (top-k) ---------------------------------------------------------------
 
@@ -364,7 +380,7 @@ def format_table(report: EvalReport) -> str:
                 else "exact full-vocabulary KLD")
     cache = f"; cache {'hit' if s.cache_hit else 'written'}: {s.cache_file}" if s.cache_file else ""
     lines = [
-        f"{s.n_chunks} chunks x {s.n_scored_per_chunk} scored tokens, ctx {s.ctx}; {kld_note}{cache}",
+        f"{s.n_chunks} chunks x {s.n_scored_per_chunk} scored tokens, ctx {s.ctx}, backend {s.backend}; {kld_note}{cache}",
         f"base {Path(b.path).name} ({b.file_bytes / 1e6:.1f} MB): PPL {b.perplexity.ppl.value:.4f} "
         f"± {b.perplexity.ppl.stderr:.4f}"
         + (f", {b.throughput.forward_tokens_per_s:.0f} tok/s forward" if b.throughput else ""),
