@@ -67,8 +67,10 @@ def _apply(options):  # noqa: ANN001, ANN202
 _fit_options = [
     click.option("--fit", help="Derive the budget from a device's memory: a size (100MB, 4GB) or a profile "
                                "(rpi5-8gb, iphone15, mac-16gb ...; see ggufmix/data/devices.json)."),
-    click.option("--ctx", "n_ctx", default=2048, show_default=True, help="With --fit: context the KV cache holds."),
-    click.option("--ubatch", default=512, show_default=True, help="With --fit: llama.cpp's n_ubatch (compute buffer)."),
+    click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(1),
+                 help="With --fit: context the KV cache holds."),
+    click.option("--ubatch", default=512, show_default=True, type=click.IntRange(1),
+                 help="With --fit: llama.cpp's n_ubatch (compute buffer)."),
     click.option("--kv-type", default="f16", show_default=True, help="With --fit: KV cache type (f16, q8_0 ...)."),
 ]
 
