@@ -54,9 +54,9 @@ def test_more_budget_never_more_error(tiny_scores) -> None:  # noqa: ANN001
 
 
 def test_plan_is_deterministic(tiny_scores, tmp_path: Path) -> None:  # noqa: ANN001
-    a = make_plan(tiny_scores, parse_budget("4bpw")).save(tmp_path / "a.json")
-    b = make_plan(tiny_scores, parse_budget("4bpw")).save(tmp_path / "b.json")
-    assert a.read_bytes() == b.read_bytes()
+    pa, pb = make_plan(tiny_scores, parse_budget("4bpw")), make_plan(tiny_scores, parse_budget("4bpw"))
+    assert pa.save(tmp_path / "a.json").read_bytes() == pb.save(tmp_path / "b.json").read_bytes()
+    assert recipe(pa) == recipe(pb)
 
 
 def test_size_budget_in_bytes(tiny_scores) -> None:  # noqa: ANN001

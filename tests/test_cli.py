@@ -38,12 +38,31 @@ def test_score_plan_build_inspect(tiny_model: Path, tmp_path: Path) -> None:
     assert "total:" in res.output and "bpw" in res.output
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_magic", "budget", "pin", "type", "exists"])
-def test_errors_are_one_line(case: str, tiny_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def quantized_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ggufmix.engine.quantize import quantize_file, stock_ftype
+
+    out = tmp_path_factory.mktemp("q") / "tiny.q8.gguf"
+    quantize_file(tiny_model, out, ftype=stock_ftype("Q8_0"), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing", "bad_magic", "budget", "pin", "type", "exists", "same", "truncated",
+                                  "requantize", "imatrix", "fit"])
+def test_errors_are_one_line(case: str, tiny_model: Path, odd_model: Path, quantized_model: Path,
+                             tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + bytes(64))
     exists = tmp_path / "exists.gguf"
     exists.write_bytes(b"keep")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_model.read_bytes()[:5000])
+    other_im = tmp_path / "odd.imatrix.gguf"
+    if case == "imatrix":  # an imatrix of another model: its names and sizes do not match
+        from ggufmix.engine.activations import collect_imatrix
+        from ggufmix.io.imatrix import write_imatrix_gguf
+
+        write_imatrix_gguf(other_im, collect_imatrix(odd_model, list(range(3, 131)), n_ctx=64, progress=False))
     args = {
         "missing": (["inspect", str(tmp_path / "none.gguf")], "no such file"),
         "bad_magic": (["inspect", str(bad)], "not a GGUF file"),
@@ -54,6 +73,14 @@ def test_errors_are_one_line(case: str, tiny_model: Path, tmp_path: Path) -> Non
         "type": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4bpw", "--types", "Q4_K,Q9"],
                  "unknown quantization type 'Q9'"),
         "exists": (["build", str(tiny_model), "-o", str(exists), "--budget", "4bpw"], "already exists"),
+        "same": (["build", str(tiny_model), "-o", str(tiny_model), "--budget", "4bpw"], "overwrite the input"),
+        "truncated": (["inspect", str(cut)], "truncated"),
+        "requantize": (["build", str(quantized_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4bpw"],
+                       "--allow-requantize"),
+        "imatrix": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--budget", "4bpw", "--imatrix",
+                     str(other_im)], "imatrix"),
+        "fit": (["build", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--fit", "1MB", "--ctx", "4096"],
+                "leave nothing for the weights"),
     }[case]
     res = _run(*args[0])
     assert res.returncode != 0
