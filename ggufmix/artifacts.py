@@ -42,6 +42,11 @@ def read_artifact(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     return doc
 
 
+def cache_root() -> Path:
+    """``${GGUFMIX_CACHE:-~/.cache/ggufmix}``: base logits, score journals."""
+    return Path(os.environ.get("GGUFMIX_CACHE") or Path.home() / ".cache" / "ggufmix").expanduser()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ggufmix.artifacts import temp_beside
+from ggufmix.artifacts import cache_root, temp_beside
 from ggufmix.engine.logits import ChunkPlan
 from ggufmix.evaluate.metrics import TokenStats, target_nll
 
@@ -59,8 +59,7 @@ _BLOCK = 1 << 20  # floats per exp() block
 
 def cache_dir() -> Path:
     """``${GGUFMIX_CACHE:-~/.cache/ggufmix}/base-logits``."""
-    root = os.environ.get("GGUFMIX_CACHE") or str(Path.home() / ".cache" / "ggufmix")
-    return Path(root).expanduser() / "base-logits"
+    return cache_root() / "base-logits"
 
 
 @dataclass(frozen=True)

@@ -73,15 +73,24 @@ def load_imatrix(path: Path | None, src: GGUFSource) -> dict[str, Any] | None:
 
 def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | None,
                  progress: bool = True) -> Scores:
-    """Measure every quantizable tensor once (all default types: any palette can be planned later)."""
+    """Measure every quantizable tensor once (all default types: any palette can be planned later).
+
+    Finished tensors go to a journal as they come, so an interrupted run resumes (score/journal.py).
+    """
     from ggufmix.engine import kernels
     from ggufmix.score.base import Kernels
     from ggufmix.score.runner import score_model
 
+    from ggufmix.engine.llamalib import version
+    from ggufmix.score.journal import Journal, fingerprint
+
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
+    journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
+                       "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
-                         threads=opts.threads, progress=progress)
+                         threads=opts.threads, progress=progress, journal=journal)
+    journal.finish()
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
     return scores

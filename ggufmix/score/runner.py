@@ -12,6 +12,7 @@ from tqdm import tqdm
 from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.plan.layout import Layout, Slot
 from ggufmix.score.base import Kernels, TensorJob, scorers
+from ggufmix.score.journal import Journal
 from ggufmix.score.scores import Scores, TensorScores
 
 logger = logging.getLogger(__name__)
@@ -30,28 +31,33 @@ def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
 
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Any = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
-                progress: bool = True) -> Scores:
+                progress: bool = True, journal: Journal | None = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
         imatrix: an object with ``.get(name) -> np.ndarray | None`` (per-column mean squared activation,
             n_experts * ncols values), or None.
         max_rows: rows sampled per tensor (per-row scales make a row the natural unit).
+        journal: where finished tensors are written as they come (resume after an interruption);
+            tensors it already holds are not scored again.
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
-    jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in slots)
-    results: dict[str, TensorScores] = {}
+    results: dict[str, TensorScores] = journal.load() if journal else {}
+    todo = [s for s in slots if s.name not in results]
+    jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in todo)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         it: Iterator = pool.map(lambda j: (j.name, spec.fn(j)), jobs)
-        for name, ts in tqdm(it, total=len(slots), desc=f"scoring ({strategy})", unit="tensor",
-                             disable=not progress, leave=False):
+        for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
+                             unit="tensor", disable=not progress, leave=False):
             results[name] = TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
+            if journal:
+                journal.add(name, results[name])
     settings = {"max_rows": max_rows, "imatrix": None if imatrix is None else str(getattr(imatrix, "path", "yes"))}
     st = source.path.stat()
     src = {"path": str(source.path), "name": source.path.name, "size": st.st_size,
            "total_elements": layout.total_elements, "arch": layout.arch}
-    return Scores(src, strategy, settings, layout, results)
+    return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots})
 
 
 def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_rows: int,

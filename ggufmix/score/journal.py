@@ -1,0 +1,76 @@
+"""Scores written down as they are measured, so an interrupted ``score``/``build`` resumes where it stopped.
+
+Each finished tensor is appended as one JSON line to ``${GGUFMIX_CACHE}/score-journal/<key>.jsonl``,
+where the key hashes the source's fingerprint and every setting that changes a score (strategy, rows,
+the imatrix's fingerprint, ggufmix's version). A re-run with the same inputs reads the lines back and
+scores only the rest; a torn last line (killed mid-write) is ignored. The journal is deleted once the
+whole model is scored.
+
+The fingerprint reads the file's size, its first and last MiB and one MiB every 256 MiB, not every
+byte: hashing a 140 GB source would cost minutes for each run. A source edited in place without
+changing those bytes would be missed; re-exported or re-downloaded files are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ggufmix import __version__
+from ggufmix.artifacts import cache_root
+from ggufmix.score.scores import TensorScores
+from ggufmix.types import QuantType
+
+logger = logging.getLogger(__name__)
+
+_MIB = 1 << 20
+_STRIDE = 256 * _MIB
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's size and sampled MiB blocks (see the module docstring)."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with p.open("rb") as f:
+        for offset in [*range(0, size, _STRIDE), max(size - _MIB, 0)]:
+            f.seek(offset)
+            h.update(f.read(_MIB))
+    return h.hexdigest()
+
+
+class Journal:
+    """Append-only record of finished tensors for one (source, settings) key."""
+
+    def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
+        digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__}, sort_keys=True).encode()).hexdigest()
+        self.path = (root or cache_root() / "score-journal") / f"{digest[:32]}.jsonl"
+
+    def load(self) -> dict[str, TensorScores]:
+        """Tensors already scored (empty when there is no journal)."""
+        done: dict[str, TensorScores] = {}
+        if not self.path.exists():
+            return done
+        for line in self.path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                done[d["name"]] = TensorScores({QuantType[k]: float(v) for k, v in d["errors"].items()},
+                                               float(d["importance"]), dict(d["stats"]))
+            except (ValueError, KeyError, TypeError):
+                logger.info("%s: ignoring a torn line", self.path)
+        if done:
+            logger.info("resuming: %d tensors already scored (%s)", len(done), self.path)
+        return done
+
+    def add(self, name: str, ts: TensorScores) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"name": name, "errors": {t.name: v for t, v in ts.errors.items()},
+                           "importance": ts.importance, "stats": ts.stats})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,49 @@
+"""An interrupted scoring run resumes from its journal and gives the same scores as an uninterrupted one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+from ggufmix.score import base
+from ggufmix.score.journal import Journal, fingerprint
+
+
+def test_interrupted_scoring_resumes(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    src = open_source(tiny_model, False)
+    opts = ScoreOptions(max_rows=32, threads=1)
+    clean = score_source(src, opts, None, progress=False)
+    assert not list((tmp_path / "cache" / "score-journal").glob("*.jsonl"))  # finished: journal removed
+
+    spec = base.scorers()["measured"]
+    calls: list[str] = []
+
+    def interrupted(job):  # noqa: ANN001, ANN202
+        calls.append(job.name)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return spec.fn(job)
+
+    monkeypatch.setitem(base.SCORERS, "measured", base.ScorerSpec("measured", interrupted, True, "", True))
+    with pytest.raises(KeyboardInterrupt):
+        score_source(src, opts, None, progress=False)
+    journals = list((tmp_path / "cache" / "score-journal").glob("*.jsonl"))
+    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 5
+    with journals[0].open("a") as f:
+        f.write('{"name": "torn')  # killed mid-write
+
+    calls.clear()
+    monkeypatch.setitem(base.SCORERS, "measured", base.ScorerSpec("measured", lambda j: (calls.append(j.name),
+                                                                                       spec.fn(j))[1], True, "", True))
+    resumed = score_source(src, opts, None, progress=False)
+    assert len(calls) == len(clean.tensors) - 5
+    assert resumed.tensors == clean.tensors
+
+
+def test_journal_key_follows_source_and_settings(tiny_model: Path, odd_model: Path, tmp_path: Path) -> None:
+    key = {"source": fingerprint(tiny_model), "strategy": "measured", "rows": 32}
+    assert Journal(key, tmp_path).path == Journal(dict(key), tmp_path).path
+    assert Journal({**key, "rows": 64}, tmp_path).path != Journal(key, tmp_path).path
+    assert fingerprint(odd_model) != key["source"]
