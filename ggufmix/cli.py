@@ -327,9 +327,16 @@ def _names(csv: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in csv.split(",") if x.strip())
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so `kill` cleans up like Ctrl-C: temporary files are removed on the way out
+
+
 def main() -> None:
     """Entry point: one line and a non-zero exit for user errors; tracebacks only with --debug."""
+    import signal
+
     debug = "--debug" in sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

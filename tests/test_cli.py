@@ -124,3 +124,25 @@ def test_imatrix_build_eval_chain(tiny_model: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert rep["settings"]["kld_mode"] == "exact" and rep["quants"][0]["divergence"]["kld_mean"]["value"] > 0
+
+
+def test_kill_during_quantize_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """SIGTERM while llama.cpp writes the temporary file: no output, no temporary file, exit 130."""
+    import signal
+    import time
+
+    scores = tmp_path / "s.json"
+    assert CliRunner().invoke(cli, ["-q", "score", str(tiny_model), "-o", str(scores), "--rows", "16"]).exit_code == 0
+    out = tmp_path / "o.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "ggufmix", "-q", "build", str(tiny_model), "-o", str(out),
+                             "--budget", "4bpw", "--scores", str(scores), "--no-smoke"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".o.gguf.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.skip("the build finished before its temporary file was seen")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
