@@ -69,7 +69,6 @@ class GGUFSource:
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
     offsets: dict[str, int] = field(repr=False, default_factory=dict)  # absolute file offset of each tensor
-    _map: np.ndarray | None = field(repr=False, default=None)
 
     def rows(self, name: str, index: np.ndarray | None = None) -> np.ndarray:
         """Rows of tensor ``name`` as float32, shape (len(index), ncols); all rows when index is None.
@@ -80,9 +79,7 @@ class GGUFSource:
             InputError: a quantized type gguf-py cannot dequantize.
         """
         info = self.tensors[name]
-        data = self._raw(name).reshape(info.nrows, -1)
-        if index is not None:
-            data = data[index]
+        data = self._read(name, index)
         if info.qtype == QuantType.BF16:
             return (data.astype(np.uint32) << 16).view(np.float32)
         if info.qtype in _STORAGE:
@@ -95,13 +92,26 @@ class GGUFSource:
             raise InputError(f"{self.path}: tensor {name!r} is {info.qtype.name}, which gguf-py cannot dequantize; "
                              "start from an F16/BF16/F32 GGUF") from None
 
-    def _raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a memmapped array of its storage dtype (uint8 for quantized types)."""
+    def _read(self, name: str, index: np.ndarray | None) -> np.ndarray:
+        """The rows' raw bytes as (n, row) of the storage dtype (uint8 blocks for quantized types).
+
+        Read with ``os.pread``, not through a memory map: the kernel maps whole page-cache folios
+        (up to the readahead size, 8 MiB here) on every fault, so sampling 16 rows of a mapped tensor
+        made the whole tensor resident.
+
+        Raises:
+            InputError: the file is shorter than its index says.
+        """
         info = self.tensors[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        start = self.offsets[name]
-        return self._map[start:start + info.n_bytes].view(_STORAGE.get(info.qtype, np.uint8))
+        rb = row_bytes(info.qtype, info.ncols)
+        rows = np.arange(info.nrows) if index is None else np.asarray(index, dtype=np.int64)
+        out = bytearray(len(rows) * rb)
+        with open(self.path, "rb", buffering=0) as f:
+            at = 0
+            for first, count in _runs(rows):
+                _pread_into(f.fileno(), out, at, count * rb, self.offsets[name] + first * rb, self.path, name)
+                at += count * rb
+        return np.frombuffer(out, dtype=_STORAGE.get(info.qtype, np.uint8)).reshape(len(rows), -1)
 
     @property
     def total_bytes(self) -> int:
@@ -110,6 +120,24 @@ class GGUFSource:
     @property
     def total_elements(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive row indices as (first, count) runs: one read per run."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(r[0]), len(r)) for r in np.split(rows, breaks)]
+
+
+def _pread_into(fd: int, out: bytearray, at: int, n: int, offset: int, path: Path, name: str) -> None:
+    view = memoryview(out)[at:at + n]
+    done = 0
+    while done < n:  # a single read returns at most ~2 GiB on Linux
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise InputError(f"{path}: tensor {name!r} is cut short at byte {offset + done}; is the file truncated?")
+        done += got
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
