@@ -1,6 +1,7 @@
 """Stream a model tensor by tensor through a scorer: load sampled rows, score, drop."""
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
     todo = [s for s in slots if s.name not in results]
     jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in todo)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        it: Iterator = pool.map(lambda j: (j.name, spec.fn(j)), jobs)
+        it = _bounded_map(pool, lambda j: (j.name, spec.fn(j)), jobs, 2 * max(1, threads))
         for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
                              unit="tensor", disable=not progress, leave=False):
             results[name] = TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
@@ -58,6 +59,18 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
     src = {"path": str(source.path), "name": source.path.name, "size": st.st_size,
            "total_elements": layout.total_elements, "arch": layout.arch}
     return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots})
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:
+    """``pool.map`` that keeps at most ``window`` items loaded: Executor.map consumes its whole input
+    at once, which held every tensor's sampled rows in memory before the first was scored."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_rows: int,
