@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Fuzz ggufmix's GGUF reading: mutate the header and tensor index of a tiny valid GGUF, open the
-mutant with ``inspect`` and read rows; anything but a GgufmixError is a finding.
+mutant with ``inspect``, read rows and (``--score``) score it with ggml's quantizers; anything but a
+GgufmixError is a finding.
 
-    python scripts/fuzz.py [--cases 10000] [--seed 0]
+    python scripts/fuzz.py [--cases 10000] [--seed 0] [--score]
 
 Prints the count and every distinct escape (exit status 1 if there was one). CI runs a few hundred
 cases of the same idea (tests/test_fuzz_header.py).
@@ -38,17 +39,23 @@ def mutate(data: bytes, index_start: int, header_end: int, rng: random.Random) -
     return bytes(buf)
 
 
-def probe(path: Path) -> None:
+def probe(path: Path, score: bool = False) -> None:
+    """inspect, read rows, and with ``score`` the whole measured scoring (ggml's quantizers included)."""
     inspect_gguf(path)
     src = open_gguf(path)
     for name in list(src.tensors)[:4]:
         src.rows(name)
+    if score:
+        from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+
+        score_source(open_source(path, False), ScoreOptions(max_rows=4, threads=1), None, progress=False)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--score", action="store_true", help="also run the measured scorer on every mutant that opens")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ggufmix-fuzz-"))
     seed_file = write_tiny_llama(work / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
@@ -61,7 +68,7 @@ def main() -> int:
     for i in range(args.cases):
         mutant.write_bytes(mutate(data, index.tensors_offset, index.data_offset, rng))
         try:
-            probe(mutant)
+            probe(mutant, args.score)
         except GgufmixError:
             refused += 1
         except Exception as e:  # noqa: BLE001 - the point is to catch everything else

@@ -47,3 +47,20 @@ def test_journal_key_follows_source_and_settings(tiny_model: Path, odd_model: Pa
     assert Journal(key, tmp_path).path == Journal(dict(key), tmp_path).path
     assert Journal({**key, "rows": 64}, tmp_path).path != Journal(key, tmp_path).path
     assert fingerprint(odd_model) != key["source"]
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path: Path) -> None:
+    import numpy as np
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.errors import InputError
+    from ggufmix.io.gguf_source import open_gguf
+
+    path = write_tiny_llama(tmp_path / "nan.gguf", n_layer=1, seed=3)
+    src = open_gguf(path)
+    info = src.tensors["blk.0.ffn_up.weight"]
+    data = bytearray(path.read_bytes())
+    data[src.offsets[info.name]:src.offsets[info.name] + 2] = np.float16(np.nan).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"'blk.0.ffn_up.weight' has NaN or infinite weights \(row 0\)"):
+        score_source(open_source(path, False), ScoreOptions(max_rows=8), None, progress=False)

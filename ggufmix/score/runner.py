@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ggufmix.errors import InputError
 from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.plan.layout import Layout, Slot
 from ggufmix.score.base import Kernels, TensorJob, scorers
@@ -79,6 +80,10 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_row
     nrows = slot.n_elements // ncols
     idx = sample_rows(nrows, max_rows) if needs_rows else np.arange(0)
     rows = source.rows(slot.name, idx) if needs_rows else np.zeros((0, ncols), np.float32)
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise InputError(f"{source.path}: tensor {slot.name!r} has NaN or infinite weights (row {int(idx[bad[0]])}); "
+                         "the source is damaged")
     rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
     imat = None
     if imatrix is not None:
