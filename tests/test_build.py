@@ -147,3 +147,15 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
         os.umask(mask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
     assert [q.name for q in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_not_enough_disk_is_refused_before_quantizing(tiny_model: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UsageError, match="MB free, the output needs"):
+        build(tiny_model, tmp_path / "o.gguf", parse_budget("4bpw"), opts=ScoreOptions(max_rows=16), progress=False)
+    assert list(tmp_path.iterdir()) == []
