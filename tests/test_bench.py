@@ -49,3 +49,15 @@ def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     again = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["build_s"] is None for r in again)
     assert [r["kld"] for r in again] == [r["kld"] for r in rows]
+    # the second run took every file's numbers from its .eval.json; a stale one is measured again
+    kept = out / "stock-Q4_K_M-none.eval.json"
+    doc = json.loads(kept.read_text())
+    assert doc["row"]["kld"] == rows[0]["kld"]
+    doc["row"]["kld"] = 123.0
+    kept.write_text(json.dumps(doc))
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert json.loads((out / "results.json").read_text())["rows"][0]["kld"] == 123.0
+    doc["key"]["ctx"] = 32
+    kept.write_text(json.dumps(doc))
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert json.loads((out / "results.json").read_text())["rows"][0]["kld"] == rows[0]["kld"]

@@ -5,7 +5,8 @@ For each imatrix mode (none, and the imatrix computed on ``calib`` text when giv
 1. quantize every stock mix with llama.cpp (``llama_model_quantize`` with the mix's ftype);
 2. score the source once per strategy, then build a ggufmix file at every ``--budgets`` bpw and at
    exactly every stock mix's tensor bytes (from the saved scores: planning is instant);
-3. evaluate every file against the source in one ``ggufmix eval`` pass (the base runs once).
+3. evaluate every file against the source in one ``ggufmix eval`` pass (the base runs once); each file's
+   numbers are kept in ``<file>.eval.json`` and reused while the file, source, text and settings match.
 
 Files already in the output folder are reused (the folder doubles as a cache: delete it to rebuild),
 so an interrupted bench resumes where it stopped.
@@ -96,9 +97,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             scores = _scores(cfg, strategy, mode, imatrix)
             files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget)
                                   for label, budget in targets) if f is not None]
-    report = evaluate(cfg.source, [f.path for f in files], text, ctx=cfg.ctx, chunks=cfg.chunks,
+    done = {f.path: row for f in files if (row := _cached_row(cfg, text, f)) is not None}
+    todo = [f for f in files if f.path not in done]
+    report = evaluate(cfg.source, [f.path for f in todo], text, ctx=cfg.ctx, chunks=cfg.chunks,
                       cache=not cfg.exact, progress=cfg.progress)
-    results = _results(cfg, files, report)
+    for f, q in zip(todo, report.quants):
+        done[f.path] = _row(f, q)
+        _save_row(cfg, text, f, done[f.path])
+    results = _results(cfg, [done[f.path] | {"build_s": _seconds(f)} for f in files], report)
     _write_outputs(cfg, results)
     return results
 
@@ -181,19 +187,56 @@ def _tensor_bytes(path: Path) -> int:
     return open_gguf(path).total_bytes
 
 
-def _results(cfg: BenchConfig, files: Sequence[BenchFile], report: Any) -> dict[str, Any]:
+def _row(f: BenchFile, q: Any) -> dict[str, Any]:
     from ggufmix.io.gguf_source import open_gguf
 
-    rows = []
-    for f, q in zip(files, report.quants):
-        info = open_gguf(f.path)
-        d = q.divergence
-        rows.append({"file": f.path.name, "kind": f.kind, "imatrix": f.imatrix, "target": f.target,
-                     "tensor_bytes": info.total_bytes, "file_bytes": f.path.stat().st_size,
-                     "bpw": info.total_bytes * 8 / info.total_elements,
-                     "kld": d.kld.value, "kld_stderr": d.kld.stderr, "kld_p99": d.kld_p99,
-                     "ppl": q.perplexity.ppl.value, "ppl_stderr": q.perplexity.ppl.stderr,
-                     "top1": d.same_top.value, "build_s": None if f.build_s is None else round(f.build_s, 2)})
+    info = open_gguf(f.path)
+    d = q.divergence
+    return {"file": f.path.name, "kind": f.kind, "imatrix": f.imatrix, "target": f.target,
+            "tensor_bytes": info.total_bytes, "file_bytes": f.path.stat().st_size,
+            "bpw": info.total_bytes * 8 / info.total_elements,
+            "kld": d.kld.value, "kld_stderr": d.kld.stderr, "kld_p99": d.kld_p99,
+            "ppl": q.perplexity.ppl.value, "ppl_stderr": q.perplexity.ppl.stderr, "top1": d.same_top.value}
+
+
+def _seconds(f: BenchFile) -> float | None:
+    return None if f.build_s is None else round(f.build_s, 2)
+
+
+# A file's evaluation is kept beside it, keyed by everything that decides the numbers, so a bench that
+# adds budgets or strategies evaluates only the new files (one forward pass of a 1.5B model is minutes).
+def _eval_key(cfg: BenchConfig, text: str, f: BenchFile) -> dict[str, Any]:
+    from ggufmix.evaluate.basecache import text_sha256
+
+    src, st = cfg.source.stat(), f.path.stat()
+    return {"source": [str(cfg.source.resolve()), src.st_size, src.st_mtime_ns], "file": [st.st_size, st.st_mtime_ns],
+            "text": text_sha256(text), "ctx": cfg.ctx, "chunks": cfg.chunks, "exact": cfg.exact}
+
+
+def _eval_path(f: BenchFile) -> Path:
+    return f.path.with_name(f.path.stem + ".eval.json")
+
+
+def _cached_row(cfg: BenchConfig, text: str, f: BenchFile) -> dict[str, Any] | None:
+    import json
+
+    try:
+        doc = json.loads(_eval_path(f).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and doc.get("key") == _eval_key(cfg, text, f) and isinstance(doc.get("row"), dict)
+    return doc["row"] if ok else None
+
+
+def _save_row(cfg: BenchConfig, text: str, f: BenchFile, row: dict[str, Any]) -> None:
+    import json
+
+    from ggufmix.artifacts import write_text_atomic
+
+    write_text_atomic(_eval_path(f), json.dumps({"key": _eval_key(cfg, text, f), "row": row}) + "\n")
+
+
+def _results(cfg: BenchConfig, rows: list[dict[str, Any]], report: Any) -> dict[str, Any]:
     return {"format": "ggufmix.bench", "version": 1, "model": cfg.source.name,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "eval": vars(report.settings).copy(), "base_ppl": report.base.perplexity.ppl.value, "rows": rows}
