@@ -27,13 +27,16 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj = {"debug": debug, "progress": not quiet and sys.stderr.isatty()}
 
 
-def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool):  # noqa: ANN202
+def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
+                calib: Path | None = None, calib_chunks: int = 8):
     from ggufmix.quantize.build import ScoreOptions
     from ggufmix.score.base import scorers
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
-    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize)
+    if scorers()[strategy].activations and calib is None:
+        raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
 
 
 def _palette(types: str | None):  # noqa: ANN202
@@ -48,6 +51,10 @@ _score_options = [
     click.option("--rows", default=128, show_default=True, help="Rows sampled per tensor when measuring."),
     click.option("--threads", default=2, show_default=True, help="Scoring threads."),
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
+    click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
+                                             "(lim, lieq and their measured+ hybrids)."),
+    click.option("--calib-chunks", default=8, show_default=True, type=click.IntRange(1),
+                 help="512-token chunks of --calib to run."),
 ]
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
@@ -87,7 +94,8 @@ _fit_options = [
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, budget: str | None, types: str | None, pins: tuple[str, ...],
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
+          types: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
           eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool) -> None:
     """Build MODEL (F32/F16/BF16 GGUF) into a mixed-precision GGUF that fits --budget or --fit."""
@@ -100,7 +108,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError("give one of -o FILE or --bundle DIR")
     if ollama_name and not bundle:
         raise click.UsageError("--ollama needs --bundle (Ollama builds from the bundle's Modelfile)")
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     kw = {"types": _palette(types), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
           "scores_path": scores_path}
     staging = staging_dir(bundle, force) if bundle else None
@@ -197,12 +205,14 @@ def _bundle(model: Path, staging: Path, final: Path, res, fit_lines, quality, im
 @_apply(_score_options)
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool) -> None:
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int) -> None:
     """Measure every tensor of MODEL once; plan any budget from the result."""
     from ggufmix.quantize.build import load_imatrix, open_source, score_source
 
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize)
-    src = open_source(model, allow_requantize)
+    from ggufmix.score.base import scorers
+
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    src = open_source(model, allow_requantize, check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
     scores.save(output)
     click.echo(f"wrote {output}: {len(scores.tensors)} tensors scored with {strategy}")
@@ -303,13 +313,16 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--strategies", default="measured,uniform", show_default=True, help="ggufmix strategies to build.")
 @click.option("--calib", type=_path, help="Calibration text: adds every file again with an imatrix computed on it.")
 @click.option("--imatrix-chunks", default=32, show_default=True, help="Chunks of --calib for the imatrix.")
+@click.option("--modes", default="none,imatrix", show_default=True,
+              help="Which imatrix modes to run (imatrix needs --calib; none alone still uses --calib for lim/lieq).")
 @click.option("--ctx", "n_ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, help="Evaluation chunks (default: all the text holds).")
 @click.option("--exact", is_flag=True, help="Full-vocabulary KLD (the base runs again for every file).")
 @click.option("-o", "--output", type=_path, default=Path("bench"), show_default=True, help="Output folder.")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
-          calib: Path | None, imatrix_chunks: int, n_ctx: int, chunks: int | None, exact: bool, output: Path) -> None:
+          calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
+          output: Path) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
     from ggufmix.bench.runner import BenchConfig, run_bench
 
@@ -318,7 +331,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
     except ValueError:
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
-                      n_ctx, chunks, exact, ctx.obj["progress"])
+                      n_ctx, chunks, exact, ctx.obj["progress"], _names(modes))
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

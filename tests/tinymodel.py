@@ -41,6 +41,7 @@ def write_tiny_llama(
     seed: int = 0,
     dtype: str = "f16",
     tied: bool = False,
+    zero: frozenset[str] | set[str] = frozenset(),
 ) -> Path:
     """Write a random llama model that llama.cpp loads and can tokenize plain text with.
 
@@ -56,6 +57,7 @@ def write_tiny_llama(
         seed: numpy seed for the weights.
         dtype: "f16", "bf16" or "f32" for the 2-D weights; norms are always F32.
         tied: leave out ``output.weight``, so llama.cpp reuses ``token_embd.weight``.
+        zero: names of tensors written as all zeros (e.g. a block's output projections: an identity block).
 
     Returns:
         The path written.
@@ -72,7 +74,8 @@ def write_tiny_llama(
                                n_vocab=n_vocab, n_expert=n_expert, tied=tied)
     rng = np.random.default_rng(seed)
     for name, shape in shapes.items():
-        _add_weight(writer, name, _random_weight(rng, name, shape), dtype)
+        w = _random_weight(rng, name, shape)
+        _add_weight(writer, name, np.zeros_like(w) if name in zero else w, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

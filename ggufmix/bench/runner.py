@@ -44,6 +44,7 @@ class BenchConfig:
     chunks: int | None = None
     exact: bool = False
     progress: bool = True
+    modes: tuple[str, ...] = ("none", "imatrix")
 
     def __post_init__(self) -> None:
         from ggufmix.engine.quantize import stock_ftype
@@ -57,6 +58,12 @@ class BenchConfig:
         for s in self.strategies:
             if s not in scorers():
                 raise UsageError(f"--strategies: {s!r} is not a strategy; choose from {', '.join(sorted(scorers()))}")
+            if scorers()[s].activations and self.calib is None:
+                raise UsageError(f"--strategies: {s} ranks blocks by their activations: give --calib TEXT")
+        if not set(self.modes) <= {"none", "imatrix"} or not self.modes:
+            raise UsageError(f"--modes {','.join(self.modes)}: choose from none, imatrix")
+        if "imatrix" in self.modes and self.calib is None and "none" not in self.modes:
+            raise UsageError("--modes imatrix needs --calib (the text the imatrix is computed on)")
         if not self.baselines and not self.budgets:
             raise UsageError("nothing to compare: give --baselines or --budgets")
 
@@ -84,8 +91,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise UsageError(f"{cfg.out}: folder {cfg.out.parent} does not exist")
     cfg.out.mkdir(exist_ok=True)
     text = read_eval_text(cfg.text)
-    modes: dict[str, Path | None] = {"none": None}
-    if cfg.calib is not None:
+    modes: dict[str, Path | None] = {"none": None} if "none" in cfg.modes else {}
+    if cfg.calib is not None and "imatrix" in cfg.modes:
         modes["imatrix"] = _imatrix(cfg)
     files: list[BenchFile] = []
     for mode, imatrix in modes.items():
@@ -159,7 +166,8 @@ def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) ->
     out = cfg.out / f"scores-{strategy}-{mode}.json"
     if not out.exists():
         src = open_source(cfg.source, False)
-        score_source(src, ScoreOptions(strategy, imatrix), load_imatrix(imatrix, src), cfg.progress).save(out)
+        opts = ScoreOptions(strategy, imatrix, calib=cfg.calib)
+        score_source(src, opts, load_imatrix(imatrix, src), cfg.progress).save(out)
     return out
 
 

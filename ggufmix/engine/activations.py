@@ -44,6 +44,9 @@ GGML_TYPE_I32 = 26
 _NP_TYPES: dict[int, Any] = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16, GGML_TYPE_I32: np.int32}
 # The token embeddings entering block 0: "embd" in llama.cpp 0.3.36 (build_inp_embd), "inp_embd" before.
 _EMBD_NAMES = (b"embd", b"inp_embd")
+# Block outputs kept for the effective rank (LieQ's compactness): 32 evenly spaced tokens of each chunk,
+# at most 512 per block (the rank of a 512-row sample of a 576..1536-wide state is what is compared).
+ERANK_ROWS, ERANK_ROWS_PER_CHUNK = 512, 32
 MIN_ROWS = 16  # imatrix.cpp ignores matmuls over fewer tokens (warm-up and single-token passes)
 
 
@@ -75,10 +78,12 @@ class Activations:
     Attributes:
         imatrix: per-weight input statistics (empty when not collected).
         block_distance: block index -> mean over tokens of 1 - cos(block input, block output).
+        block_erank: block index -> effective rank of the block's outputs (a sample of tokens).
     """
 
     imatrix: Imatrix
     block_distance: dict[int, float]
+    block_erank: dict[int, float]
 
 
 def collect_imatrix(model_path: str | os.PathLike[str], tokens_or_text: str | Sequence[int], *, n_ctx: int = 512,
@@ -139,7 +144,8 @@ def collect_activations(model_path: str | os.PathLike[str], tokens_or_text: str 
         chunks = _chunks(_tokens(model, tokens_or_text), n_ctx, n_chunks, _bos(model))
         _evaluate(ctx, chunks, collector, progress)
     label = dataset or ("tokens" if not isinstance(tokens_or_text, str) else "text")
-    return Activations(collector.imatrix((label,), len(chunks), n_ctx), collector.block_distance())
+    return Activations(collector.imatrix((label,), len(chunks), n_ctx), collector.block_distance(),
+                       collector.block_erank())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +162,7 @@ class _Collector:
         self.counts: dict[str, np.ndarray] = {}
         self._dist: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0])
         self._prev: tuple[int, np.ndarray] | None = None
+        self._samples: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self.error: GgufmixError | None = None
 
     def __call__(self, addr: int | None, ask: bool, user_data: Any) -> bool:
@@ -244,6 +251,8 @@ class _Collector:
             acc = self._dist[block]
             acc[0] += float(_cos_distance(self._prev[1], h).sum())
             acc[1] += h.shape[0]
+        if block >= 0 and sum(len(x) for x in self._samples[block]) < ERANK_ROWS:
+            self._samples[block].append(h[::max(1, h.shape[0] // ERANK_ROWS_PER_CHUNK)].astype(np.float32))
         self._prev = (block, h)
 
     def _read(self, addr: int | None, what: str) -> np.ndarray:
@@ -275,6 +284,11 @@ class _Collector:
 
     def block_distance(self) -> dict[int, float]:
         return {b: s / n for b, (s, n) in sorted(self._dist.items()) if n}
+
+    def block_erank(self) -> dict[int, float]:
+        from ggufmix.score.stats import effective_rank
+
+        return {b: effective_rank(np.concatenate(x)[:ERANK_ROWS]) for b, x in sorted(self._samples.items()) if x}
 
 
 def _src(t: GgmlTensor, i: int) -> GgmlTensor:
@@ -421,15 +435,21 @@ def _evaluate(ctx: Any, chunks: list[list[int]], collector: _Collector, progress
     batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
     try:
         for chunk in tqdm(chunks, desc="activations", unit="chunk", disable=not progress):
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            _fill(batch, chunk)
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if collector.error is not None:
-                raise collector.error
-            if rc != 0:
-                raise EngineError(f"llama_decode failed ({rc}): {last_error()}")
+            decode_chunk(ctx, batch, chunk, collector)
     finally:
         llama_cpp.llama_batch_free(batch)
+
+
+def decode_chunk(ctx: Any, batch: Any, chunk: list[int], hook: Any) -> None:
+    """One chunk from an empty KV cache; the callback's own error (``hook.error``) comes first."""
+    llama_cpp = llama()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    _fill(batch, chunk)
+    rc = llama_cpp.llama_decode(ctx, batch)
+    if hook.error is not None:
+        raise hook.error
+    if rc != 0:
+        raise EngineError(f"llama_decode failed ({rc}): {last_error()}")
 
 
 def _fill(batch: Any, tokens: list[int]) -> None:

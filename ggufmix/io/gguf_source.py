@@ -140,8 +140,10 @@ def _pread_into(fd: int, out: bytearray, at: int, n: int, offset: int, path: Pat
         done += got
 
 
-def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
+def open_gguf(path: str | os.PathLike[str], check_data: bool = True) -> GGUFSource:
     """Open a GGUF lazily and index its tensors.
+
+    ``check_data=False`` reads the header only: the tensors' data may be missing (metadata-only strategies).
 
     Raises:
         InputError: missing, not a GGUF, truncated, a tensor outside the file, or a tensor type this
@@ -162,7 +164,7 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFSource:
             raise InputError(f"{p}: tensor {t.name!r} has rows of {t.shape[0]}, not a whole number of "
                              f"{qtype.name} blocks")
         start = index.data_offset + t.offset
-        if start + info.n_bytes > index.file_size:
+        if check_data and start + info.n_bytes > index.file_size:
             raise InputError(f"{p}: tensor {t.name!r} needs bytes {start}..{start + info.n_bytes}, the file has "
                              f"{index.file_size}; is it truncated?")
         if t.name in tensors:

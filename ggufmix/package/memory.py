@@ -113,8 +113,9 @@ def resolve_fit(text: str) -> Device:
         b = parse_budget(text)
     except UsageError:
         raise UsageError(f"--fit {text!r}: not a size (100MB, 4GB ...) nor a device ({', '.join(devices)})") from None
-    if b.unit == "bpw":
-        raise UsageError(f"--fit {text!r}: a memory size or device, not bits per weight (that is --budget)")
+    if b.unit in ("bpw", "rule"):
+        what = "bits per weight" if b.unit == "bpw" else "a decision rule"
+        raise UsageError(f"--fit {text!r}: a memory size or device, not {what} (that is --budget)")
     return Device(text, b.to_bytes(0), "size given on the command line")
 
 

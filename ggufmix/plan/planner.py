@@ -5,7 +5,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from ggufmix.errors import BudgetError, UsageError
@@ -14,7 +14,7 @@ from ggufmix.plan.layout import Slot
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.plan.solver import Item, Option, feasible_range, solve
 from ggufmix.score.scores import Scores
-from ggufmix.types import QuantType, parse_type
+from ggufmix.types import QuantType, bits_per_weight, parse_type
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         UsageError: a pin or palette no tensor can take.
         BudgetError: the budget is outside the feasible range (the message gives the range).
     """
+    if budget.is_rule:
+        return rule_plan(scores, types=types, pins=pins)
     if gains is None:
         from ggufmix.score.base import scorers
 
@@ -148,6 +150,35 @@ def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins
         raise UsageError(f"{slot.name!r}: no scores for this tensor; re-run ggufmix score")
     weight = gain * ts.importance
     return {t: Option(t, b, weight * ts.errors[t]) for t, b in allowed.items()}
+
+
+# EWQ's tiers as GGUF types. The paper quantizes its lowest-entropy blocks hardest (4-bit), the middle
+# ones to 8 bits and leaves the rest unquantized, which saves at most ~20%; for GGUF users we shift the
+# ladder one step down so the rule gives a usable file: Q4_K / Q6_K / Q8_0 (Q8_0 is llama.cpp's
+# near-lossless type). Tensors outside blocks (embeddings, output) are not ranked: the top tier.
+TIER_TYPES = (QuantType.Q4_K, QuantType.Q6_K, QuantType.Q8_0)
+
+
+def rule_plan(scores: Scores, *, types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = ()) -> Plan:
+    """Every tensor at its block's EWQ tier type (``--budget rule``); the nearest allowed type where a
+    tensor cannot take it (rows that are not a multiple of 256 fall back like llama.cpp).
+
+    Raises:
+        UsageError: the scores carry no tiers (a strategy without a decision rule).
+    """
+    slots = [s for s in scores.layout.slots if s.quantized]
+    if not any("ewq_tier" in scores.tensors[s.name].stats for s in slots if s.name in scores.tensors):
+        raise UsageError(f"--budget rule: strategy {scores.strategy!r} has no decision rule "
+                         "(ewq, ewq-norm and fastewq have one); give a size or bpw")
+    chosen = {}
+    for s in slots:
+        tier = int(scores.tensors[s.name].stats.get("ewq_tier", len(TIER_TYPES) - 1))
+        opts = _options(s, scores, types, pins, 1.0)
+        want = TIER_TYPES[tier]
+        chosen[s.name] = want if want in opts else min(
+            opts, key=lambda t: (abs(bits_per_weight(t) - bits_per_weight(want)), -bits_per_weight(t)))
+    plan = plan_from_types(scores, chosen, "rule")
+    return replace(plan, settings={**plan.settings, "rule": "ewq tiers " + "/".join(t.name for t in TIER_TYPES)})
 
 
 def plan_from_types(scores: Scores, chosen: dict[str, QuantType], label: str) -> Plan:

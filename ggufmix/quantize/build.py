@@ -34,6 +34,8 @@ class ScoreOptions:
     max_rows: int = DEFAULT_ROWS
     threads: int = 2
     allow_requantize: bool = False
+    calib: Path | None = None   # calibration text for strategies that rank blocks by activations (lim, lieq)
+    calib_chunks: int = 8       # chunks of 512 tokens for those activations (block removal uses at most 2)
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class BuildResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def open_source(path: Path, allow_requantize: bool) -> GGUFSource:
+def open_source(path: Path, allow_requantize: bool, check_data: bool = True) -> GGUFSource:
     """Open a float source; a quantized one is refused unless the user accepts the quality loss.
 
     Raises:
         InputError: missing/damaged file, or quantized weights without ``allow_requantize``.
     """
-    src = open_gguf(path)
+    src = open_gguf(path, check_data=check_data)
     quantized = [t for t in src.tensors.values() if t.qtype not in FLOAT_TYPES]
     if quantized and not allow_requantize:
         t = quantized[0]
@@ -82,18 +84,42 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | 
     from ggufmix.score.runner import score_model
 
     from ggufmix.engine.llamalib import version
+    from ggufmix.score.base import scorers
     from ggufmix.score.journal import Journal, fingerprint
 
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
+    spec = scorers()[opts.strategy]
+    blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
-                         threads=opts.threads, progress=progress, journal=journal)
+                         threads=opts.threads, progress=progress, journal=journal, blocks=blocks)
     journal.finish()
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
+    if blocks is not None:
+        scores.settings["calib"] = {"text": str(opts.calib), "chunks": opts.calib_chunks}
     return scores
+
+
+def block_stats(model: Path, activations: str, n_layers: int, opts: ScoreOptions, progress: bool) -> Any:
+    """The activation diagnostics a strategy asked for, measured by llama.cpp on ``opts.calib``."""
+    if not activations:
+        return None
+    from ggufmix.engine.ablation import block_removal_cost
+    from ggufmix.engine.activations import collect_activations
+    from ggufmix.evaluate.runner import read_eval_text
+    from ggufmix.score.base import BlockStats
+
+    if opts.calib is None:
+        raise UsageError(f"--strategy {opts.strategy} ranks blocks by their activations: give --calib TEXT")
+    text = read_eval_text(opts.calib)
+    acts = collect_activations(model, text, n_chunks=opts.calib_chunks, progress=progress, imatrix=False)
+    drop = {}
+    if activations == "ablation":
+        drop = block_removal_cost(model, text, n_layers, n_chunks=min(2, opts.calib_chunks), progress=progress)
+    return BlockStats(acts.block_distance, acts.block_erank, drop)
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:

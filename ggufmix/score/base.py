@@ -6,6 +6,7 @@ the quantize/dequantize kernels. Register one with ``@register("name")``; ``--st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,7 @@ class TensorJob:
     row_groups: np.ndarray              # index into imatrix rows (expert id) for each sampled row
     imatrix: np.ndarray | None          # (n experts, ncols) per-column mean squared activation, or None
     kernels: Kernels
+    read: Callable[[np.ndarray], np.ndarray] | None = None  # any rows by index, float32 (whole-tensor stats)
 
 
 @dataclass(frozen=True)
@@ -62,34 +64,67 @@ ScorerFn = Callable[[TensorJob], TensorScore]
 
 
 @dataclass(frozen=True)
+class BlockStats:
+    """Per-block activation diagnostics measured by llama.cpp on calibration text (engine/activations.py).
+
+    ``distance``: mean 1 - cos(block input, block output) (LIM); ``erank``: effective rank of the block's
+    outputs (LieQ's compactness); ``ppl_drop``: ln PPL with the block replaced by the identity minus ln PPL
+    of the intact model (LieQ's removal diagnostic). Missing diagnostics are empty.
+    """
+
+    distance: Mapping[int, float] = field(default_factory=dict)
+    erank: Mapping[int, float] = field(default_factory=dict)
+    ppl_drop: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What a scorer's ``finish`` step sees of the whole model: the slots (name, role, layer, shape)
+    and the activation diagnostics when the strategy asked for them."""
+
+    slots: tuple[Any, ...]
+    n_layers: int
+    metadata: Mapping[str, Any]
+    blocks: BlockStats | None = None
+
+
+FinishFn = Callable[[Mapping[str, Any], ModelContext], dict[str, TensorScore]]
+
+
+@dataclass(frozen=True)
 class ScorerSpec:
     name: str
     fn: ScorerFn
     needs_rows: bool
     description: str
     calibrated: bool = True  # its errors are in the units role_gains.json was measured in (NSR)
+    finish: FinishFn | None = None  # model-level step after every tensor was scored (layer rankings)
+    activations: str = ""           # "": weights only; "blocks": distances/erank; "ablation": + ppl_drop
+    reads_weights: bool = True      # False: metadata only (works on a GGUF whose data is missing)
 
 
 SCORERS: dict[str, ScorerSpec] = {}
 
 
-def register(name: str, *, needs_rows: bool = True, description: str = "",
-             calibrated: bool = True) -> Callable[[ScorerFn], ScorerFn]:
+def register(name: str, *, needs_rows: bool = True, description: str = "", calibrated: bool = True,
+             finish: FinishFn | None = None, activations: str = "",
+             reads_weights: bool = True) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: make ``fn`` selectable as ``--strategy name``.
 
     ``calibrated=False``: the planner does not weight its errors by the role/depth gains.
+    ``finish``: called once with every tensor's score (a per-layer ranking turns into importances there).
     """
 
     def deco(fn: ScorerFn) -> ScorerFn:
         SCORERS[name] = ScorerSpec(name, fn, needs_rows, description or (fn.__doc__ or "").strip().split("\n")[0],
-                                   calibrated)
+                                   calibrated, finish, activations, reads_weights)
         return fn
 
     return deco
 
 
 # Modules whose import registers the built-in scorers (imported on first lookup, not at ``import ggufmix``).
-BUILTIN_MODULES = ("ggufmix.score.quant_error",)
+BUILTIN_MODULES = ("ggufmix.score.quant_error", "ggufmix.score.layerwise")
 
 
 def scorers() -> Mapping[str, ScorerSpec]:

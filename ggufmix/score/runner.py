@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ggufmix.errors import InputError
 from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.plan.layout import Layout, Slot
-from ggufmix.score.base import Kernels, TensorJob, scorers
+from ggufmix.score.base import BlockStats, Kernels, ModelContext, TensorJob, scorers
 from ggufmix.score.journal import Journal
 from ggufmix.score.scores import Scores, TensorScores
 
@@ -33,7 +33,7 @@ def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
 
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Any = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
-                progress: bool = True, journal: Journal | None = None) -> Scores:
+                progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
@@ -42,6 +42,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         max_rows: rows sampled per tensor (per-row scales make a row the natural unit).
         journal: where finished tensors are written as they come (resume after an interruption);
             tensors it already holds are not scored again.
+        blocks: activation diagnostics for strategies that rank layers by them (lim, lieq).
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
@@ -55,6 +56,10 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
             results[name] = TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
             if journal:
                 journal.add(name, results[name])
+    if spec.finish is not None:
+        ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks)
+        done = spec.finish({n: results[n] for n in (s.name for s in slots)}, ctx)
+        results = {n: TensorScores(dict(ts.errors), ts.importance, dict(ts.stats)) for n, ts in done.items()}
     settings = {"max_rows": max_rows, "imatrix": None if imatrix is None else str(getattr(imatrix, "path", "yes"))}
     st = source.path.stat()
     src = {"path": str(source.path), "name": source.path.name, "size": st.st_size,
@@ -92,4 +97,4 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_row
             imat = np.asarray(values, dtype=np.float32).reshape(-1, ncols)
     groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
     return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
-                     groups, imat, kernels)
+                     groups, imat, kernels, read=lambda index: source.rows(slot.name, index))

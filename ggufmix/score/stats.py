@@ -1,0 +1,173 @@
+"""Pure numerics behind the paper strategies: weight entropy, z-score share, singular-value energy,
+effective rank, and the mapping from a per-block score to an importance multiplier.
+
+Every function takes arrays and returns numbers; nothing here opens a file or calls llama.cpp.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SoftmaxEntropy:
+    """Shannon entropy of ``softmax(w.flatten())`` in one streaming pass (EWQ, arXiv 2503.04704, eq. 1-2).
+
+    The softmax of a whole tensor is never held: with the running maximum ``m``, ``s0 = sum e^(x-m)``
+    and ``s1 = sum e^(x-m) x``, the entropy is ``m + ln s0 - s1 / s0`` (= ln Z - E_p[x]). Chunks may come
+    in any order and size; the result equals the direct formula to rounding.
+    """
+
+    m: float = -math.inf
+    s0: float = 0.0
+    s1: float = 0.0
+    n: int = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        x = np.asarray(chunk, dtype=np.float64).ravel()
+        if x.size == 0:
+            return
+        m = max(self.m, float(x.max()))
+        scale = math.exp(self.m - m) if self.n else 0.0
+        e = np.exp(x - m)
+        self.s0 = self.s0 * scale + float(e.sum())
+        self.s1 = self.s1 * scale + float(e @ x)
+        self.m, self.n = m, self.n + x.size
+
+    @property
+    def entropy(self) -> float:
+        """Nats; ``ln n`` for a constant tensor, lower the more a few large weights dominate."""
+        if not self.n:
+            raise ValueError("entropy of an empty tensor")
+        return self.m + math.log(self.s0) - self.s1 / self.s0
+
+    @property
+    def excess(self) -> float:
+        """``ln n - H``: the KL divergence of the softmax distribution from uniform, free of the tensor's size.
+
+        For small weights ``H ~ ln n - var/2``, so raw entropy mostly says how big a tensor is; the excess
+        (~ var/2) compares tensors of any size. Higher excess = lower size-normalised entropy.
+        """
+        return math.log(self.n) - self.entropy
+
+
+def z_share(w: np.ndarray, threshold: float = 1.0) -> float:
+    """Share of weights whose z-score ``(w - mean) / std`` exceeds ``threshold`` (ZD, arXiv 2406.17415:
+    one-sided, as the paper writes it). A Gaussian gives 0.1587 at threshold 1, a uniform 0.2113."""
+    x = np.asarray(w, dtype=np.float64).ravel()
+    return ZAccumulator.of(x).share_above(x, threshold)
+
+
+@dataclass
+class ZAccumulator:
+    """Mean and standard deviation over chunks (first pass), then the share above a z threshold (second)."""
+
+    n: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> ZAccumulator:
+        acc = cls()
+        acc.add(x)
+        return acc
+
+    def add(self, chunk: np.ndarray) -> None:
+        x = np.asarray(chunk, dtype=np.float64).ravel()
+        self.n += x.size
+        self.s1 += float(x.sum())
+        self.s2 += float(x @ x)
+
+    @property
+    def mean(self) -> float:
+        return self.s1 / self.n if self.n else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.s2 / self.n - self.mean ** 2, 0.0)) if self.n else 0.0
+
+    def count_above(self, chunk: np.ndarray, threshold: float = 1.0) -> int:
+        if self.std == 0.0:
+            return 0
+        return int(np.count_nonzero(np.asarray(chunk, dtype=np.float64) > self.mean + threshold * self.std))
+
+    def share_above(self, x: np.ndarray, threshold: float = 1.0) -> float:
+        return self.count_above(x, threshold) / self.n if self.n else 0.0
+
+
+def topk_energy(w: np.ndarray, k: int) -> float:
+    """Share of ``||w||_F^2`` in the top ``k`` singular values of the 2-D array ``w``."""
+    s = np.linalg.svd(np.asarray(w, dtype=np.float64), compute_uv=False)
+    total = float(np.sum(s * s))
+    return float(np.sum(s[:k] ** 2)) / total if total > 0 else 0.0
+
+
+def energy_k(shape: tuple[int, int], share: float = 0.05) -> int:
+    """The ``k`` of top-k energy: ``share`` of the rank, at least 1 (LieQ leaves k to the user)."""
+    return max(1, round(share * min(shape)))
+
+
+def random_topk_energy(shape: tuple[int, int], k: int, seed: int = 0) -> float:
+    """Top-k energy share of a Gaussian matrix of ``shape`` (the Marchenko-Pastur reference), seeded."""
+    g = np.random.default_rng(seed).standard_normal(shape)
+    return topk_energy(g, k)
+
+
+def energy_gain(w: np.ndarray, share: float = 0.05, seed: int = 0) -> float:
+    """LieQ's top-k energy gain (arXiv 2508.03332): top-k energy of ``w`` over a random matrix's.
+
+    1 for noise; the more of the weight's energy sits in a few directions, the higher.
+    """
+    k = energy_k(w.shape, share)
+    return topk_energy(w, k) / random_topk_energy(w.shape, k, seed)
+
+
+def effective_rank(x: np.ndarray) -> float:
+    """Roy & Vetterli's effective rank of the rows of ``x``: ``exp`` of the entropy of the normalised
+    singular values (1 for rank one, ``min(shape)`` for a perfectly isotropic matrix)."""
+    s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
+    total = float(s.sum())
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def weighted_mean(values: Iterable[tuple[float, float]]) -> float:
+    """``sum(v * w) / sum(w)`` over (value, weight) pairs (EWQ's parameter-weighted block entropy)."""
+    pairs = list(values)
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        raise ValueError("weights sum to zero")
+    return sum(v * w for v, w in pairs) / total
+
+
+# A block one standard deviation above the mean counts twice as much per unit of noise as an average one:
+# with noise ~ 2^(-2 bits), the solver then gives it ~0.5 bit more. Clipped at 2 std (at most 1 bit).
+Z_CLIP = 2.0
+
+
+def importance_from_scores(scores: Mapping[int, float], higher_is_important: bool = True) -> dict[int, float]:
+    """Per-block score -> importance multiplier ``2^clip(z)`` (z: standardised over blocks).
+
+    The papers rank layers; the budget solver needs a weight per layer. A geometric scale keeps the
+    ranking and gives equal spread to every score family, whatever its units.
+    """
+    if not scores:
+        return {}
+    v = np.array(list(scores.values()), dtype=np.float64)
+    sd = v.std()
+    z = (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
+    z = np.clip(z if higher_is_important else -z, -Z_CLIP, Z_CLIP)
+    return {b: float(2.0 ** zi) for b, zi in zip(scores, z)}
+
+
+def ewq_tiers(block_entropy: Mapping[int, float], spread: float = 1.0) -> dict[int, int]:
+    """EWQ's block decision: tier 0 (quantize hardest) below ``mean - spread * std``, tier 2 (keep the most
+    precision) above the mean, tier 1 between. Lower entropy = less information = quantized harder."""
+    v = np.array(list(block_entropy.values()), dtype=np.float64)
+    mu, sd = float(v.mean()), float(v.std())
+    return {b: 0 if h < mu - spread * sd else (2 if h > mu else 1) for b, h in block_entropy.items()}
