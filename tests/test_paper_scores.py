@@ -235,3 +235,16 @@ def test_ewq_rule_plan_puts_each_block_at_its_tier_type(tiny_model: Path, tmp_pa
     CliRunner().invoke(cli, ["-q", "score", str(tiny_model), "-o", str(measured)])
     res = CliRunner().invoke(cli, ["-q", "plan", str(measured), "--budget", "rule", "-o", str(plan)])
     assert res.exit_code != 0 and "no decision rule" in str(res.exception)
+
+
+def test_pure_strategy_with_an_imatrix_prices_every_iq_type(tiny_model: Path, tmp_path: Path) -> None:
+    """With an imatrix the IQ1/IQ2 types become candidates; the Gaussian reference must price them too."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 120)
+    im = tmp_path / "imatrix.gguf"
+    res = CliRunner().invoke(cli, ["-q", "imatrix", str(tiny_model), "--text", str(text), "--chunks", "2",
+                                   "--ctx", "64", "-o", str(im)])
+    assert res.exit_code == 0, res.output
+    doc = _score(tiny_model, tmp_path, "zd", "--imatrix", str(im))
+    errors = next(t for t in doc["tensors"] if t["name"] == "blk.1.ffn_down.weight")["errors"]
+    assert errors["IQ2_XXS"] > errors["IQ3_S"] > errors["Q8_0"] > 0

@@ -42,7 +42,8 @@ def type_noise(job: TensorJob, qtype: QuantType) -> float:
         if key in _noise:
             return _noise[key]
     x = np.random.default_rng(ncols).standard_normal((REFERENCE_ROWS, ncols)).astype(np.float32)
-    deq = job.kernels.dequantize(job.kernels.quantize(x, qtype, None), qtype, ncols)
+    flat = np.ones(ncols, np.float32)  # a flat imatrix: IQ1/IQ2 types refuse to quantize without one
+    deq = job.kernels.dequantize(job.kernels.quantize(x, qtype, flat), qtype, ncols)
     value = float(np.sum((x.astype(np.float64) - deq) ** 2) / np.sum(x.astype(np.float64) ** 2))
     with _noise_lock:
         _noise[key] = value
