@@ -222,7 +222,7 @@ def test_block_features_use_metadata_only() -> None:
 def test_ewq_rule_plan_puts_each_block_at_its_tier_type(tiny_model: Path, tmp_path: Path) -> None:
     scores = tmp_path / "ewq.json"
     doc = _score(tiny_model, tmp_path, "ewq")
-    tiers = {t["layer"]: t["stats"]["ewq_tier"] for t in doc["tensors"] if t.get("stats", {}).get("ewq_tier") is not None}
+    tiers = {t["layer"]: t["stats"]["ewq_tier"] for t in doc["tensors"] if "ewq_tier" in t.get("stats", {})}
     plan = tmp_path / "plan.json"
     res = CliRunner().invoke(cli, ["-q", "plan", str(scores), "--budget", "rule", "-o", str(plan)])
     assert res.exit_code == 0, res.output

@@ -192,8 +192,7 @@ def _finisher(block_fn: BlockScoreFn, hybrid: bool, tiers: TierFn | None = None)
             extra = {"block_importance": imp[block], "block_score": block_scores[block]} if block in imp else {}
             if block in tier:
                 extra["ewq_tier"] = tier[block]
-            out[name] = TensorScore(dict(ts.errors), imp.get(block, other) if block is not None else other,
-                                    {**ts.stats, **extra})
+            out[name] = TensorScore(dict(ts.errors), imp.get(block, other), {**ts.stats, **extra})
         return out
     return finish
 
@@ -231,6 +230,7 @@ for _name, (_stat, _blocks, _acts, _rows, _desc) in PAPERS.items():
     register(f"measured+{_name}", calibrated=True, finish=_finisher(_blocks, True), activations=_acts,
              description=f"measured error x {_name} block importance")(_hybrid_fn(_stat))
 
-register("fastewq", needs_rows=False, calibrated=False, finish=_finisher(fastewq_blocks, False, _fastewq_tiers), reads_weights=False,
+register("fastewq", needs_rows=False, calibrated=False, finish=_finisher(fastewq_blocks, False, _fastewq_tiers),
+         reads_weights=False,
          description="FastEWQ: EWQ's decision predicted from metadata alone (no tensor data read)")(
     _pure_fn(metadata_stats))
