@@ -83,7 +83,7 @@ def check_folder(folder: Path, label: str | None = None) -> Path:
 
     Raises:
         InputError: no config.json, no safetensors (pickle-only folders say why), a shard named by the
-            index that is missing, or custom model code.
+            index that is missing, a truncated or damaged safetensors file, or custom model code.
     """
     name = label or str(folder)
     if not (folder / "config.json").is_file():
@@ -96,6 +96,10 @@ def check_folder(folder: Path, label: str | None = None) -> Path:
             raise InputError(f"{name}: only pickle weights ({', '.join(pickles[:3])}); ggufmix loads safetensors "
                              "only, because unpickling can run arbitrary code (use a revision with .safetensors)")
         raise InputError(f"{name}: no .safetensors weights")
+    from ggufmix.io.safetensors_source import read_header  # here: that module imports this one
+
+    for shard in shards:
+        read_header(shard)  # a truncated download is named here, not deep inside the converter
     code = sorted(f.name for f in folder.glob("*.py"))
     if code and any("auto_map" in _json(folder / c) for c in ("config.json", "tokenizer_config.json")):
         raise InputError(f"{name}: needs its own model code ({code[0]}, auto_map); ggufmix never runs "

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from ggufmix.errors import InputError
-from ggufmix.io.gguf_source import TensorInfo, _pread_into, _runs
+from ggufmix.io.gguf_source import TensorInfo, read_rows
 from ggufmix.io.hf import check_folder, safetensors_files
 from ggufmix.types import QuantType
 
@@ -45,6 +45,9 @@ _ARCH: dict[str, str] = {
     "phi3": "PHI3",            # Phi-3/3.5/4 mini
 }
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+# Bytes per element of safetensors dtypes (its Dtype enum); others are checked against the file size only.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -77,14 +80,8 @@ class SafetensorsSource:
         """
         info, w = self.tensors[name], self.where[name]
         storage = _DTYPES[info.qtype.name][1]
-        rb = info.ncols * np.dtype(storage).itemsize
         rows = np.arange(info.nrows) if index is None else np.asarray(index, dtype=np.int64)
-        out = bytearray(len(rows) * rb)
-        with open(w.file, "rb", buffering=0) as f:
-            at = 0
-            for first, count in _runs(rows):
-                _pread_into(f.fileno(), out, at, count * rb, w.offset + first * rb, w.file, w.hf_name)
-                at += count * rb
+        out = read_rows(w.file, w.offset, info.ncols * np.dtype(storage).itemsize, rows, w.hf_name)
         data = np.frombuffer(out, dtype=storage).reshape(len(rows), info.ncols)
         if info.qtype == QuantType.BF16:
             return (data.astype(np.uint32) << 16).view(np.float32)
@@ -110,6 +107,9 @@ def open_hf_weights(folder: str | Path) -> SafetensorsSource:
     unmapped: list[str] = []
     for file in safetensors_files(p):
         for hf_name, (dtype, shape, offset) in read_header(file).items():
+            if dtype not in _DTYPES:
+                raise InputError(f"{file}: tensor {hf_name!r} is {dtype}; ggufmix reads F32, F16 and BF16 weights "
+                                 "directly (convert the folder instead)")
             name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None or name in tensors:
                 unmapped.append(hf_name)
@@ -139,9 +139,11 @@ def gguf_arch(folder: Path, model_type: str) -> gguf.MODEL_ARCH:
 def read_header(file: Path) -> dict[str, tuple[str, list[int], int]]:
     """name -> (dtype, shape, absolute data offset) from a safetensors file's JSON header.
 
+    Every tensor's byte range is checked against the file size (and against its shape, for the
+    dtypes whose size is known), so a truncated download is caught before any conversion.
+
     Raises:
-        InputError: a truncated or malformed header, a tensor past the end of the file, or a dtype
-            other than F32/F16/BF16.
+        InputError: a truncated or malformed header, or a tensor past the end of the file.
     """
     size = file.stat().st_size
     with file.open("rb") as f:
@@ -153,23 +155,19 @@ def read_header(file: Path) -> dict[str, tuple[str, list[int], int]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{file}: damaged safetensors header ({e})") from None
-    out = {}
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        out[name] = _entry(file, name, t, 8 + n, size)
-    return out
+    if not isinstance(header, dict):
+        raise InputError(f"{file}: damaged safetensors header (not a JSON object)")
+    return {name: _entry(file, name, t, 8 + n, size) for name, t in header.items() if name != "__metadata__"}
 
 
 def _entry(file: Path, name: str, t: Any, base: int, size: int) -> tuple[str, list[int], int]:
     try:
-        dtype, shape, (begin, end) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
+        dtype, shape, (begin, end) = str(t["dtype"]), [int(d) for d in t["shape"]], t["data_offsets"]
     except (TypeError, KeyError, ValueError):
         raise InputError(f"{file}: tensor {name!r} has a malformed header entry") from None
-    if dtype not in _DTYPES:
-        raise InputError(f"{file}: tensor {name!r} is {dtype}; ggufmix reads F32, F16 and BF16 weights")
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype][1]).itemsize
-    if end - begin != want or base + end > size:
-        raise InputError(f"{file}: tensor {name!r} needs bytes {base + begin}..{base + end} "
-                         f"({want} expected), the file has {size}; is it truncated?")
+    item = _ITEMSIZE.get(dtype)
+    want = int(np.prod(shape, dtype=np.int64)) * item if item else end - begin
+    if not 0 <= begin <= end or end - begin != want or base + end > size:
+        raise InputError(f"{file}: tensor {name!r} needs bytes {base + begin}..{base + end} of {want}, "
+                         f"the file has {size}; is it truncated?")
     return dtype, shape, base + begin
