@@ -117,6 +117,21 @@ def test_pickle_only_folder_is_refused(cache: Path, tmp_path: Path) -> None:
     assert not out.exists() and not (cache / "converted").exists()
 
 
+def test_pickles_beside_safetensors_are_hidden_from_the_converter(cache: Path, tmp_path: Path) -> None:
+    """A fine-tune's training_args.bin is common; the converter gets a view without it (and converts)."""
+    folder = write_tiny_hf(tmp_path / "finetune", "llama", seed=4)
+    (folder / "training_args.bin").write_bytes(b"\x80\x04not really a pickle")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with hf.safetensors_view(folder) as view:
+        assert view.name == "finetune" and view != folder
+        assert sorted(f.name for f in view.iterdir()) == sorted(f.name for f in folder.iterdir()
+                                                               if f.suffix != ".bin")
+    assert not view.exists()
+    res = CliRunner().invoke(cli, ["-q", "convert", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert gguf.GGUFReader(res.output.split()[-1]).fields["general.name"].contents().lower() == "finetune"
+
+
 def test_missing_shard_and_missing_config(hf_models: dict[str, Path], cache: Path, tmp_path: Path) -> None:
     folder = write_tiny_hf(tmp_path / "sharded", "llama", shards=2)
     (folder / "model-00002-of-00002.safetensors").unlink()

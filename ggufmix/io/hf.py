@@ -10,12 +10,15 @@ and converter version, so another budget does not convert again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,8 +200,29 @@ def convert_cached(folder: Path, source: str, opts: HfOptions) -> Path:
     if free < need + (64 << 20):
         raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free, converting {source} needs about "
                          f"{need / 1e6:.0f} MB (set GGUFMIX_CACHE to a bigger disk)")
-    run_converter(locate_converter(opts.llama_cpp_dir), folder, out, outtype, opts.progress)
+    with safetensors_view(folder) as view:
+        run_converter(locate_converter(opts.llama_cpp_dir), view, out, outtype, opts.progress)
     return out
+
+
+@contextlib.contextmanager
+def safetensors_view(folder: Path) -> Iterator[Path]:
+    """``folder`` as the converter should see it: without pickle files (``training_args.bin`` ...).
+
+    The converter falls back to ``torch.load`` of ``pytorch_model*.bin`` when it finds no
+    ``model*.safetensors``; a view of symlinks to everything else (same folder name, which becomes
+    the GGUF's ``general.name``) makes loading a pickle impossible, not just unlikely.
+    """
+    if not any(f.suffix in PICKLE_SUFFIXES for f in folder.iterdir()):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="ggufmix-view-") as tmp:
+        view = Path(tmp) / folder.resolve().name
+        view.mkdir()
+        for f in folder.iterdir():
+            if f.suffix not in PICKLE_SUFFIXES:
+                (view / f.name).symlink_to(f.resolve())
+        yield view
 
 
 def cache_key(folder: Path, source: str, revision: str | None, outtype: str, converter: str) -> str:

@@ -108,10 +108,19 @@ def fetch_converter(version: str, dest: Path) -> Path:
             extract_converter(sdist, staging)
             if not (dest / SCRIPT).is_file():
                 shutil.rmtree(dest, ignore_errors=True)
-                os.replace(staging, dest)  # atomic: a half-extracted tree never looks complete
+                _install(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def _install(staging: Path, dest: Path) -> None:
+    """Rename the extracted tree into place (atomic: a half-extracted tree never looks complete)."""
+    try:
+        os.replace(staging, dest)
+    except OSError:
+        if not (dest / SCRIPT).is_file():  # not another process that got there first
+            raise
 
 
 def download_sdist(version: str, into: Path) -> Path:
@@ -198,11 +207,12 @@ def _stream(cmd: list[str], env: dict[str, str], progress: bool, keep: int = 163
     tail = b""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
         assert proc.stdout is not None
+        echo = getattr(sys.stderr, "buffer", None) if progress else None
         try:
             while chunk := proc.stdout.read1(4096):
-                if progress:
-                    sys.stderr.buffer.write(chunk)
-                    sys.stderr.flush()
+                if echo is not None:
+                    echo.write(chunk)
+                    echo.flush()
                 tail = (tail + chunk)[-keep:]
         except BaseException:
             proc.kill()
