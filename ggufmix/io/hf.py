@@ -201,7 +201,7 @@ def convert_cached(folder: Path, source: str, opts: HfOptions) -> Path:
         raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free, converting {source} needs about "
                          f"{need / 1e6:.0f} MB (set GGUFMIX_CACHE to a bigger disk)")
     with safetensors_view(folder) as view:
-        run_converter(locate_converter(opts.llama_cpp_dir), view, out, outtype, opts.progress)
+        run_converter(locate_converter(opts.llama_cpp_dir), view, out, outtype, opts.progress, label=source)
     return out
 
 

@@ -170,11 +170,12 @@ def check_dependencies() -> None:
                                      f"{INSTALL_HINT}")
 
 
-def run_converter(conv: Converter, folder: Path, out: Path, outtype: str, progress: bool = True) -> None:
+def run_converter(conv: Converter, folder: Path, out: Path, outtype: str, progress: bool = True,
+                  label: str | None = None) -> None:
     """Convert the Hugging Face ``folder`` to an ``outtype`` GGUF at ``out`` (temporary file, then rename).
 
     The converter's log and progress bar pass through to stderr when ``progress``; its tail is kept
-    to explain a failure.
+    to explain a failure, which names ``label`` (the user's name for the model) or ``folder``.
 
     Raises:
         MissingDependencyError: the converter stopped on an import of a package that is not installed.
@@ -188,7 +189,7 @@ def run_converter(conv: Converter, folder: Path, out: Path, outtype: str, progre
     try:
         code, tail = _stream(cmd, _converter_env(), progress)
         if code != 0:
-            raise _failure(folder, code, tail)
+            raise _failure(label or str(folder), code, tail)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -223,7 +224,7 @@ def _stream(cmd: list[str], env: dict[str, str], progress: bool, keep: int = 163
 _MISSING = re.compile(r"(?:ModuleNotFoundError|ImportError): No module named '([\w.]+)'")
 
 
-def _failure(folder: Path, code: int, tail: str) -> Exception:
+def _failure(folder: str, code: int, tail: str) -> Exception:
     """The one-line error for a failed conversion."""
     missing = _MISSING.findall(tail)
     if missing:
