@@ -9,11 +9,14 @@
    (transformers writes the GGUF itself under that name), special tokens from the GGUF's ids;
 3. ``python -m ggufmix convert FOLDER --outtype f16`` converts it (llama.cpp's converter, cached);
 4. every tensor and tokenizer key is compared with the original, and
-   ``python -m ggufmix eval BASE CONVERTED --text TEXT --chunks N`` gives both perplexities.
+   ``python -m ggufmix eval BASE CONVERTED --text TEXT --chunks N`` gives both perplexities;
+5. with ``--budget``, ``ggufmix build`` from the GGUF and from the folder, and the two outputs compared.
+
+Needs the extra ``hf`` plus accelerate (transformers' GGUF loader): ``pip install 'ggufmix[hf]' accelerate``.
 
 Usage (SmolLM2-135M from scripts/fetch_bench_data.sh):
     python scripts/check_hf_roundtrip.py ~/.cache/ggufmix-bench/smollm2-135m.f16.gguf \
-        --text ~/.cache/ggufmix-bench/text/eval-wiki.txt --chunks 10 --work /tmp/smollm2-hf
+        --text ~/.cache/ggufmix-bench/text/eval-wiki.txt --chunks 10 --work /tmp/smollm2-hf [--budget 4.5bpw]
 """
 from __future__ import annotations
 
@@ -60,10 +63,10 @@ def fix_tokenizer(folder: Path, reader: gguf.GGUFReader) -> None:
     for key in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id", "legacy", "model_type"):
         cfg.pop(key, None)
     add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+    special = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
     cfg.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False,
                add_bos_token=bool(add_bos.contents()) if add_bos else False,
-               **{name: tokens[ids[k]] for k, name in (("bos", "bos_token"), ("eos", "eos_token"),
-                                                        ("unknown", "unk_token"), ("padding", "pad_token")) if k in ids})
+               **{name: tokens[ids[k]] for k, name in special.items() if k in ids})
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, required=True, help="evaluation text")
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--work", type=Path, required=True, help="folder for the Hugging Face export")
+    ap.add_argument("--budget", help="also build both sources to this budget (e.g. 4.5bpw) and compare the outputs")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if not (args.work / "config.json").is_file():
@@ -114,6 +118,13 @@ def main() -> None:
     gap = 100 * abs(conv / base - 1)
     print(f"PPL {base:.4f} (F16 GGUF) vs {conv:.4f} (via ggufmix convert), {gap:.4f}% apart (limit 0.1%); "
           f"mean KLD {kld:.6f}")
+    if args.budget:
+        built = [args.work.parent / f"{args.work.name}.{kind}.{args.budget}.gguf" for kind in ("gguf", "hf")]
+        for model, out in zip((args.gguf, args.work), built):
+            ggufmix("build", str(model), "--budget", args.budget, "-o", str(out), "--force", "--no-smoke")
+        same, n, _ = compare(*built)
+        print(f"ggufmix build --budget {args.budget} from the GGUF and from the folder: {same}/{n} tensors "
+              "identical in type and bytes")
     sys.exit(0 if gap <= 0.1 else 1)
 
 

@@ -145,9 +145,8 @@ def extract_converter(sdist: Path, dest: Path) -> None:
     with tarfile.open(sdist, "r:gz") as tar:
         picked = []
         for m in tar.getmembers():
-            parts = m.name.split("/", 1)
-            rel = parts[1][len(SDIST_SUBDIR) + 1:] if len(parts) == 2 and parts[1].startswith(SDIST_SUBDIR + "/") else ""
-            if m.isfile() and rel and any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in _MEMBERS):
+            rel = _converter_path(m.name)
+            if m.isfile() and rel:
                 m.name = rel
                 picked.append(m)
         if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse links and paths out of dest
@@ -155,7 +154,17 @@ def extract_converter(sdist: Path, dest: Path) -> None:
         else:
             tar.extractall(dest, members=[m for m in picked if ".." not in Path(m.name).parts])
     if not (dest / SCRIPT).is_file():
-        raise EngineError(f"{sdist.name}: no {SDIST_SUBDIR}/{SCRIPT} inside; point --llama-cpp-dir to a llama.cpp checkout")
+        raise EngineError(f"{sdist.name}: no {SDIST_SUBDIR}/{SCRIPT} inside; "
+                          "point --llama-cpp-dir to a llama.cpp checkout")
+
+
+def _converter_path(member: str) -> str:
+    """``pkg-1.2/vendor/llama.cpp/conversion/x.py`` -> ``conversion/x.py`` for a file the converter needs, else ""."""
+    _, _, inside = member.partition("/")
+    if not inside.startswith(SDIST_SUBDIR + "/"):
+        return ""
+    rel = inside[len(SDIST_SUBDIR) + 1:]
+    return rel if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in _MEMBERS) else ""
 
 
 def check_dependencies() -> None:
