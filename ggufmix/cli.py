@@ -63,6 +63,22 @@ _plan_options = [
 ]
 
 
+_hf_options = [
+    click.option("--revision", help="Hub MODEL: branch, tag or commit (default: main)."),
+    click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]),
+                 help="Hugging Face MODEL: convert to this float type (default: bf16 for a bfloat16 checkpoint, else f16)."),
+    click.option("--llama-cpp-dir", type=_path, help="llama.cpp checkout whose convert_hf_to_gguf.py to use "
+                                                    "(default: $GGUFMIX_LLAMA_CPP, else fetched for the installed llama-cpp-python)."),
+]
+
+
+def _gguf(model: Path, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None, progress: bool) -> Path:
+    """MODEL as a GGUF path: a Hugging Face folder or hub id is converted (once; the result is cached)."""
+    from ggufmix.io.hf import HfOptions, resolve_model
+
+    return resolve_model(model, HfOptions(revision, outtype, llama_cpp_dir, progress))
+
+
 def _apply(options):  # noqa: ANN001, ANN202
     def deco(fn):  # noqa: ANN001, ANN202
         for opt in reversed(options):
@@ -92,13 +108,19 @@ _fit_options = [
 @click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
+@_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
           types: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
-          eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool) -> None:
-    """Build MODEL (F32/F16/BF16 GGUF) into a mixed-precision GGUF that fits --budget or --fit."""
+          eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
+          outtype: str | None, llama_cpp_dir: Path | None) -> None:
+    """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
+
+    MODEL is an F32/F16/BF16 GGUF, a Hugging Face folder (config.json + safetensors) or a hub id
+    (owner/name), which llama.cpp's converter turns into a float GGUF first (cached).
+    """
     from ggufmix.package.ship import staging_dir
     from ggufmix.plan.planner import parse_pin
 
@@ -111,6 +133,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     kw = {"types": _palette(types), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
           "scores_path": scores_path}
+    model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     staging = staging_dir(bundle, force) if bundle else None
     out = staging / "model.gguf" if staging else output
     try:
@@ -202,17 +225,18 @@ def _bundle(model: Path, staging: Path, final: Path, res, fit_lines, quality, im
 @cli.command()
 @click.argument("model", type=_path)
 @click.option("-o", "--output", type=_path, required=True, help="scores.json to write.")
-@_apply(_score_options)
+@_apply(_score_options + _hf_options)
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int) -> None:
-    """Measure every tensor of MODEL once; plan any budget from the result."""
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, revision: str | None,
+          outtype: str | None, llama_cpp_dir: Path | None) -> None:
+    """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
     from ggufmix.quantize.build import load_imatrix, open_source, score_source
-
     from ggufmix.score.base import scorers
 
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
-    src = open_source(model, allow_requantize, check_data=scorers()[strategy].reads_weights)
+    src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
+                      check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
     scores.save(output)
     click.echo(f"wrote {output}: {len(scores.tensors)} tensors scored with {strategy}")
@@ -256,6 +280,25 @@ def plan(scores_file: Path, budget: str | None, types: str | None, pins: tuple[s
 
 @cli.command()
 @click.argument("model", type=_path)
+@click.option("-o", "--output", type=_path, help="Also copy the converted GGUF here (default: only the cache).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@_apply(_hf_options)
+@click.pass_context
+def convert(ctx: click.Context, model: Path, output: Path | None, force: bool, revision: str | None,
+            outtype: str | None, llama_cpp_dir: Path | None) -> None:
+    """Convert a Hugging Face folder or hub id to a float GGUF with llama.cpp's converter (cached)."""
+    from ggufmix.io.hf import copy_converted
+    from ggufmix.quantize.build import check_output
+
+    gguf_path = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
+    if output is not None:
+        check_output(output, [gguf_path], force)
+        copy_converted(gguf_path, output)
+    click.echo(f"wrote {output or gguf_path}")
+
+
+@cli.command()
+@click.argument("model", type=_path)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(model: Path, as_json: bool) -> None:
     """Per tensor: name, shape, type, bytes, bpw; totals."""
@@ -292,13 +335,16 @@ def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: P
 @click.option("-o", "--output", type=_path, required=True, help="imatrix.gguf to write (llama-imatrix format).")
 @click.option("--ctx", "n_ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, help="Chunks to run (default: all the text holds).")
+@_apply(_hf_options)
 @click.pass_context
-def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ctx: int, chunks: int | None) -> None:
+def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ctx: int, chunks: int | None,
+            revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Compute an importance matrix for MODEL on calibration text (llama-imatrix's statistic and format)."""
     from ggufmix.engine.activations import collect_imatrix
     from ggufmix.evaluate.runner import read_eval_text
     from ggufmix.io.imatrix import write_imatrix_gguf
 
+    model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     im = collect_imatrix(model, read_eval_text(text_file), n_ctx=n_ctx, n_chunks=chunks,
                          progress=ctx.obj["progress"], dataset=text_file.name)
     write_imatrix_gguf(output, im)

@@ -36,3 +36,9 @@ class VerifyError(GgufmixError):
     """The written file differs from the plan (a type fell back, or the size is off)."""
 
     exit_code = 5
+
+
+class MissingDependencyError(GgufmixError):
+    """An optional package a feature needs is not installed; the message gives the pip command."""
+
+    exit_code = 6

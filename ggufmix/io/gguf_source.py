@@ -103,14 +103,8 @@ class GGUFSource:
             InputError: the file is shorter than its index says.
         """
         info = self.tensors[name]
-        rb = row_bytes(info.qtype, info.ncols)
         rows = np.arange(info.nrows) if index is None else np.asarray(index, dtype=np.int64)
-        out = bytearray(len(rows) * rb)
-        with open(self.path, "rb", buffering=0) as f:
-            at = 0
-            for first, count in _runs(rows):
-                _pread_into(f.fileno(), out, at, count * rb, self.offsets[name] + first * rb, self.path, name)
-                at += count * rb
+        out = read_rows(self.path, self.offsets[name], row_bytes(info.qtype, info.ncols), rows, name)
         return np.frombuffer(out, dtype=_STORAGE.get(info.qtype, np.uint8)).reshape(len(rows), -1)
 
     @property
@@ -120,6 +114,21 @@ class GGUFSource:
     @property
     def total_elements(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
+
+
+def read_rows(path: Path, offset: int, rb: int, rows: np.ndarray, name: str) -> bytearray:
+    """The raw bytes of ``rows`` (each ``rb`` bytes) of the tensor at ``offset`` in ``path``, one read per run.
+
+    Raises:
+        InputError: the file is shorter than that (names ``path`` and tensor ``name``).
+    """
+    out = bytearray(len(rows) * rb)
+    with open(path, "rb", buffering=0) as f:
+        at = 0
+        for first, count in _runs(rows):
+            _pread_into(f.fileno(), out, at, count * rb, offset + first * rb, path, name)
+            at += count * rb
+    return out
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:

@@ -1,0 +1,130 @@
+"""Tiny random Hugging Face-format models (safetensors + config.json + SentencePiece tokenizer) for tests.
+
+``write_tiny_hf`` writes a folder that llama.cpp's ``convert_hf_to_gguf.py`` accepts: transformers
+names the tensors (the model is built from the config on the meta device, so nothing is allocated),
+the weights are seeded random numbers written with safetensors, optionally in shards with
+``model.safetensors.index.json``, and the tokenizer is a SentencePiece model trained on the fly on a
+small text (llama, qwen2 and gemma3 all take ``tokenizer.model``, which avoids the BPE pre-tokenizer
+hash check). Needs torch, transformers and sentencepiece: the converter's own dependencies.
+"""
+from __future__ import annotations
+
+import io
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# One line per architecture family: config.json values on top of the shared tiny sizes.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 64,
+               "query_pre_attn_scalar": 64, "sliding_window": 64, "tie_word_embeddings": True},
+}
+_SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_DTYPES = {"bfloat16", "float16", "float32"}
+
+
+def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bfloat16", shards: int = 1,
+                  seed: int = 0) -> Path:
+    """Write a random ``family`` model as a Hugging Face folder.
+
+    Args:
+        folder: created if missing.
+        family: a key of ``FAMILIES``.
+        dtype: "bfloat16", "float16" or "float32" for every tensor (and config ``torch_dtype``).
+        shards: > 1 splits the weights over ``model-0000i-of-0000n.safetensors`` plus an index.
+        seed: numpy seed for the weights.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: an unknown family or dtype.
+    """
+    if family not in FAMILIES or dtype not in _DTYPES:
+        raise ValueError(f"family {family!r} / dtype {dtype!r}: one of {sorted(FAMILIES)} / {sorted(_DTYPES)}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = write_tokenizer(out)
+    config = {**_SIZES, **FAMILIES[family], "vocab_size": n_vocab, "torch_dtype": dtype}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = random_weights(hf_shapes(config), seed)
+    write_safetensors(out, weights, dtype, shards)
+    return out
+
+
+def hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the model transformers builds from ``config`` (on the meta device)."""
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    tied = set()
+    if config.get("tie_word_embeddings"):
+        tied = {"lm_head.weight"}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded float32 weights: norms around 1 (so a dropped norm shows), matrices scaled by fan-in."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w = 1.0 + 0.25 * rng.standard_normal(shape) if "norm" in name else 0.1 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / (1.0 if "embed" in name else np.sqrt(shape[-1]))
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def write_safetensors(folder: Path, weights: dict[str, np.ndarray], dtype: str, shards: int = 1) -> list[Path]:
+    """Save ``weights`` as ``dtype`` safetensors, in ``shards`` files with an index when more than one."""
+    import torch
+    from safetensors.torch import save_file
+
+    tdtype = getattr(torch, dtype)
+    names = list(weights)
+    groups = [names[i::shards] for i in range(shards)]
+    files = [folder / ("model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
+             for i in range(shards)]
+    for group, path in zip(groups, files):
+        save_file({n: torch.from_numpy(weights[n]).to(tdtype) for n in group}, str(path), metadata={"format": "pt"})
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(p.stat().st_size for p in files)},
+                 "weight_map": {n: f.name for group, f in zip(groups, files) for n in group}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return files
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 400) -> int:
+    """Train a byte-fallback SentencePiece model on a small generated text; returns its vocabulary size."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_training_text()), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue()).vocab_size()
+
+
+def _training_text() -> list[str]:
+    """Deterministic sentences over every printable character, so few texts need byte fallback."""
+    rng = np.random.default_rng(7)
+    letters = list(string.ascii_lowercase)
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 8))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(400)]
+    return lines + [string.printable.strip()] * 4
