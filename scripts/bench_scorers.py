@@ -14,21 +14,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 DEFAULT = "uniform,fastewq,ewq,zd,lim,lieq,measured"
 
 
 def read_all(path: Path) -> float:
     """Seconds to read every tensor once as float32 rows, chunk by chunk (what whole-tensor stats read)."""
     from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.score.layerwise import read_in_chunks
 
     src = open_gguf(path)
     t0 = time.perf_counter()
     for name, info in src.tensors.items():
-        step = max(1, (1 << 22) // info.ncols)
-        for start in range(0, info.nrows, step):
-            src.rows(name, np.arange(start, min(info.nrows, start + step)))
+        for _ in read_in_chunks(lambda idx, n=name: src.rows(n, idx), info.ncols, info.nrows):
+            pass
     return time.perf_counter() - t0
 
 

@@ -58,11 +58,15 @@ def row_chunks(job: TensorJob) -> Iterator[np.ndarray]:
     """The whole tensor, a few MB at a time (entropy and z-scores are over every weight)."""
     if job.read is None:
         raise ValueError(f"{job.name}: this strategy reads whole tensors and got no reader")
-    ncols = job.shape[0]
     nrows = int(np.prod(job.shape[1:])) if len(job.shape) > 1 else 1
+    return read_in_chunks(job.read, job.shape[0], nrows)
+
+
+def read_in_chunks(read: Callable[[np.ndarray], np.ndarray], ncols: int, nrows: int) -> Iterator[np.ndarray]:
+    """``read(row indices)`` over all ``nrows`` rows, ~CHUNK_VALUES values at a time."""
     step = max(1, CHUNK_VALUES // ncols)
     for start in range(0, nrows, step):
-        yield job.read(np.arange(start, min(nrows, start + step)))
+        yield read(np.arange(start, min(nrows, start + step)))
 
 
 # -- per-tensor statistics ------------------------------------------------------------------------
@@ -137,24 +141,18 @@ def lim_blocks(scores: Mapping[str, Any], ctx: ModelContext) -> dict[int, float]
     return {b: d for b, d in ctx.blocks.distance.items() if 0 <= b < ctx.n_layers}
 
 
-def _z(values: Mapping[int, float]) -> dict[int, float]:
-    v = np.array(list(values.values()), dtype=np.float64)
-    sd = v.std()
-    return {b: float((x - v.mean()) / sd) if sd > 0 else 0.0 for b, x in values.items()}
-
-
 def lieq_blocks(scores: Mapping[str, Any], ctx: ModelContext) -> dict[int, float]:
     """LieQ's three diagnostics, each standardised over blocks and averaged with equal weight (the paper
     combines them; equal weights are our choice): the perplexity cost of removing the block (higher =
     more important), top-k energy gain of its weights (higher = more structure = more important), and the
     compactness of its outputs, minus the effective rank (a block whose outputs live in few directions
     concentrates information there: more important). Diagnostics that were not measured are left out."""
-    parts = [_z(_weighted_by_block(scores, ctx, "energy_gain"))]
+    parts = [stats.standardize(_weighted_by_block(scores, ctx, "energy_gain"))]
     if ctx.blocks is not None:
         if ctx.blocks.ppl_drop:
-            parts.append(_z({b: v for b, v in ctx.blocks.ppl_drop.items() if 0 <= b < ctx.n_layers}))
+            parts.append(stats.standardize({b: v for b, v in ctx.blocks.ppl_drop.items() if 0 <= b < ctx.n_layers}))
         if ctx.blocks.erank:
-            parts.append(_z({b: -v for b, v in ctx.blocks.erank.items() if 0 <= b < ctx.n_layers}))
+            parts.append(stats.standardize({b: -v for b, v in ctx.blocks.erank.items() if 0 <= b < ctx.n_layers}))
     blocks = sorted(set.intersection(*(set(p) for p in parts)))
     return {b: float(np.mean([p[b] for p in parts])) for b in blocks}
 

@@ -156,13 +156,18 @@ def importance_from_scores(scores: Mapping[int, float], higher_is_important: boo
     The papers rank layers; the budget solver needs a weight per layer. A geometric scale keeps the
     ranking and gives equal spread to every score family, whatever its units.
     """
+    sign = 1.0 if higher_is_important else -1.0
+    return {b: float(2.0 ** np.clip(sign * z, -Z_CLIP, Z_CLIP)) for b, z in standardize(scores).items()}
+
+
+def standardize(scores: Mapping[int, float]) -> dict[int, float]:
+    """``(v - mean) / std`` over the values; all 0 when they are equal."""
     if not scores:
         return {}
     v = np.array(list(scores.values()), dtype=np.float64)
     sd = v.std()
     z = (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
-    z = np.clip(z if higher_is_important else -z, -Z_CLIP, Z_CLIP)
-    return {b: float(2.0 ** zi) for b, zi in zip(scores, z)}
+    return {b: float(zi) for b, zi in zip(scores, z)}
 
 
 def ewq_tiers(block_entropy: Mapping[int, float], spread: float = 1.0) -> dict[int, int]:
