@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ggufmix.engine import kernels
+from ggufmix.engine.isolated import check_loads
 from ggufmix.engine.llamalib import last_error, llama
 from ggufmix.errors import EngineError, GgufmixError, InputError, UsageError
 from ggufmix.io.imatrix import Imatrix
@@ -342,6 +343,7 @@ def _session(path: Path, n_ctx: int, n_threads: int | None, n_gpu_layers: int,
     """A loaded model and a context whose eval callback is ``collector``; both freed on exit."""
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
+    check_loads(path)  # a crash inside llama.cpp on damaged metadata becomes an EngineError (engine/isolated.py)
     llama_cpp = llama()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = n_gpu_layers

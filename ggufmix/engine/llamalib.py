@@ -51,9 +51,12 @@ def last_error() -> str:
     """The most recent llama.cpp line that looks like an error, for one-line messages."""
     text = "".join(_LOG_TAIL)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "error" in ln.lower() or "failed" in ln.lower():
-            return ln
+    recent = lines[-20:]
+    # llama.cpp logs the cause ("error loading model: missing tensor ...") before the generic "failed to load"
+    for word in ("error", "failed"):
+        for ln in reversed(recent):
+            if word in ln.lower():
+                return ln
     return lines[-1] if lines else "no message from llama.cpp"
 
 

@@ -164,6 +164,9 @@ class LogitsModel:
         self._buf: np.ndarray | None = None
 
     def _load(self, n_threads: int, n_gpu_layers: int) -> Any:
+        from ggufmix.engine.isolated import check_loads
+
+        check_loads(self.path)  # a crash inside llama.cpp on damaged metadata becomes an EngineError
         try:
             # logits_all=False: we choose the output rows per token ourselves (need_logits below), and
             # Llama then never fills its own (n_ctx, n_vocab) score matrix.

@@ -46,6 +46,9 @@ def measure_buffers(path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int =
     Raises:
         EngineError: llama.cpp could not load the model or logged no buffer sizes.
     """
+    from ggufmix.engine.isolated import check_loads
+
+    check_loads(path)  # a crash inside llama.cpp on damaged metadata becomes an EngineError
     lib = llama()
     lines: list[str] = []
     _LISTENERS.append(lines.append)

@@ -99,6 +99,9 @@ class _Cursor:
         raise InputError(f"{self.path}: metadata {key!r} has unknown value type {vtype}")
 
 
+GGML_MAX_NAME = 64  # ggml.h
+
+
 def read_index(path: Path) -> GGUFIndex:
     """Metadata and tensor index of the GGUF at ``path``.
 
@@ -134,9 +137,16 @@ def _parse(c: _Cursor, size: int) -> GGUFIndex:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = c.string("metadata key")
+        if key in metadata:  # gguf.cpp refuses these too
+            raise InputError(f"{c.path}: metadata key {key!r} appears twice")
         metadata[key] = c.value(c.unpack("<I", f"type of {key!r}"), key)
     tensors_offset = c.pos
     tensors = tuple(_tensor_entry(c) for _ in range(n_tensors))
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise InputError(f"{c.path}: tensor {t.name!r} appears twice in the tensor index")
+        seen.add(t.name)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise InputError(f"{c.path}: general.alignment {alignment!r} is not a power of two")
@@ -146,6 +156,10 @@ def _parse(c: _Cursor, size: int) -> GGUFIndex:
 
 def _tensor_entry(c: _Cursor) -> TensorEntry:
     name = c.string("tensor name")
+    # ggml keeps names as C strings of at most GGML_MAX_NAME - 1 bytes: a NUL would cut the name llama.cpp
+    # sees short of ours, and gguf.cpp refuses longer ones
+    if "\x00" in name or len(name.encode()) >= GGML_MAX_NAME:
+        raise InputError(f"{c.path}: tensor name {name!r} is not a valid ggml name (NUL byte or {GGML_MAX_NAME}+ bytes)")
     n_dims = c.unpack("<I", f"dimensions of {name!r}")
     if not 1 <= n_dims <= 4:
         raise InputError(f"{c.path}: tensor {name!r} has {n_dims} dimensions (ggml allows 1 to 4)")

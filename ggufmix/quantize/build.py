@@ -12,6 +12,7 @@ from typing import Any
 
 from ggufmix import __version__
 from ggufmix.artifacts import temp_beside, write_artifact, write_text_atomic
+from ggufmix.engine.isolated import check_loads, smoke_test_isolated
 from ggufmix.errors import InputError, UsageError
 from ggufmix.io.gguf_source import GGUFSource, open_gguf
 from ggufmix.plan.budget import Budget
@@ -142,45 +143,50 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     src = open_source(source, opts.allow_requantize)
+    check_loads(src.path, label=str(source))  # llama.cpp reads its metadata: fail now, not after hours of scoring
     imatrix = load_imatrix(opts.imatrix, src)
     scores = Scores.load(scores_path) if scores_path else score_source(src, opts, imatrix, progress)
     t["score"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = make_plan(scores, budget, types=types, pins=pins).with_versions(versions())
     t["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    verified = quantize_plan(src.path, out, plan, imatrix, nthread=nthread, progress=progress)
-    t["quantize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    text = _smoke(out) if smoke else None
-    t["smoke"] = time.perf_counter() - t0
+    verified, text = quantize_plan(src.path, out, plan, imatrix, smoke=smoke, nthread=nthread, progress=progress,
+                                   seconds=t)
     sidecars(out, plan, verified, t, text)
     return BuildResult(out, plan, verified, text, t)
 
 
-def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: dict[str, Any] | None, *, nthread: int = 0,
-                  progress: bool = True) -> Verified:
-    """llama_model_quantize into a temporary file beside ``out``, verify it, then rename it into place."""
+def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: dict[str, Any] | None, *, smoke: bool = False,
+                  nthread: int = 0, progress: bool = True,
+                  seconds: dict[str, float] | None = None) -> tuple[Verified, str | None]:
+    """llama_model_quantize into a temporary file beside ``out``, verify it, with ``smoke`` load it in llama.cpp
+    and generate a few tokens, then rename it into place: a file that fails any check never appears at ``out``.
+
+    Returns:
+        What was verified, and the smoke test's text (None without ``smoke``).
+    """
     from ggufmix.engine.quantize import quantize_file
 
+    t = seconds if seconds is not None else {}
     free = shutil.disk_usage(out.parent).free
     if free < plan.total_bytes + (16 << 20):
         raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free, the output needs {plan.total_bytes / 1e6:.0f} MB")
     tmp = temp_beside(out)
+    text = None
     try:
+        t0 = time.perf_counter()
         quantize_file(source, tmp, ftype=base_ftype(plan), overrides=overrides(plan), imatrix=imatrix,
                       nthread=nthread, progress=progress, allow_requantize=True)
         verified = verify(tmp, plan)
+        t["quantize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if smoke:
+            text = smoke_test_isolated(tmp, label=f"{source}: the quantized model (not written to {out})")
+        t["smoke"] = time.perf_counter() - t0
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return verified
-
-
-def _smoke(out: Path) -> str:
-    from ggufmix.engine.generate import smoke_test
-
-    return smoke_test(out)
+    return verified, text
 
 
 def sidecars(out: Path, plan: Plan, verified: Verified, seconds: dict[str, float], smoke: str | None) -> None:
