@@ -104,6 +104,9 @@ _fit_options = [
 @_apply(_score_options + _plan_options + _fit_options)
 @click.option("--bundle", type=_path, help="Write a folder: model.gguf, Modelfile, README.md, recipe, plan, SHA256SUMS.")
 @click.option("--ollama", "ollama_name", help="With --bundle: ollama create NAME (or print the commands).")
+@click.option("--push", "push_repo", metavar="REPO", help="With --bundle: upload it to this Hugging Face model repo "
+              "(owner/name; HF_TOKEN or `hf auth login`; HF_ENDPOINT for another hub).")
+@click.option("--private", is_flag=True, help="With --push: create the repository private.")
 @click.option("--eval-text", type=_path, help="Evaluate the result against MODEL on this text (numbers in the card).")
 @click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -114,7 +117,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
           types: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
-          eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
+          push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -130,6 +133,12 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError("give one of -o FILE or --bundle DIR")
     if ollama_name and not bundle:
         raise click.UsageError("--ollama needs --bundle (Ollama builds from the bundle's Modelfile)")
+    if push_repo and not bundle:
+        raise click.UsageError("--push needs --bundle (the folder that is uploaded)")
+    if push_repo:
+        from ggufmix.package.push import check_repo_id
+
+        check_repo_id(push_repo)  # before hours of work, not after
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     kw = {"types": _palette(types), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
           "scores_path": scores_path}
@@ -167,6 +176,34 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         from ggufmix.package.ship import run_ollama
 
         click.echo(run_ollama(bundle, ollama_name))
+    if push_repo:
+        _push(bundle, push_repo, private, f"ggufmix bundle of {model.name} at {res.plan.budget}", ctx.obj["progress"])
+
+
+def _push(bundle: Path, repo: str, private: bool, message: str, progress: bool) -> None:
+    from ggufmix.errors import HubError
+    from ggufmix.package.push import push_bundle
+
+    try:
+        url = push_bundle(bundle, repo, private=private, message=message, progress=progress)
+    except HubError as e:
+        raise HubError(f"{e} (the bundle is complete in {bundle}: retry with `ggufmix push {bundle} {repo}`)") from None
+    click.echo(f"pushed {bundle}/ to {repo}: {url}")
+
+
+@cli.command()
+@click.argument("bundle", type=_path)
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.pass_context
+def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
+    """Upload a --bundle folder to the Hugging Face model repository REPO (owner/name), checked file by file
+    against its SHA256SUMS before and by model.gguf's SHA-256 on the hub after."""
+    from ggufmix.package.push import push_bundle
+
+    url = push_bundle(bundle, repo, private=private, message=f"ggufmix bundle {bundle.name}",
+                      progress=ctx.obj["progress"])
+    click.echo(f"pushed {bundle}/ to {repo}: {url}")
 
 
 def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str],

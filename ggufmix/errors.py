@@ -42,3 +42,9 @@ class MissingDependencyError(GgufmixError):
     """An optional package a feature needs is not installed; the message gives the pip command."""
 
     exit_code = 6
+
+
+class HubError(GgufmixError):
+    """The Hugging Face Hub (or the HF_ENDPOINT stand-in) refused an upload or could not be reached."""
+
+    exit_code = 7

@@ -55,7 +55,7 @@ def probe(path: Path, score: bool = False) -> None:
         score_source(open_source(path, False), ScoreOptions(max_rows=4, threads=1), None, progress=False)
 
 
-EXIT_CODES = {0, 1, 2, 3, 4, 5, 6}  # ggufmix.errors: success and each GgufmixError subclass
+EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 7}  # ggufmix.errors: success and each GgufmixError subclass
 
 
 def build_finding(mutant: Path, out: Path) -> str | None:

@@ -66,11 +66,33 @@ def finish_bundle(staging: Path, final: Path, *, modelfile_text: str, card: str)
     return final
 
 
+def front_matter(meta: dict[str, Any]) -> list[str]:
+    """The hub's model-card metadata (YAML between ``---`` lines): what the GGUF header says about the source."""
+    import json
+
+    fields: dict[str, Any] = {}
+    if isinstance(meta.get("general.license"), str):
+        fields["license"] = meta["general.license"]
+    langs = meta.get("general.languages")
+    if isinstance(langs, list) and all(isinstance(x, str) for x in langs):
+        fields["language"] = langs
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url"):
+        url = meta.get(key)
+        if isinstance(url, str) and url.startswith("https://huggingface.co/") and url.count("/") == 4:
+            fields["base_model"] = url.removeprefix("https://huggingface.co/")
+            fields["base_model_relation"] = "quantized"
+            break
+    fields["library_name"] = "gguf"
+    fields["tags"] = ["gguf", "ggufmix", "llama.cpp", "quantized"]
+    # JSON scalars and lists are valid YAML, and quote whatever the header holds
+    return ["---", *(f"{k}: {json.dumps(v)}" for k, v in fields.items()), "---", ""]
+
+
 def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fit_lines: list[str] | None,
                quality: dict[str, Any] | None, rebuild: str, has_picture: bool) -> str:
     """README.md of the bundle (Markdown)."""
     name = str(meta.get("general.name") or plan.source.get("name", "model"))
-    lines = [f"# {name}: ggufmix mixed-precision GGUF, {plan.bpw:.3f} bpw", "",
+    lines = [*front_matter(meta), f"# {name}: ggufmix mixed-precision GGUF, {plan.bpw:.3f} bpw", "",
              f"Built by ggufmix {plan.versions.get('ggufmix', '?')} with llama.cpp's quantizer "
              f"(llama-cpp-python {plan.versions.get('llama-cpp-python', '?')}) from `{plan.source.get('name')}` "
              f"({meta.get('general.architecture', '?')}), strategy `{plan.strategy}`, budget `{plan.budget}`.", "",
