@@ -39,10 +39,24 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
     return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
 
 
-def _palette(types: str | None):  # noqa: ANN202
+def _palette(types: str | None, palette: str | None, arch: str):  # noqa: ANN202
+    """--types and --palette NAME (for the model's architecture) as the planner's types; None = its default."""
+    from ggufmix.errors import UsageError
     from ggufmix.types import parse_type
 
-    return None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
+    chosen = None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
+    if palette is None:
+        return chosen
+    from ggufmix.package.palettes import named_palette
+
+    allowed, why = named_palette(palette, arch)
+    click.echo(f"palette {palette}: {why}")
+    if chosen is None:
+        return allowed
+    both = tuple(t for t in chosen if t in allowed)
+    if not both:
+        raise UsageError(f"--types {types}: none of them is in --palette {palette} ({why})")
+    return both
 
 
 _score_options = [
@@ -59,6 +73,9 @@ _score_options = [
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
     click.option("--types", help="Comma-separated palette, e.g. Q4_K,Q5_K,Q6_K,Q8_0."),
+    click.option("--palette", type=click.Choice(["ollama"]),
+                 help="Only types this runtime loads for the model's architecture (ollama: no IQ types where "
+                      "Ollama's own engine runs the model, no type newer than Ollama knows)."),
     click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
 ]
 
@@ -115,7 +132,7 @@ _fit_options = [
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
-          types: str | None, pins: tuple[str, ...],
+          types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
           push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
@@ -124,6 +141,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     MODEL is an F32/F16/BF16 GGUF, a Hugging Face folder (config.json + safetensors) or a hub id
     (owner/name), which llama.cpp's converter turns into a float GGUF first (cached).
     """
+    from ggufmix.io.gguf_source import open_gguf
     from ggufmix.package.ship import staging_dir
     from ggufmix.plan.planner import parse_pin
 
@@ -140,9 +158,10 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
 
         check_repo_id(push_repo)  # before hours of work, not after
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
-    kw = {"types": _palette(types), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
-          "scores_path": scores_path}
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
+    arch = str(open_gguf(model, check_data=False).metadata.get("general.architecture", "unknown"))
+    kw = {"types": _palette(types, palette, arch), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
+          "scores_path": scores_path}
     staging = staging_dir(bundle, force) if bundle else None
     out = staging / "model.gguf" if staging else output
     try:
@@ -173,7 +192,13 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     if bundle:
         click.echo(f"bundle: {bundle}/ (check with: cd {bundle} && sha256sum -c SHA256SUMS)")
     if ollama_name:
+        from ggufmix.package.palettes import ollama_engine_misfits
         from ggufmix.package.ship import run_ollama
+
+        misfits = ollama_engine_misfits(arch, set(res.plan.type_histogram()))
+        if misfits:
+            click.echo(f"warning: Ollama runs {arch} on its own engine, whose code does not list {', '.join(misfits)}; "
+                       "rebuild with --palette ollama if `ollama run` fails", err=True)
 
         click.echo(run_ollama(bundle, ollama_name))
     if push_repo:
@@ -284,8 +309,8 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
 @_apply(_plan_options + _fit_options)
 @click.option("-o", "--output", type=_path, required=True, help="plan.json to write.")
 @click.option("--recipe", type=_path, help="Also write a llama-quantize --tensor-type-file.")
-def plan(scores_file: Path, budget: str | None, types: str | None, pins: tuple[str, ...], fit: str | None, n_ctx: int,
-         ubatch: int, kv_type: str, output: Path, recipe: Path | None) -> None:
+def plan(scores_file: Path, budget: str | None, types: str | None, palette: str | None, pins: tuple[str, ...],
+         fit: str | None, n_ctx: int, ubatch: int, kv_type: str, output: Path, recipe: Path | None) -> None:
     """Plan a budget from saved scores (instant); with --fit, show the memory arithmetic behind the budget."""
     from ggufmix.artifacts import write_text_atomic
     from ggufmix.plan.budget import Budget, parse_budget
@@ -308,7 +333,7 @@ def plan(scores_file: Path, budget: str | None, types: str | None, pins: tuple[s
         target = Budget(max(report.weights_bytes, 1), "b")
     else:
         target = parse_budget(budget)
-    p = make_plan(scores, target, types=_palette(types), pins=[parse_pin(x) for x in pins]).with_versions(versions())
+    p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch), pins=[parse_pin(x) for x in pins]).with_versions(versions())
     p.save(output)
     if recipe:
         write_text_atomic(recipe, make_recipe(p))

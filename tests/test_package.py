@@ -86,3 +86,38 @@ def test_ollama_missing_prints_the_commands(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("PATH", str(tmp_path))
     msg = run_ollama(tmp_path, "m")
     assert "ollama is not on PATH" in msg and f"ollama create m -f {tmp_path}/Modelfile" in msg
+
+
+def test_palette_ollama_by_architecture(tiny_model: Path, tmp_path: Path) -> None:
+    """llama runs through Ollama's llama.cpp: everything but types newer than Ollama knows (Q2_0); an architecture
+    Ollama's own engine serves (qwen3) gets no IQ types, checked on a real plan from real scores."""
+    import json
+
+    from ggufmix.package.palettes import named_palette, ollama_engine_misfits
+    from ggufmix.types import DEFAULT_TYPES, QuantType
+
+    llama, _ = named_palette("ollama", "llama")
+    assert set(DEFAULT_TYPES) - set(llama) == {QuantType.Q2_0}
+    qwen3, why = named_palette("ollama", "qwen3")
+    assert "own engine" in why and not any(t.name.startswith("IQ") for t in qwen3) and QuantType.Q4_K in qwen3
+    assert ollama_engine_misfits("gemma3", {"IQ4_XS", "Q4_K", "F32"}) == ["IQ4_XS"]
+    assert ollama_engine_misfits("llama", {"IQ4_XS", "Q4_K"}) == []
+
+    scores = tmp_path / "s.json"
+    assert CliRunner().invoke(cli, ["-q", "score", str(tiny_model), "-o", str(scores), "--rows", "32"]).exit_code == 0
+    doc = json.loads(scores.read_text())
+    doc["arch"] = "qwen3"  # the same tensors, planned as if Ollama's engine served the model
+    scores.write_text(json.dumps(doc))
+    for palette, budget in ((None, "3.2bpw"), ("ollama", "3.2bpw")):
+        out = tmp_path / f"plan-{palette}.json"
+        args = ["plan", str(scores), "--budget", budget, "-o", str(out)] + (["--palette", palette] if palette else [])
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        used = {e["type"] for e in json.loads(out.read_text())["tensors"]}
+        if palette is None:
+            assert any(t.startswith("IQ") for t in used)  # the default palette does use them at 3.2 bpw
+        else:
+            assert "own engine" in res.output and not any(t.startswith("IQ") for t in used), used
+    res = CliRunner().invoke(cli, ["plan", str(scores), "--budget", "5bpw", "-o", str(tmp_path / "x.json"),
+                                   "--palette", "ollama", "--types", "IQ4_XS,IQ3_S"])
+    assert res.exit_code != 0 and "none of them is in --palette ollama" in str(res.exception or res.output)
