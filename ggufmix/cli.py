@@ -112,6 +112,8 @@ _fit_options = [
     click.option("--ubatch", default=512, show_default=True, type=click.IntRange(1),
                  help="With --fit: llama.cpp's n_ubatch (compute buffer)."),
     click.option("--kv-type", default="f16", show_default=True, help="With --fit: KV cache type (f16, q8_0 ...)."),
+    click.option("--swa-full", is_flag=True, help="With --fit: sliding-window layers keep the whole context (llama.cpp "
+                 "--swa-full, llama-cpp-python's default); otherwise they hold the window, as llama-server and Ollama do."),
 ]
 
 
@@ -133,7 +135,8 @@ _fit_options = [
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...],
-          fit: str | None, n_ctx: int, ubatch: int, kv_type: str, bundle: Path | None, ollama_name: str | None,
+          fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
+          ollama_name: str | None,
           push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
@@ -165,7 +168,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     staging = staging_dir(bundle, force) if bundle else None
     out = staging / "model.gguf" if staging else output
     try:
-        res, fit_lines = _build_one(model, out, budget, fit, (n_ctx, ubatch, kv_type), opts, kw, force,
+        res, fit_lines = _build_one(model, out, budget, fit, (n_ctx, ubatch, kv_type, swa_full), opts, kw, force,
                                     ctx.obj["progress"])
         quality = _quality(model, out, eval_text, ctx.obj["progress"]) if eval_text else None
         if staging is not None:
@@ -231,7 +234,7 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
     click.echo(f"pushed {bundle}/ to {repo}: {url}")
 
 
-def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str],
+def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str, bool],
                opts, kw: dict, force: bool, progress: bool):  # noqa: ANN001, ANN202
     from ggufmix.io.gguf_source import open_gguf
     from ggufmix.package.memory import resolve_fit
@@ -310,7 +313,8 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
 @click.option("-o", "--output", type=_path, required=True, help="plan.json to write.")
 @click.option("--recipe", type=_path, help="Also write a llama-quantize --tensor-type-file.")
 def plan(scores_file: Path, budget: str | None, types: str | None, palette: str | None, pins: tuple[str, ...],
-         fit: str | None, n_ctx: int, ubatch: int, kv_type: str, output: Path, recipe: Path | None) -> None:
+         fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, output: Path,
+         recipe: Path | None) -> None:
     """Plan a budget from saved scores (instant); with --fit, show the memory arithmetic behind the budget."""
     from ggufmix.artifacts import write_text_atomic
     from ggufmix.plan.budget import Budget, parse_budget
@@ -328,7 +332,8 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
         from ggufmix.package.ship import FitSettings, fit_report
 
         source = Path(scores.source["path"])
-        report = fit_report(source, open_gguf(source).metadata, FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type))
+        settings = FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type, swa_full)
+        report = fit_report(source, open_gguf(source).metadata, settings)
         click.echo("\n".join(report.lines()))
         target = Budget(max(report.weights_bytes, 1), "b")
     else:

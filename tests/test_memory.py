@@ -24,6 +24,40 @@ def test_kv_cache_matches_llama_cpp(model: str, kv: str, n_ctx: int, request: py
     assert measured.compute > 0 and measured.model > 0
 
 
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tinymodel import write_tiny_gemma3
+
+    return write_tiny_gemma3(tmp_path_factory.mktemp("swa") / "gemma3.gguf", n_layer=7, sliding_window=100)
+
+
+@pytest.mark.parametrize(("n_ctx", "n_ubatch", "swa_full"), [(2048, 64, False), (2048, 64, True), (3000, 200, False),
+                                                             (256, 64, False), (700, 512, False)])
+def test_sliding_window_kv_cache_matches_llama_cpp(gemma3: Path, n_ctx: int, n_ubatch: int, swa_full: bool) -> None:
+    """Gemma-3 layout (5 of 6 layers slide, window 100): llama_kv_cache_iswa's two caches, summed, both modes."""
+    shape = ModelShape.from_metadata(open_gguf(gemma3).metadata)
+    assert shape.swa_layers == (True,) * 5 + (False, True) and not shape.swa_unknown
+    measured = measure_buffers(gemma3, n_ctx=n_ctx, n_ubatch=n_ubatch, swa_full=swa_full)
+    computed = kv_cache_bytes(shape, n_ctx, n_ubatch=n_ubatch, swa_full=swa_full)
+    assert abs(computed - measured.kv) <= 2 * HALF_LOGGED_DIGIT  # two logged buffers
+    if not swa_full and n_ctx >= 2048:
+        assert computed < kv_cache_bytes(shape, n_ctx, swa_full=True) / 3
+
+
+def test_sliding_window_patterns() -> None:
+    from ggufmix.package.memory import swa_layers
+
+    assert swa_layers("gemma2", 4, None) == (True, False, True, False)
+    assert swa_layers("smallthinker", 5, None) == (False, True, True, True, False)  # dense first
+    assert swa_layers("gemma3", 4, 2) == (True, False, True, False)  # a pattern key overrides the table
+    assert swa_layers("gemma3", 3, [False, True, True]) == (False, True, True)
+    assert swa_layers("mystery", 4, None) == ()
+    meta = {"general.architecture": "mystery", "mystery.block_count": 2, "mystery.embedding_length": 64,
+            "mystery.attention.head_count": 2, "mystery.attention.sliding_window": 32, "mystery.context_length": 512}
+    shape = ModelShape.from_metadata(meta)
+    assert shape.swa_unknown and kv_cache_bytes(shape, 512) == kv_cache_bytes(shape, 512, swa_full=True)
+
+
 def test_shape_and_padding(tiny_model: Path) -> None:
     shape = ModelShape.from_metadata(open_gguf(tiny_model).metadata)
     assert (shape.n_layer, shape.n_embd) == (4, 256) and shape.key_length * shape.n_head == 256

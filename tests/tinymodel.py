@@ -209,3 +209,49 @@ def _add_weight(writer: gguf.GGUFWriter, name: str, w: np.ndarray, dtype: str) -
         bits = w.astype(np.float32).view(np.uint32)
         bf16 = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         writer.add_tensor(name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
+
+
+def write_tiny_gemma3(path: str | Path, *, n_layer: int = 6, n_embd: int = 256, n_ff: int = 512, n_head: int = 4,
+                      n_head_kv: int = 2, head_dim: int = 64, sliding_window: int = 128, n_vocab: int = 384,
+                      n_ctx_train: int = 4096, seed: int = 0, pattern: int | None = None) -> Path:
+    """A random Gemma-3-architecture model (tied embedding, q/k norms, post-norms) that llama.cpp loads.
+
+    Its ``gemma3.attention.sliding_window`` makes llama.cpp give it the interleaved sliding-window KV cache
+    (5 of every 6 layers local, unless ``pattern`` writes ``gemma3.attention.sliding_window_pattern``).
+    """
+    p = Path(path)
+    writer = gguf.GGUFWriter(p, "gemma3")
+    writer.add_name("tiny-gemma3")
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(sliding_window)
+    if pattern is not None:
+        writer.add_uint32("gemma3.attention.sliding_window_pattern", pattern)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    _add_vocab(writer, n_vocab)
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,)}
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (n_embd,), b + "attn_q.weight": (n_head * head_dim, n_embd),
+                   b + "attn_k.weight": (n_head_kv * head_dim, n_embd), b + "attn_v.weight": (n_head_kv * head_dim, n_embd),
+                   b + "attn_q_norm.weight": (head_dim,), b + "attn_k_norm.weight": (head_dim,),
+                   b + "attn_output.weight": (n_embd, n_head * head_dim), b + "post_attention_norm.weight": (n_embd,),
+                   b + "ffn_norm.weight": (n_embd,), b + "ffn_gate.weight": (n_ff, n_embd),
+                   b + "ffn_up.weight": (n_ff, n_embd), b + "ffn_down.weight": (n_embd, n_ff),
+                   b + "post_ffw_norm.weight": (n_embd,)}
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        _add_weight(writer, name, _random_weight(rng, name, shape), "f16")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return p

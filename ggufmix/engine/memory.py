@@ -35,7 +35,7 @@ class Buffers:
 
 
 def measure_buffers(path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int = 512, kv_type: str = "f16",
-                    n_gpu_layers: int = 0, use_mmap: bool = False) -> Buffers:
+                    n_gpu_layers: int = 0, use_mmap: bool = False, swa_full: bool = False) -> Buffers:
     """Load ``path`` in llama.cpp with these settings and return the buffers it allocated.
 
     ``use_mmap=False`` (llama.cpp ``--no-mmap``, Ollama ``use_mmap false``) by default: with mmap,
@@ -56,7 +56,7 @@ def measure_buffers(path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int =
     try:
         model = lib.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, verbose=False,
                           n_gpu_layers=n_gpu_layers, type_k=_KV_TYPE[kv_type], type_v=_KV_TYPE[kv_type],
-                          flash_attn=flash, use_mmap=use_mmap)
+                          flash_attn=flash, use_mmap=use_mmap, swa_full=swa_full)
     except (ValueError, RuntimeError) as e:
         raise EngineError(f"{path}: llama.cpp could not load it ({e}): {last_error()}") from None
     finally:

@@ -9,7 +9,12 @@
 - Compute and output buffers depend on llama.cpp's graph allocator; they are measured by loading the
   model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.memory`), not guessed.
 
-Sliding-window layers (Gemma 2/3) are counted at the full context: an overestimate, said in the report.
+Sliding-window layers (Gemma 2/3, Cohere 2, gpt-oss ...) mirror ``llama_kv_cache_iswa``: unless ``swa_full``,
+their cache holds ``min(n_ctx, sliding_window + n_ubatch)`` cells padded to 256; which layers slide comes from
+``{arch}.attention.sliding_window_pattern`` when the GGUF has it, else from the pattern llama.cpp's model code
+sets for the architecture (``load_swa_pattern(ml, N)`` in src/models/*.cpp, table below). llama.cpp's C default
+(and llama-cpp-python's) is ``swa_full = true``; llama-server, llama-cli and Ollama default to the window.
+An architecture with a sliding window that is not in the table is counted at the full context (an overestimate).
 """
 from __future__ import annotations
 
@@ -23,6 +28,13 @@ from ggufmix.plan.budget import parse_budget
 from ggufmix.types import QuantType, parse_type, row_bytes
 
 CTX_PAD = 256
+SWA_PAD = 256  # llama_kv_cache_iswa: "the SWA cache is always padded to 256 for performance"
+# arch -> (n_pattern, dense_first) of llama_hparams::set_swa_pattern, from llama.cpp 0.3.36's src/models/*.cpp
+SWA_PATTERNS: dict[str, tuple[int, bool]] = {
+    "gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
+    "cohere2": (4, False), "exaone4": (4, False), "olmo2": (4, False), "gpt-oss": (2, False),
+    "smallthinker": (4, True), "afmoe": (4, False), "plamo3": (8, False),
+}
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")  # llama.cpp -ctk/-ctv
 
 
@@ -39,6 +51,7 @@ class ModelShape:
     value_length: int
     n_ctx_train: int
     sliding_window: int | None
+    swa_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding-window cache (empty: none does)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> ModelShape:
@@ -57,8 +70,29 @@ class ModelShape:
         k_len = int(key("attention.key_length", n_embd // max(n_head, 1)))
         v_len = int(key("attention.value_length", k_len))
         swa = meta.get(f"{arch}.attention.sliding_window")
-        return cls(arch, n_layer, n_embd, n_head, per_layer, k_len, v_len, int(key("context_length", 0)),
-                   int(swa) if swa else None)
+        n_swa = int(swa) if isinstance(swa, int) and swa > 0 else None
+        layers = swa_layers(arch, n_layer, meta.get(f"{arch}.attention.sliding_window_pattern")) if n_swa else ()
+        return cls(arch, n_layer, n_embd, n_head, per_layer, k_len, v_len, int(key("context_length", 0)), n_swa,
+                   layers)
+
+    @property
+    def swa_unknown(self) -> bool:
+        """A sliding window whose layer pattern ggufmix does not know: counted at the full context."""
+        return self.sliding_window is not None and not self.swa_layers
+
+
+def swa_layers(arch: str, n_layer: int, pattern: Any) -> tuple[bool, ...]:
+    """Which layers llama.cpp gives the sliding-window cache (``llama_hparams::is_swa``); () if unknown."""
+    if isinstance(pattern, list) and len(pattern) >= n_layer and all(isinstance(x, bool) for x in pattern):
+        return tuple(pattern[:n_layer])  # llama.cpp reads a per-layer array first
+    if arch not in SWA_PATTERNS:
+        return ()
+    n_pattern, dense_first = SWA_PATTERNS[arch]
+    if isinstance(pattern, int) and not isinstance(pattern, bool):
+        n_pattern = pattern
+    if dense_first:
+        return tuple(n_pattern == 0 or il % n_pattern != 0 for il in range(n_layer))
+    return tuple(n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer))
 
 
 def kv_type(name: str) -> QuantType:
@@ -79,12 +113,18 @@ def n_cells(n_ctx: int, shape: ModelShape) -> int:
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: QuantType = QuantType.F16,
-                   type_v: QuantType = QuantType.F16) -> int:
-    """Bytes of llama.cpp's KV cache for one sequence of ``n_ctx`` tokens."""
+                   type_v: QuantType = QuantType.F16, *, n_ubatch: int = 512, swa_full: bool = False) -> int:
+    """Bytes of llama.cpp's KV cache for one sequence of ``n_ctx`` tokens (sliding-window layers: see above)."""
     cells = n_cells(n_ctx, shape)
-    per_cell = sum(row_bytes(type_k, shape.key_length * kv) + row_bytes(type_v, shape.value_length * kv)
-                   for kv in shape.head_count_kv)
-    return cells * per_cell
+    swa_cells = cells
+    if shape.swa_layers and not swa_full:
+        assert shape.sliding_window is not None
+        swa_cells = -(-min(cells, shape.sliding_window + n_ubatch) // SWA_PAD) * SWA_PAD
+    total = 0
+    for il, kv in enumerate(shape.head_count_kv):
+        per_cell = row_bytes(type_k, shape.key_length * kv) + row_bytes(type_v, shape.value_length * kv)
+        total += per_cell * (swa_cells if shape.swa_layers and shape.swa_layers[il] else cells)
+    return total
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,7 @@ class FitReport:
     compute_bytes: int
     output_bytes: int
     reserve_bytes: int
+    kv_note: str = ""  # how sliding-window layers were counted, when the model has them
 
     @property
     def weights_bytes(self) -> int:
@@ -139,7 +180,7 @@ class FitReport:
     def lines(self) -> list[str]:
         mib = 1 << 20
         rows = [(f"usable memory ({self.device.name}: {self.device.note})", self.device.usable_bytes),
-                (f"- KV cache ({self.n_ctx} tokens, {self.kv_type})", -self.kv_bytes),
+                (f"- KV cache ({self.n_ctx} tokens, {self.kv_type}{self.kv_note})", -self.kv_bytes),
                 (f"- compute buffer (n_ubatch {self.n_ubatch}, measured by llama.cpp)", -self.compute_bytes),
                 ("- output buffer (measured by llama.cpp)", -self.output_bytes),
                 ("- reserve (repacked weights, allocator slack)", -self.reserve_bytes),

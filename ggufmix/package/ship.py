@@ -35,6 +35,7 @@ class FitSettings:
     n_ctx: int = 2048
     n_ubatch: int = 512
     kv: str = "f16"
+    swa_full: bool = False  # llama.cpp --swa-full: sliding-window layers keep the whole context
 
 
 def fit_report(source: Path, meta: dict[str, Any], fit: FitSettings, reserve: int | None = None) -> FitReport:
@@ -42,10 +43,23 @@ def fit_report(source: Path, meta: dict[str, Any], fit: FitSettings, reserve: in
     from ggufmix.engine.memory import measure_buffers
 
     shape = ModelShape.from_metadata(meta)
-    kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv))
-    measured = measure_buffers(source, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv)
+    kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv), n_ubatch=fit.n_ubatch,
+                        swa_full=fit.swa_full)
+    measured = measure_buffers(source, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv, swa_full=fit.swa_full)
     reserve = int(fit.device.usable_bytes * RESERVE_SHARE) if reserve is None else reserve
-    return FitReport(fit.device, fit.n_ctx, fit.n_ubatch, fit.kv, kv, measured.compute, measured.output, reserve)
+    return FitReport(fit.device, fit.n_ctx, fit.n_ubatch, fit.kv, kv, measured.compute, measured.output, reserve,
+                     _kv_note(shape, fit))
+
+
+def _kv_note(shape: ModelShape, fit: FitSettings) -> str:
+    if shape.sliding_window is None:
+        return ""
+    if shape.swa_unknown:
+        return f"; sliding window of {shape.arch} counted at full context: layer pattern unknown"
+    n = sum(shape.swa_layers)
+    if fit.swa_full:
+        return f"; --swa-full: {n} sliding-window layers at full context"
+    return f"; {n} of {shape.n_layer} layers slide over {shape.sliding_window} tokens"
 
 
 def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings, *, opts: Any,
@@ -79,14 +93,16 @@ def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings
                                   f"{report.compute_bytes / 2**20:.1f} MiB); lower --ctx or --ubatch")
             res = build(source, out, Budget(report.weights_bytes, "b"), opts=opts, scores_path=scores,
                         force=force or attempt > 0, progress=progress, **build_kw)
-            total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv).total
+            total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv,
+                                    swa_full=fit.swa_full).total
             over = total - fit.device.usable_bytes
             if over <= 0:
                 return res, report, total
             logger.warning("llama.cpp measured %.2f MiB, %.2f MiB over %s; shrinking the weights budget",
                            total / 2**20, over / 2**20, fit.device.name)
             report = FitReport(report.device, report.n_ctx, report.n_ubatch, report.kv_type, report.kv_bytes,
-                               report.compute_bytes, report.output_bytes, report.reserve_bytes + over + (1 << 20))
+                               report.compute_bytes, report.output_bytes, report.reserve_bytes + over + (1 << 20),
+                               report.kv_note)
     finally:
         if tmp_scores is not None:
             tmp_scores.unlink(missing_ok=True)
