@@ -2,13 +2,12 @@
 
 huggingface_hub does the work (``create_repo(exist_ok=True)`` then one ``upload_folder`` commit: model.gguf goes
 through LFS, the small files inline). Its own settings apply: ``HF_TOKEN`` or a saved ``hf auth login``,
-``HF_ENDPOINT`` for a mirror or a private hub (read when pushing, not when huggingface_hub was imported).
+``HF_ENDPOINT`` for a mirror or a private hub (huggingface_hub reads it once, when it is imported).
 Before uploading, the bundle is checked against its SHA256SUMS; afterwards the hub's LFS record of model.gguf
 (its SHA-256) is compared with the bundle's, so a push that reports success really holds our bytes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ggufmix.errors import HubError, InputError, MissingDependencyError, UsageError
@@ -75,9 +74,8 @@ def push_bundle(bundle: Path, repo: str, *, private: bool = False, message: str 
     want = read_checksums(bundle)
     if not progress:
         hub.utils.disable_progress_bars()
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    api = hub.HfApi(endpoint=endpoint)
-    where = f"{repo} on {endpoint or 'huggingface.co'}"
+    api = hub.HfApi()  # its endpoint is huggingface_hub's: HF_ENDPOINT as it was when huggingface_hub was imported
+    where = f"{repo} on {hub.constants.ENDPOINT}"
     try:
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(bundle),
@@ -109,6 +107,7 @@ def _reason(hub, e: Exception) -> str:  # noqa: ANN001
 def _hub():  # noqa: ANN202
     try:
         import huggingface_hub
+        import huggingface_hub.constants
         import huggingface_hub.errors
         import huggingface_hub.utils
     except ImportError:
