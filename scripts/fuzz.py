@@ -3,8 +3,9 @@
 mutant with ``inspect``, read rows and (``--score``) score it with ggml's quantizers; anything but a
 GgufmixError is a finding. With ``--build``, every mutant that opens also goes through the whole
 ``ggufmix build`` command in a child process (llama.cpp itself reads it: quantize and the load/generate
-smoke test); a finding is then a signal (a crash inside llama.cpp), a traceback, more than one line on
-stderr, an unknown exit code, a file at the output path after a failure, or a temporary file left behind.
+smoke test); a finding is then a signal (a crash inside llama.cpp), a traceback or any stderr line but log
+warnings and one final ``ggufmix: error:`` line, an unknown exit code, a file at the output path after a
+failure, or a temporary file left behind.
 
     python scripts/fuzz.py [--cases 10000] [--seed 0] [--score | --build]
 
@@ -81,7 +82,9 @@ def build_finding(mutant: Path, out: Path) -> str | None:
         return None
     if out.exists():
         return f"exit {r.returncode} but {out.name} exists"
-    if len(err) != 1 or not err[0].startswith("ggufmix: error: "):
+    errors = [ln for ln in err if ln.startswith("ggufmix: error: ")]
+    others = [ln for ln in err if not ln.startswith(("ggufmix: error: ", "WARNING "))]  # log warnings may precede
+    if len(errors) != 1 or err[-1] != errors[0] or others:
         return f"not one error line (exit {r.returncode}): {' | '.join(err)[-200:]}"
     return None
 
