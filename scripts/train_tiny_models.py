@@ -120,7 +120,7 @@ def train(shape: Shape, data: np.ndarray, n_vocab: int, steps: int, seq: int, ba
 
 def write_gguf(model, shape: Shape, n_vocab: int, path: Path) -> None:  # noqa: ANN001
     import gguf
-    from tinymodel import _add_hparams, _add_vocab, _add_weight
+    from tinymodel import _add_hparams, _add_vocab, _add_weight, _finish
 
     w = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     writer = gguf.GGUFWriter(path, "llama")
@@ -133,10 +133,7 @@ def write_gguf(model, shape: Shape, n_vocab: int, path: Path) -> None:  # noqa: 
         for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                      "ffn_down"):
             _add_weight(writer, f"blk.{i}.{part}.weight", w[f"blocks.{i}.{part}.weight"], "f16")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
 
 
 def main() -> None:

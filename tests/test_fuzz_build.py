@@ -19,11 +19,15 @@ from fuzz import build_finding, mutate, probe  # noqa: E402
 BUILDS = 24  # mutants that open, each one a build in a child process (~2 s)
 
 
-def test_builds_of_mutants_fail_cleanly(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def seed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tinymodel import write_tiny_llama
 
-    seed_file = write_tiny_llama(tmp_path / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
-                                 n_vocab=300, seed=4)
+    return write_tiny_llama(tmp_path_factory.mktemp("fuzz-build") / "seed.gguf", n_layer=1, n_embd=64, n_ff=128,
+                            n_head=2, n_head_kv=1, n_vocab=300, seed=4)
+
+
+def test_builds_of_mutants_fail_cleanly(seed_file: Path, tmp_path: Path) -> None:
     data, index = seed_file.read_bytes(), read_index(seed_file)
     rng = random.Random(2024)
     mutant, out = tmp_path / "mutant.gguf", tmp_path / "out" / "model.gguf"
@@ -45,13 +49,9 @@ def test_builds_of_mutants_fail_cleanly(tmp_path: Path) -> None:
     assert not findings
 
 
-def test_build_finding_sees_a_file_llama_cpp_cannot_load(tmp_path: Path) -> None:
+def test_build_finding_sees_a_file_llama_cpp_cannot_load(seed_file: Path, tmp_path: Path) -> None:
     """The check itself: a tensor renamed so llama.cpp misses it quantizes, then fails the smoke load; the build
     must report that in one line and leave nothing at the output."""
-    from tinymodel import write_tiny_llama
-
-    seed_file = write_tiny_llama(tmp_path / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
-                                 n_vocab=300, seed=4)
     data = seed_file.read_bytes()
     pos = data.index(b"blk.0.attn_output.weight")
     bad = tmp_path / "renamed.gguf"
@@ -66,11 +66,7 @@ def test_build_finding_sees_a_file_llama_cpp_cannot_load(tmp_path: Path) -> None
     assert list(out.parent.iterdir()) == []
 
 
-def test_duplicate_tensor_names_are_refused(tmp_path: Path) -> None:
-    from tinymodel import write_tiny_llama
-
-    seed_file = write_tiny_llama(tmp_path / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
-                                 n_vocab=300, seed=4)
+def test_duplicate_tensor_names_are_refused(seed_file: Path, tmp_path: Path) -> None:
     data = seed_file.read_bytes()
     pos = data.index(b"blk.0.attn_k.weight")
     bad = tmp_path / "dup.gguf"
@@ -80,13 +76,9 @@ def test_duplicate_tensor_names_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [b"blk.0.attn_q.weigh\x00", b"x" * 64])
-def test_names_llama_cpp_would_read_differently_are_refused(tmp_path: Path, name: bytes) -> None:
+def test_names_llama_cpp_would_read_differently_are_refused(seed_file: Path, tmp_path: Path, name: bytes) -> None:
     import struct
 
-    from tinymodel import write_tiny_llama
-
-    seed_file = write_tiny_llama(tmp_path / "seed.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1,
-                                 n_vocab=300, seed=4)
     data = seed_file.read_bytes()
     old = b"blk.0.attn_q.weight"
     pos = data.index(struct.pack("<Q", len(old)) + old)

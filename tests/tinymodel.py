@@ -76,10 +76,7 @@ def write_tiny_llama(
     for name, shape in shapes.items():
         w = _random_weight(rng, name, shape)
         _add_weight(writer, name, np.zeros_like(w) if name in zero else w, dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return p
 
 
@@ -160,15 +157,27 @@ def _validate(n_embd: int, n_head: int, n_head_kv: int, n_vocab: int, n_expert: 
         raise ValueError(f"dtype {dtype!r}: one of {sorted(_DTYPES)}")
 
 
-def _add_hparams(writer: gguf.GGUFWriter, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
-                 n_expert: int, n_expert_used: int, n_ctx_train: int, dtype: str) -> None:
-    writer.add_name("tiny-llama")
+def _add_shape(writer: gguf.GGUFWriter, name: str, n_ctx_train: int, n_embd: int, n_layer: int, n_ff: int,
+               n_head: int, n_head_kv: int) -> None:
+    writer.add_name(name)
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head_kv)
+
+
+def _finish(writer: gguf.GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_hparams(writer: gguf.GGUFWriter, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
+                 n_expert: int, n_expert_used: int, n_ctx_train: int, dtype: str) -> None:
+    _add_shape(writer, "tiny-llama", n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_layer_norm_rms_eps(RMS_EPS)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -221,13 +230,7 @@ def write_tiny_gemma3(path: str | Path, *, n_layer: int = 6, n_embd: int = 256, 
     """
     p = Path(path)
     writer = gguf.GGUFWriter(p, "gemma3")
-    writer.add_name("tiny-gemma3")
-    writer.add_context_length(n_ctx_train)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
+    _add_shape(writer, "tiny-gemma3", n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(1e-6)
@@ -250,8 +253,5 @@ def write_tiny_gemma3(path: str | Path, *, n_layer: int = 6, n_embd: int = 256, 
     rng = np.random.default_rng(seed)
     for name, shape in shapes.items():
         _add_weight(writer, name, _random_weight(rng, name, shape), "f16")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return p

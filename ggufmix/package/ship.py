@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +100,7 @@ def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings
                 return res, report, total
             logger.warning("llama.cpp measured %.2f MiB, %.2f MiB over %s; shrinking the weights budget",
                            total / 2**20, over / 2**20, fit.device.name)
-            report = FitReport(report.device, report.n_ctx, report.n_ubatch, report.kv_type, report.kv_bytes,
-                               report.compute_bytes, report.output_bytes, report.reserve_bytes + over + (1 << 20),
-                               report.kv_note)
+            report = replace(report, reserve_bytes=report.reserve_bytes + over + (1 << 20))
     finally:
         if tmp_scores is not None:
             tmp_scores.unlink(missing_ok=True)
