@@ -118,6 +118,38 @@ def test_ewq_tiers() -> None:
     assert stats.ewq_tiers({0: 1.0, 1: 2.0, 2: 3.0}, spread=0.5) == {0: 0, 1: 1, 2: 2}
 
 
+def _entropy_blocks(blocks: dict[int, list[np.ndarray]]) -> tuple[dict, dict]:
+    """ewq and ewq-norm block scores of real weights, through the same per-tensor statistics as the scorer."""
+    from types import SimpleNamespace
+
+    from ggufmix.score.base import ModelContext
+    from ggufmix.score.layerwise import ewq_blocks, ewq_norm_blocks
+
+    slots, scores = [], {}
+    for b, mats in blocks.items():
+        for i, w in enumerate(mats):
+            acc = stats.SoftmaxEntropy()
+            acc.add(w)
+            name = f"blk.{b}.t{i}.weight"
+            slots.append(SimpleNamespace(name=name, layer=b, n_elements=w.size))
+            scores[name] = SimpleNamespace(stats={"entropy": acc.entropy, "entropy_excess": acc.excess, "n": w.size})
+    ctx = ModelContext(tuple(slots), len(blocks), {})
+    return ewq_blocks(scores, ctx), ewq_norm_blocks(scores, ctx)
+
+
+def test_ewq_norm_removes_the_size_term_that_raw_entropy_ranks_by() -> None:
+    # block 0: big, wide-spread matrices; block 1: small, narrow ones. Raw entropy (~ln N - var/2) ranks the
+    # big block first for its size alone; the size-normalised form ranks by spread and puts it last.
+    raw, norm = _entropy_blocks({0: [RNG.normal(0, 0.3, 4096), RNG.normal(0, 0.3, 8192)],
+                                 1: [RNG.normal(0, 0.05, 256), RNG.normal(0, 0.05, 512)]})
+    assert raw[0] > raw[1] and norm[0] < norm[1]
+    # with equal shapes the two differ by the same ln N constant in every block: identical importances
+    same = {b: [RNG.normal(0, s, 4096), RNG.normal(0, s, 1024)] for b, s in enumerate((0.1, 0.3, 0.2))}
+    raw, norm = _entropy_blocks(same)
+    assert stats.importance_from_scores(raw) == pytest.approx(stats.importance_from_scores(norm), rel=1e-9)
+    assert raw[0] > raw[2] > raw[1]  # narrower spread = higher entropy
+
+
 def test_logistic_fit_separates_and_predicts() -> None:
     x = np.r_[RNG.normal(-2, 0.5, (40, 2)), RNG.normal(2, 0.5, (40, 2))]
     y = np.r_[np.zeros(40), np.ones(40)]
