@@ -49,6 +49,18 @@ def test_journal_key_follows_source_and_settings(tiny_model: Path, odd_model: Pa
     assert fingerprint(odd_model) != key["source"]
 
 
+def test_journal_of_other_code_is_not_resumed(tiny_model: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # an interrupted run of an earlier checkout (same version number) must not lend its lines to this one
+    from ggufmix.score import journal
+
+    key = {"source": fingerprint(tiny_model), "strategy": "ewq", "rows": 32}
+    here = Journal(key, tmp_path).path
+    assert journal.code_digest() == journal.code_digest() and len(journal.code_digest()) == 64
+    monkeypatch.setattr(journal, "code_digest", lambda: "0" * 64)
+    assert Journal(key, tmp_path).path != here
+
+
 def test_non_finite_weights_are_refused_by_name(tmp_path: Path) -> None:
     import numpy as np
     from tinymodel import write_tiny_llama

@@ -2,9 +2,11 @@
 
 Each finished tensor is appended as one JSON line to ``${GGUFMIX_CACHE}/score-journal/<key>.jsonl``,
 where the key hashes the source's fingerprint and every setting that changes a score (strategy, rows,
-the imatrix's fingerprint, ggufmix's version). A re-run with the same inputs reads the lines back and
-scores only the rest; a torn last line (killed mid-write) is ignored. The journal is deleted once the
-whole model is scored.
+the imatrix's fingerprint, ggufmix's version and a digest of ggufmix's own code). A re-run with the same
+inputs reads the lines back and scores only the rest; a torn last line (killed mid-write) is ignored. The
+journal is deleted once the whole model is scored. The code digest matters: a journal left by an
+interrupted run of an earlier checkout (same version number, different pricing of a type) was once
+resumed, and the finished scores mixed two ways of pricing the same types.
 
 The fingerprint reads the file's size, its first and last MiB and one MiB every 256 MiB, not every
 byte: hashing a 140 GB source would cost minutes for each run. A source edited in place without
@@ -12,6 +14,7 @@ changing those bytes would be missed; re-exported or re-downloaded files are not
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +33,16 @@ _MIB = 1 << 20
 _STRIDE = 256 * _MIB
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of every module and data file of the installed ggufmix package (~0.5 MB, a few ms)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of a file's size and sampled MiB blocks (see the module docstring)."""
     p = Path(path)
@@ -46,7 +59,8 @@ class Journal:
     """Append-only record of finished tensors for one (source, settings) key."""
 
     def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
-        digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__}, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__, "code": code_digest()},
+                                       sort_keys=True).encode()).hexdigest()
         self.path = (root or cache_root() / "score-journal") / f"{digest[:32]}.jsonl"
 
     def load(self) -> dict[str, TensorScores]:
