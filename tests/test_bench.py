@@ -5,7 +5,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ggufmix.bench.report import markdown, versus_stock
+from ggufmix.bench.report import by_strategy, markdown, versus_stock
 from ggufmix.cli import cli
 
 
@@ -23,6 +23,12 @@ def test_versus_stock_pairs_same_target_and_imatrix() -> None:
     md = markdown({"model": "m.gguf", "base_ppl": 9.0, "config": {"text": "t.txt"}, "rows": rows,
                    "eval": {"n_chunks": 2, "ctx": 64, "kld_mode": "exact", "llama_cpp_python": "0.3.36"}})
     assert "| Q2_K | none | measured | 0.4000 | 0.2000 | 0.500 | 499 / 500 |" in md
+    # the pivot: strategies x targets, smallest target first, best per column in bold, missing cells '-'
+    targets, table = by_strategy(rows, "none")
+    assert targets == ["Q2_K", "4bpw"] and table == {"measured": {"Q2_K": 0.2, "4bpw": 0.3}, "uniform": {"Q2_K": 0.5}}
+    assert "| strategy | = Q2_K (stock 0.4000) | 4bpw |" in md
+    assert "| `measured` | **0.2000** | **0.3000** |" in md and "| `uniform` | 0.5000 | - |" in md
+    assert md.index("| `measured` |") < md.index("| `uniform` |")
 
 
 def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:

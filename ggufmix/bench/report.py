@@ -25,6 +25,36 @@ def versus_stock(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def by_strategy(rows: list[dict[str, Any]], mode: str) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Mean KLD of every ggufmix strategy (rows) at every target (columns, smallest first) for one imatrix
+    mode: the table that says which strategy buys most at each size."""
+    ours = [r for r in rows if r["kind"] != "stock" and r["imatrix"] == mode]
+    size: dict[str, int] = {}
+    for r in ours:
+        size[r["target"]] = max(size.get(r["target"], 0), r["tensor_bytes"])
+    targets = sorted(size, key=lambda t: (size[t], t))
+    table: dict[str, dict[str, float]] = {}
+    for r in ours:
+        table.setdefault(r["kind"], {})[r["target"]] = r["kld"]
+    return targets, table
+
+
+def _pivot(rows: list[dict[str, Any]], mode: str) -> list[str]:
+    targets, table = by_strategy(rows, mode)
+    stock = {r["target"]: r["kld"] for r in rows if r["kind"] == "stock" and r["imatrix"] == mode}
+    best = {t: min((v[t] for v in table.values() if t in v), default=None) for t in targets}
+    head = [t if t not in stock else f"= {t} (stock {stock[t]:.4f})" for t in targets]
+
+    def cell(v: dict[str, float], t: str) -> str:
+        if t not in v:
+            return "-"
+        return f"**{v[t]:.4f}**" if v[t] == best[t] else f"{v[t]:.4f}"
+
+    order = sorted(table, key=lambda k: [table[k].get(t, float("inf")) for t in reversed(targets)])
+    return [f"| strategy | {' | '.join(head)} |", "|---" * (len(targets) + 1) + "|",
+            *(f"| `{k}` | {' | '.join(cell(table[k], t) for t in targets)} |" for k in order)]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The bench as Markdown: settings, all files, then ggufmix against each stock mix at equal size."""
     ev = results["eval"]
@@ -33,6 +63,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Source PPL {results['base_ppl']:.3f}; {ev['n_chunks']} chunks x {ev['ctx']} tokens of "
              f"{results['config']['text']}; KLD {ev['kld_mode']}; llama-cpp-python {ev['llama_cpp_python']}.", "",
              _HEADER, "|" + "---|" * 10, *(_row(r) for r in rows), ""]
+    for mode in sorted({r["imatrix"] for r in rows if r["kind"] != "stock"}):
+        lines += [f"## Mean KLD by strategy ({mode} imatrix)", "", *_pivot(rows, mode), ""]
     vs = versus_stock(results["rows"])
     if vs:
         lines += ["## At each stock mix's size", "",
