@@ -86,7 +86,8 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | 
 
     from ggufmix.engine.llamalib import version
     from ggufmix.score.base import scorers
-    from ggufmix.score.journal import Journal, fingerprint
+    from ggufmix.score.journal import Journal, PriceCache, fingerprint
+    from ggufmix.score.layerwise import known_noise, remember_noise
 
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
     spec = scorers()[opts.strategy]
@@ -94,9 +95,12 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | 
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
+    prices = PriceCache(version())
+    remember_noise(prices.load())
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
                          threads=opts.threads, progress=progress, journal=journal, blocks=blocks)
     journal.finish()
+    prices.save(known_noise())
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
     if blocks is not None:

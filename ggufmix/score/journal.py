@@ -11,6 +11,9 @@ resumed, and the finished scores mixed two ways of pricing the same types.
 The fingerprint reads the file's size, its first and last MiB and one MiB every 256 MiB, not every
 byte: hashing a 140 GB source would cost minutes for each run. A source edited in place without
 changing those bytes would be missed; re-exported or re-downloaded files are not.
+
+Beside the journals, ``${GGUFMIX_CACHE}/type-noise/<key>.json`` keeps the pure strategies' type prices
+(``PriceCache``), keyed by llama-cpp-python's version and the same code digest.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufmix import __version__
-from ggufmix.artifacts import cache_root
+from ggufmix.artifacts import cache_root, write_text_atomic
 from ggufmix.score.scores import TensorScores
 from ggufmix.types import QuantType
 
@@ -88,3 +91,30 @@ class Journal:
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class PriceCache:
+    """The pure strategies' type prices (noise of each type on the seeded Gaussian reference of each width),
+    kept across runs: they depend only on llama.cpp and ggufmix's code, and pricing the IQ2 types the first
+    time in a process costs ~8 s of llama.cpp's grid set-up, more than FastEWQ's whole decision."""
+
+    def __init__(self, llama_cpp: str, root: Path | None = None) -> None:
+        digest = hashlib.sha256(json.dumps({"llama-cpp-python": llama_cpp, "code": code_digest()}).encode())
+        self.path = (root or cache_root() / "type-noise") / f"{digest.hexdigest()[:32]}.json"
+
+    def load(self) -> dict[tuple[QuantType, int], float]:
+        """The prices saved by an earlier run (empty when there are none or the file is damaged)."""
+        try:
+            doc = json.loads(self.path.read_text())
+            return {(QuantType[t], int(n)): float(v) for t, n, v in doc}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError):
+            logger.info("%s: ignoring a damaged price cache", self.path)
+            return {}
+
+    def save(self, table: dict[tuple[QuantType, int], float]) -> None:
+        if not table or table == self.load():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(sorted([t.name, n, v] for (t, n), v in table.items())) + "\n")

@@ -27,11 +27,32 @@ from ggufmix.types import QuantType
 
 # Rows per read when a statistic needs the whole tensor: ~4M float32 values (16 MB) at a time.
 CHUNK_VALUES = 1 << 22
-# Rows of the Gaussian reference for the per-type noise (its NSR is within ~1% at 32 rows).
+# The Gaussian reference for the per-type noise: 32 rows of the tensor's width (its NSR is within ~1%),
+# or fewer rows for wide tensors, so that no reference holds much more than 49152 values (32 rows of
+# 1536). Every ggml type quantizes blocks of 32-256 weights independently, so a wider reference only
+# costs time: 32 rows of a 70B model's 28672-wide ffn_down took seconds per type for nothing.
 REFERENCE_ROWS = 32
+REFERENCE_VALUES = 32 * 1536
 
 _noise_lock = threading.Lock()
 _noise: dict[tuple[QuantType, int], float] = {}
+
+
+def reference_rows(ncols: int) -> int:
+    """Rows of the Gaussian reference for tensors ``ncols`` wide."""
+    return max(1, min(REFERENCE_ROWS, -(-REFERENCE_VALUES // ncols)))
+
+
+def known_noise() -> dict[tuple[QuantType, int], float]:
+    """Every (type, width) priced so far in this process, to be kept across runs (score/journal.PriceCache)."""
+    with _noise_lock:
+        return dict(_noise)
+
+
+def remember_noise(table: Mapping[tuple[QuantType, int], float]) -> None:
+    """Prices from an earlier run of the same code and llama.cpp (the reference is seeded: same values)."""
+    with _noise_lock:
+        _noise.update(table)
 
 
 def type_noise(job: TensorJob, qtype: QuantType) -> float:
@@ -41,7 +62,7 @@ def type_noise(job: TensorJob, qtype: QuantType) -> float:
     with _noise_lock:
         if key in _noise:
             return _noise[key]
-    x = np.random.default_rng(ncols).standard_normal((REFERENCE_ROWS, ncols)).astype(np.float32)
+    x = np.random.default_rng(ncols).standard_normal((reference_rows(ncols), ncols)).astype(np.float32)
     flat = np.ones(ncols, np.float32)  # a flat imatrix: IQ1/IQ2 types refuse to quantize without one
     deq = job.kernels.dequantize(job.kernels.quantize(x, qtype, flat), qtype, ncols)
     value = float(np.sum((x.astype(np.float64) - deq) ** 2) / np.sum(x.astype(np.float64) ** 2))
