@@ -29,14 +29,39 @@ def test_shipped_gains_are_calibrated(imatrix: bool) -> None:
 
 
 def test_uniform_plans_ignore_role_gains(tiny_model) -> None:  # noqa: ANN001
-    """`uniform` is the unweighted baseline: the solver's cost of a tensor is its type's 2^(-2 bpw), whatever its role."""
+    """`uniform` is the unweighted baseline: the solver's cost of a tensor is its type's 2^(-2 bpw) times its
+    share of the weights, whatever its role; at the size of an all-Q4_K file every tensor is Q4_K."""
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+    from ggufmix.types import QuantType, bits_per_weight
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("uniform"), None, progress=False)
+    slots = [s for s in scores.layout.slots if s.quantized]
+    share = {s.name: s.n_elements / sum(t.n_elements for t in slots) for s in slots}
+    assert len(set(share.values())) > 1  # tensors of different sizes
+    plan = make_plan(scores, Budget(5.5, "bpw"))
+    assert plan.settings["gains"] == {} and plan.settings["weights"] == "elements"
+    for e in plan.quantized():
+        assert e.cost == pytest.approx(share[e.name] * 2.0 ** (-2.0 * bits_per_weight(e.qtype))), e.name
+    all_q4k = scores.layout.fixed_bytes + sum(s.candidates[QuantType.Q4_K] for s in slots)
+    plan = make_plan(scores, Budget(all_q4k, "b"))
+    assert {e.qtype for e in plan.quantized()} == {QuantType.Q4_K}
+
+
+@pytest.mark.parametrize("strategy", ["ewq", "zd"])
+def test_pure_paper_plans_move_bits_by_block_importance_alone(tiny_model, strategy: str) -> None:  # noqa: ANN001
+    """Equal sizes, unequal importances: more important blocks never get fewer bits for the same role."""
     from ggufmix.plan.budget import Budget
     from ggufmix.plan.planner import make_plan
     from ggufmix.quantize.build import ScoreOptions, open_source, score_source
     from ggufmix.types import bits_per_weight
 
-    scores = score_source(open_source(tiny_model, False), ScoreOptions("uniform"), None, progress=False)
-    plan = make_plan(scores, Budget(5.5, "bpw"))
-    assert plan.settings["gains"] == {}
-    for e in plan.quantized():
-        assert e.cost == 2.0 ** (-2.0 * bits_per_weight(e.qtype)), e.name
+    scores = score_source(open_source(tiny_model, False), ScoreOptions(strategy), None, progress=False)
+    plan = make_plan(scores, Budget(4.5, "bpw"))
+    assert plan.settings["weights"] == "elements"
+    for role in ("ffn_up", "attn_q"):
+        entries = sorted((scores.tensors[e.name].importance, bits_per_weight(e.qtype))
+                         for e in plan.quantized() if e.name.endswith(f"{role}.weight") and e.name.startswith("blk."))
+        assert len({i for i, _ in entries}) > 1
+        assert [b for _, b in entries] == sorted(b for _, b in entries), (role, entries)

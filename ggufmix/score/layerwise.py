@@ -2,10 +2,13 @@
 ``fastewq``, and each as a prior on the measured error (``measured+ewq`` ...).
 
 All of them rank transformer blocks; the budget solver needs a cost per tensor and type. A pure paper
-strategy gives every tensor of block ``b`` the cost ``importance(b) * noise(type)``: ``noise`` is the
-real llama.cpp quantizer's noise-to-signal ratio on Gaussian weights of the tensor's width (so the
-types are ordered as llama.cpp really quantizes, but nothing tensor-specific is measured), and
-``importance = 2^clip(z)`` of the block's standardised score (stats.importance_from_scores). Tensors
+strategy gives every tensor of block ``b`` the cost ``importance(b) * noise(type)``, which the planner
+multiplies by the tensor's share of the weights (plan/planner.make_plan): ``noise`` is the real
+llama.cpp quantizer's noise-to-signal ratio on Gaussian weights of the tensor's width (so the types are
+ordered as llama.cpp really quantizes, but nothing tensor-specific is measured), and
+``importance = 2^clip(z)`` of the block's standardised score (stats.importance_from_scores). Equal
+importances thus give every tensor the same bits, as the papers start from uniform bits and move the
+least important layers down; one standard deviation of score is worth about half a bit. Tensors
 outside blocks (embeddings, output) are not ranked by any of the papers; they get the highest block
 importance, which keeps them at least as precise as the most important block. A hybrid
 ``measured+<paper>`` keeps the measured per-tensor error and multiplies it by the paper's importance.

@@ -46,8 +46,9 @@ def measured(job: TensorJob) -> TensorScore:
 @register("uniform", needs_rows=False, calibrated=False,
           description="no measurement: every tensor alike, error 2^(-2 bpw)")
 def uniform(job: TensorJob) -> TensorScore:
-    """The textbook rate-distortion model, identical for every tensor and not weighted by role: the plan
-    spreads bits as evenly as the tensors' sizes allow (the baseline every measured strategy must beat)."""
+    """The textbook rate-distortion model, identical for every weight and not weighted by role: the planner
+    weights it by each tensor's element count, so the plan spreads bits as evenly as the tensors' row
+    lengths allow (the baseline every measured strategy must beat)."""
     return TensorScore({t: float(2.0 ** (-2.0 * bits_per_weight(t))) for t in job.candidates})
 
 
