@@ -55,6 +55,13 @@ def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     again = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["build_s"] is None for r in again)
     assert [r["kld"] for r in again] == [r["kld"] for r in rows]
+    # a kept file that the current planner would plan otherwise is built again, and only that one
+    stale = out / "ggufmix-uniform-none-5bpw.recipe.txt"
+    stale.write_text(stale.read_text().replace("=q", "=q8_0 #", 1))
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    rebuilt = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["file"] for r in rebuilt if r["build_s"] is not None] == ["ggufmix-uniform-none-5bpw.gguf"]
+    assert "#" not in stale.read_text()  # the rebuild wrote the current recipe
     # the second run took every file's numbers from its .eval.json; a stale one is measured again
     kept = out / "stock-Q4_K_M-none.eval.json"
     doc = json.loads(kept.read_text())

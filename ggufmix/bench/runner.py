@@ -9,7 +9,8 @@ For each imatrix mode (none, and the imatrix computed on ``calib`` text when giv
    numbers are kept in ``<file>.eval.json`` and reused while the file, source, text and settings match.
 
 Files already in the output folder are reused (the folder doubles as a cache: delete it to rebuild),
-so an interrupted bench resumes where it stopped.
+so an interrupted bench resumes where it stopped; a kept ggufmix file whose recipe differs from what
+the current planner makes of the same scores is built again.
 """
 from __future__ import annotations
 
@@ -177,6 +178,9 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
 
     out = cfg.out / f"ggufmix-{strategy}-{mode}-{label}.gguf"
     seconds = None
+    if out.exists() and _planned_otherwise(out, scores, budget):
+        logger.warning("%s: this ggufmix plans other types from the same scores; building it again", out.name)
+        out.unlink()
     if not out.exists():
         t0 = time.perf_counter()
         try:
@@ -187,6 +191,20 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
             return None
         seconds = time.perf_counter() - t0
     return BenchFile(out, strategy, mode, label, seconds)
+
+
+def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
+    """Whether a file kept from an earlier run was planned differently from what this code plans now (a
+    planner change would otherwise leave stale files in the folder): its recipe against a fresh plan."""
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.quantize.overrides import recipe
+    from ggufmix.score.scores import Scores
+
+    kept = out.with_suffix(".recipe.txt")
+    try:
+        return kept.read_text() != recipe(make_plan(Scores.load(scores), budget))
+    except (OSError, BudgetError):
+        return True
 
 
 def _tensor_bytes(path: Path) -> int:
