@@ -64,7 +64,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['config']['text']}; KLD {ev['kld_mode']}; llama-cpp-python {ev['llama_cpp_python']}.", "",
              _HEADER, "|" + "---|" * 10, *(_row(r) for r in rows), ""]
     for mode in sorted({r["imatrix"] for r in rows if r["kind"] != "stock"}):
-        lines += [f"## Mean KLD by strategy ({mode} imatrix)", "", *_pivot(rows, mode), ""]
+        lines += [f"## Mean KLD by strategy (imatrix: {mode})", "", *_pivot(rows, mode), ""]
     vs = versus_stock(results["rows"])
     if vs:
         lines += ["## At each stock mix's size", "",
