@@ -310,3 +310,28 @@ def test_type_prices_are_kept_across_runs(tiny_model: Path, tmp_path: Path, monk
     (tmp_path / "again").mkdir()
     again = _score(tiny_model, tmp_path / "again", "fastewq")
     assert next(t for t in again["tensors"] if t["name"] == "blk.0.ffn_up.weight")["errors"]["Q4_K"] == 0.125
+
+
+def test_block_statistics_are_kept_across_runs(tiny_model: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """LieQ's removal pass runs once per model and calibration text; the hybrid and later runs reuse it."""
+    import ggufmix.engine.ablation as ablation
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 120)
+    args = ("--calib", str(text), "--calib-chunks", "2")
+    first = _score(tiny_model, tmp_path, "lieq", *args)
+    assert len(list((tmp_path / "cache" / "block-stats").glob("*.json"))) == 1
+
+    def no_second_pass(*a: object, **k: object) -> None:
+        raise AssertionError("block removal measured again")
+
+    monkeypatch.setattr(ablation, "block_removal_cost", no_second_pass)
+    (tmp_path / "again").mkdir()
+    again = _score(tiny_model, tmp_path / "again", "lieq", *args)
+    assert _block_importance(again) == _block_importance(first)
+    text.write_text("Another text entirely, so the statistics must be measured on it. " * 120)
+    res = CliRunner().invoke(cli, ["-q", "score", str(tiny_model), "--strategy", "lieq", "-o",
+                                   str(tmp_path / "other.json"), *args])
+    assert res.exit_code != 0 and "measured again" in repr(res.exception)

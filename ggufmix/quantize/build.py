@@ -114,17 +114,28 @@ def block_stats(model: Path, activations: str, n_layers: int, opts: ScoreOptions
         return None
     from ggufmix.engine.ablation import block_removal_cost
     from ggufmix.engine.activations import collect_activations
+    from ggufmix.engine.llamalib import version
+    from ggufmix.evaluate.basecache import text_sha256
     from ggufmix.evaluate.runner import read_eval_text
     from ggufmix.score.base import BlockStats
+    from ggufmix.score.journal import BlockStatsCache, fingerprint
 
     if opts.calib is None:
         raise UsageError(f"--strategy {opts.strategy} ranks blocks by their activations: give --calib TEXT")
     text = read_eval_text(opts.calib)
+    cache = BlockStatsCache({"model": fingerprint(model), "calib": text_sha256(text), "chunks": opts.calib_chunks,
+                             "kind": activations, "llama-cpp-python": version()})
+    kept = cache.load()
+    if kept is not None:
+        logger.info("block statistics kept from an earlier run: %s", cache.path)
+        return BlockStats(**kept)
     acts = collect_activations(model, text, n_chunks=opts.calib_chunks, progress=progress, imatrix=False)
     drop = {}
     if activations == "ablation":
         drop = block_removal_cost(model, text, n_layers, n_chunks=min(2, opts.calib_chunks), progress=progress)
-    return BlockStats(acts.block_distance, acts.block_erank, drop)
+    parts = {"distance": acts.block_distance, "erank": acts.block_erank, "ppl_drop": drop}
+    cache.save(parts)
+    return BlockStats(**parts)
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:

@@ -13,7 +13,9 @@ byte: hashing a 140 GB source would cost minutes for each run. A source edited i
 changing those bytes would be missed; re-exported or re-downloaded files are not.
 
 Beside the journals, ``${GGUFMIX_CACHE}/type-noise/<key>.json`` keeps the pure strategies' type prices
-(``PriceCache``), keyed by llama-cpp-python's version and the same code digest.
+(``PriceCache``), keyed by llama-cpp-python's version and the same code digest, and
+``${GGUFMIX_CACHE}/block-stats/<key>.json`` the activation diagnostics of lim and lieq (``BlockStatsCache``),
+keyed by the model's fingerprint, the calibration text and chunks, and the same code digest.
 """
 from __future__ import annotations
 
@@ -118,3 +120,28 @@ class PriceCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(sorted([t.name, n, v] for (t, n), v in table.items())) + "\n")
+
+
+class BlockStatsCache:
+    """The activation diagnostics of one model on one calibration text, kept across runs: LieQ's block
+    removal costs one llama.cpp pass per block (13 minutes on Qwen2.5-Coder-1.5B here), and the pure
+    strategy, its hybrid and every imatrix mode measure the same numbers."""
+
+    def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
+        digest = hashlib.sha256(json.dumps({**key, "code": code_digest()}, sort_keys=True).encode()).hexdigest()
+        self.path = (root or cache_root() / "block-stats") / f"{digest[:32]}.json"
+
+    def load(self) -> dict[str, dict[int, float]] | None:
+        """``{"distance": {block: value}, "erank": ..., "ppl_drop": ...}``, or None when not kept (or damaged)."""
+        try:
+            doc = json.loads(self.path.read_text())
+            return {part: {int(b): float(v) for b, v in values.items()} for part, values in doc.items()}
+        except FileNotFoundError:
+            return None
+        except (ValueError, AttributeError, TypeError):
+            logger.info("%s: ignoring damaged block statistics", self.path)
+            return None
+
+    def save(self, parts: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps({k: {str(b): v for b, v in d.items()} for k, d in parts.items()}) + "\n")
