@@ -48,6 +48,13 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def keyed_path(folder: str, key: dict[str, Any], root: Path | None = None, suffix: str = ".json") -> Path:
+    """``${GGUFMIX_CACHE}/<folder>/<hash of key, ggufmix's version and code digest><suffix>`` (or under ``root``)."""
+    digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__, "code": code_digest()},
+                                       sort_keys=True).encode()).hexdigest()
+    return (root or cache_root() / folder) / f"{digest[:32]}{suffix}"
+
+
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of a file's size and sampled MiB blocks (see the module docstring)."""
     p = Path(path)
@@ -64,9 +71,7 @@ class Journal:
     """Append-only record of finished tensors for one (source, settings) key."""
 
     def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
-        digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__, "code": code_digest()},
-                                       sort_keys=True).encode()).hexdigest()
-        self.path = (root or cache_root() / "score-journal") / f"{digest[:32]}.jsonl"
+        self.path = keyed_path("score-journal", key, root, ".jsonl")
 
     def load(self) -> dict[str, TensorScores]:
         """Tensors already scored (empty when there is no journal)."""
@@ -98,11 +103,10 @@ class Journal:
 class PriceCache:
     """The pure strategies' type prices (noise of each type on the seeded Gaussian reference of each width),
     kept across runs: they depend only on llama.cpp and ggufmix's code, and pricing the IQ2 types the first
-    time in a process costs ~8 s of llama.cpp's grid set-up, more than FastEWQ's whole decision."""
+    time in a process costs up to ~8 s of llama.cpp's grid set-up, far more than FastEWQ's whole decision."""
 
     def __init__(self, llama_cpp: str, root: Path | None = None) -> None:
-        digest = hashlib.sha256(json.dumps({"llama-cpp-python": llama_cpp, "code": code_digest()}).encode())
-        self.path = (root or cache_root() / "type-noise") / f"{digest.hexdigest()[:32]}.json"
+        self.path = keyed_path("type-noise", {"llama-cpp-python": llama_cpp}, root)
 
     def load(self) -> dict[tuple[QuantType, int], float]:
         """The prices saved by an earlier run (empty when there are none or the file is damaged)."""
@@ -128,8 +132,7 @@ class BlockStatsCache:
     strategy, its hybrid and every imatrix mode measure the same numbers."""
 
     def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
-        digest = hashlib.sha256(json.dumps({**key, "code": code_digest()}, sort_keys=True).encode()).hexdigest()
-        self.path = (root or cache_root() / "block-stats") / f"{digest[:32]}.json"
+        self.path = keyed_path("block-stats", key, root)
 
     def load(self) -> dict[str, dict[int, float]] | None:
         """``{"distance": {block: value}, "erank": ..., "ppl_drop": ...}``, or None when not kept (or damaged)."""
