@@ -179,7 +179,8 @@ def test_weight_strategies_rank_every_block(tiny_model: Path, tmp_path: Path, st
     assert sorted(imp) == [0, 1, 2, 3]
     assert all(2 ** -stats.Z_CLIP <= v <= 2 ** stats.Z_CLIP for v in imp.values())
     embd = next(t for t in doc["tensors"] if t["name"] == "token_embd.weight")
-    assert embd["importance"] == pytest.approx(max(imp.values()))  # unranked tensors kept with the best block
+    assert embd["importance"] == 1.0  # unranked tensors: the blocks' geometric mean, as in `uniform`
+    assert math.prod(imp.values()) ** (1 / len(imp)) == pytest.approx(1.0)  # 4 blocks: |z| <= sqrt 3, no clip
     q = next(t for t in doc["tensors"] if t["name"] == "blk.0.ffn_up.weight")
     assert q["errors"]["Q2_K"] > q["errors"]["Q4_K"] > q["errors"]["Q8_0"] > 0
 

@@ -9,8 +9,11 @@ ordered as llama.cpp really quantizes, but nothing tensor-specific is measured),
 ``importance = 2^clip(z)`` of the block's standardised score (stats.importance_from_scores). Equal
 importances thus give every tensor the same bits, as the papers start from uniform bits and move the
 least important layers down; one standard deviation of score is worth about half a bit. Tensors
-outside blocks (embeddings, output) are not ranked by any of the papers; they get the highest block
-importance, which keeps them at least as precise as the most important block. A hybrid
+outside blocks (embeddings, output) are not ranked by any of the papers; they get importance 1, the
+geometric mean of the blocks', so that a pure strategy differs from ``uniform`` by the paper's block
+ranking and nothing else. (They used to get the top block's importance, up to 4: that protected
+SmolLM2's tied embedding, but spent up to a bit more on Qwen's untied 233M-parameter embedding and
+head, 30% of its weights, and mixed a second effect into every comparison with ``uniform``.) A hybrid
 ``measured+<paper>`` keeps the measured per-tensor error and multiplies it by the paper's importance.
 
 Choices where the papers leave details open are written where they are made.
@@ -198,15 +201,13 @@ def _fastewq_tiers(p_keep: Mapping[int, float]) -> dict[int, int]:
     return {b: 2 if p > 0.5 else 0 for b, p in p_keep.items()}
 
 
-def _finisher(block_fn: BlockScoreFn, hybrid: bool, tiers: TierFn | None = None) -> Callable[
+def _finisher(block_fn: BlockScoreFn, tiers: TierFn | None = None) -> Callable[
         [Mapping[str, Any], ModelContext], dict[str, TensorScore]]:
-    """Block scores -> per-tensor importance (and EWQ's tier, for ``--rule``). Pure: unranked tensors get
-    the top importance; hybrid: 1."""
+    """Block scores -> per-tensor importance (and EWQ's tier, for ``--rule``); tensors outside the blocks: 1."""
     def finish(scores: Mapping[str, Any], ctx: ModelContext) -> dict[str, TensorScore]:
         block_scores = block_fn(scores, ctx)
         imp = stats.importance_from_scores(block_scores)
         tier = tiers(block_scores) if tiers and block_scores else {}
-        other = 1.0 if hybrid else max(imp.values(), default=1.0)
         layers = {s.name: s.layer for s in ctx.slots}
         out = {}
         for name, ts in scores.items():
@@ -214,7 +215,7 @@ def _finisher(block_fn: BlockScoreFn, hybrid: bool, tiers: TierFn | None = None)
             extra = {"block_importance": imp[block], "block_score": block_scores[block]} if block in imp else {}
             if block in tier:
                 extra["ewq_tier"] = tier[block]
-            out[name] = TensorScore(dict(ts.errors), imp.get(block, other), {**ts.stats, **extra})
+            out[name] = TensorScore(dict(ts.errors), imp.get(block, 1.0), {**ts.stats, **extra})
         return out
     return finish
 
@@ -246,13 +247,13 @@ def _hybrid_fn(stat: StatFn) -> Callable[[TensorJob], TensorScore]:
 
 
 for _name, (_stat, _blocks, _acts, _rows, _desc) in PAPERS.items():
-    register(_name, needs_rows=_rows, calibrated=False, finish=_finisher(_blocks, False, TIERED.get(_name)),
+    register(_name, needs_rows=_rows, calibrated=False, finish=_finisher(_blocks, TIERED.get(_name)),
              activations=_acts,
              description=f"{_desc}; type costs from the real quantizer on Gaussian weights")(_pure_fn(_stat))
-    register(f"measured+{_name}", calibrated=True, finish=_finisher(_blocks, True), activations=_acts,
+    register(f"measured+{_name}", calibrated=True, finish=_finisher(_blocks), activations=_acts,
              description=f"measured error x {_name} block importance")(_hybrid_fn(_stat))
 
-register("fastewq", needs_rows=False, calibrated=False, finish=_finisher(fastewq_blocks, False, _fastewq_tiers),
+register("fastewq", needs_rows=False, calibrated=False, finish=_finisher(fastewq_blocks, _fastewq_tiers),
          reads_weights=False,
          description="FastEWQ: EWQ's decision predicted from metadata alone (no tensor data read)")(
     _pure_fn(metadata_stats))
