@@ -288,16 +288,16 @@ def test_pure_strategy_with_an_imatrix_prices_every_iq_type(tiny_model: Path, tm
 
 
 def test_gaussian_reference_holds_at_most_about_49k_values() -> None:
-    from ggufmix.score.layerwise import reference_rows
+    from ggufmix.score.quant_error import reference_rows
 
     assert [reference_rows(n) for n in (256, 576, 1536, 8960, 28672, 10**6)] == [32, 32, 32, 6, 2, 1]
 
 
 def test_type_prices_are_kept_across_runs(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ggufmix.score import layerwise
+    from ggufmix.score import quant_error
 
     monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(layerwise, "_noise", {})
+    monkeypatch.setattr(quant_error, "_noise", {})
     doc = _score(tiny_model, tmp_path, "fastewq")
     kept = list((tmp_path / "cache" / "type-noise").glob("*.json"))
     assert len(kept) == 1
@@ -307,7 +307,7 @@ def test_type_prices_are_kept_across_runs(tiny_model: Path, tmp_path: Path, monk
     assert [v for t, n, v in table if t == "Q4_K" and n == width] == [q4k["errors"]["Q4_K"]]
     # a fresh process reads the kept prices instead of quantizing the reference again
     kept[0].write_text(json.dumps([[t, n, 0.125 if (t, n) == ("Q4_K", width) else v] for t, n, v in table]))
-    monkeypatch.setattr(layerwise, "_noise", {})
+    monkeypatch.setattr(quant_error, "_noise", {})
     (tmp_path / "again").mkdir()
     again = _score(tiny_model, tmp_path / "again", "fastewq")
     assert next(t for t in again["tensors"] if t["name"] == "blk.0.ffn_up.weight")["errors"]["Q4_K"] == 0.125

@@ -87,7 +87,7 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | 
     from ggufmix.engine.llamalib import version
     from ggufmix.score.base import scorers
     from ggufmix.score.journal import Journal, PriceCache, fingerprint
-    from ggufmix.score.layerwise import known_noise, remember_noise
+    from ggufmix.score.quant_error import known_noise, remember_noise
 
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
     spec = scorers()[opts.strategy]

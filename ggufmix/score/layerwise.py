@@ -3,7 +3,8 @@
 
 All of them rank transformer blocks; the budget solver needs a cost per tensor and type. A pure paper
 strategy gives every tensor of block ``b`` the cost ``importance(b) * noise(type)``, which the planner
-multiplies by the tensor's share of the weights (plan/planner.make_plan): ``noise`` is the real
+multiplies by the tensor's share of the weights (plan/planner.make_plan): ``noise`` (quant_error.type_noise,
+shared with ``uniform``) is the real
 llama.cpp quantizer's noise-to-signal ratio on Gaussian weights of the tensor's width (so the types are
 ordered as llama.cpp really quantizes, but nothing tensor-specific is measured), and
 ``importance = 2^clip(z)`` of the block's standardised score (stats.importance_from_scores). Equal
@@ -20,7 +21,6 @@ Choices where the papers leave details open are written where they are made.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -28,59 +28,10 @@ import numpy as np
 
 from ggufmix.score import stats
 from ggufmix.score.base import ModelContext, TensorJob, TensorScore, register
-from ggufmix.score.quant_error import measured
-from ggufmix.types import QuantType
+from ggufmix.score.quant_error import generic_errors, measured
 
 # Rows per read when a statistic needs the whole tensor: ~4M float32 values (16 MB) at a time.
 CHUNK_VALUES = 1 << 22
-# The Gaussian reference for the per-type noise: 32 rows of the tensor's width (its NSR is within ~1%),
-# or fewer rows for wide tensors, so that no reference holds much more than 49152 values (32 rows of
-# 1536). Every ggml type quantizes blocks of 32-256 weights independently, so a wider reference only
-# costs time: 32 rows of a 70B model's 28672-wide ffn_down took seconds per type for nothing.
-REFERENCE_ROWS = 32
-REFERENCE_VALUES = 32 * 1536
-
-_noise_lock = threading.Lock()
-_noise: dict[tuple[QuantType, int], float] = {}
-
-
-def reference_rows(ncols: int) -> int:
-    """Rows of the Gaussian reference for tensors ``ncols`` wide."""
-    return max(1, min(REFERENCE_ROWS, -(-REFERENCE_VALUES // ncols)))
-
-
-def known_noise() -> dict[tuple[QuantType, int], float]:
-    """Every (type, width) priced so far in this process, to be kept across runs (score/journal.PriceCache)."""
-    with _noise_lock:
-        return dict(_noise)
-
-
-def remember_noise(table: Mapping[tuple[QuantType, int], float]) -> None:
-    """Prices from an earlier run of the same code and llama.cpp (the reference is seeded: same values)."""
-    with _noise_lock:
-        _noise.update(table)
-
-
-def type_noise(job: TensorJob, qtype: QuantType) -> float:
-    """Noise-to-signal ratio of llama.cpp's quantizer for ``qtype`` on seeded Gaussian rows of the job's width."""
-    ncols = job.shape[0]
-    key = (qtype, ncols)
-    with _noise_lock:
-        if key in _noise:
-            return _noise[key]
-    x = np.random.default_rng(ncols).standard_normal((reference_rows(ncols), ncols)).astype(np.float32)
-    flat = np.ones(ncols, np.float32)  # a flat imatrix: IQ1/IQ2 types refuse to quantize without one
-    deq = job.kernels.dequantize(job.kernels.quantize(x, qtype, flat), qtype, ncols)
-    value = float(np.sum((x.astype(np.float64) - deq) ** 2) / np.sum(x.astype(np.float64) ** 2))
-    with _noise_lock:
-        _noise[key] = value
-    return value
-
-
-def generic_errors(job: TensorJob) -> dict[QuantType, float]:
-    return {t: type_noise(job, t) for t in job.candidates}
-
-
 def row_chunks(job: TensorJob) -> Iterator[np.ndarray]:
     """The whole tensor, a few MB at a time (entropy and z-scores are over every weight)."""
     if job.read is None:
