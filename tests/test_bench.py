@@ -34,7 +34,7 @@ def test_versus_stock_pairs_same_target_and_imatrix() -> None:
 def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
-    out = tmp_path / "bench"
+    out = tmp_path / "bench" / "tiny"  # neither folder exists yet: bench makes them, as the README's -o bench/... needs
     args = ["-q", "bench", str(tiny_model), "--text", str(text), "--calib", str(text), "--baselines", "Q4_K_M",
             "--budgets", "5", "--imatrix-chunks", "2", "--ctx", "64", "--chunks", "2", "-o", str(out)]
     res = CliRunner().invoke(cli, args)

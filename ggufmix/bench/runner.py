@@ -88,9 +88,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """
     from ggufmix.evaluate.runner import evaluate, read_eval_text
 
-    if not cfg.out.parent.is_dir():
-        raise UsageError(f"{cfg.out}: folder {cfg.out.parent} does not exist")
-    cfg.out.mkdir(exist_ok=True)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UsageError(f"{cfg.out}: not a folder")
+    cfg.out.mkdir(parents=True, exist_ok=True)  # a results folder, like mkdir -p: bench/ is not in a fresh clone
     text = read_eval_text(cfg.text)
     modes: dict[str, Path | None] = {"none": None} if "none" in cfg.modes else {}
     if cfg.calib is not None and "imatrix" in cfg.modes:
