@@ -29,8 +29,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
                 calib: Path | None = None, calib_chunks: int = 8):
-    from ggufmix.quantize.build import ScoreOptions
     from ggufmix.score.base import scorers
+    from ggufmix.score.measure import ScoreOptions
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
@@ -47,7 +47,7 @@ def _palette(types: str | None, palette: str | None, arch: str):  # noqa: ANN202
     chosen = None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
     if palette is None:
         return chosen
-    from ggufmix.package.palettes import named_palette
+    from ggufmix.ship.palettes import named_palette
 
     allowed, why = named_palette(palette, arch)
     click.echo(f"palette {palette}: {why}")
@@ -145,8 +145,9 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     (owner/name), which llama.cpp's converter turns into a float GGUF first (cached).
     """
     from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.package.ship import staging_dir
     from ggufmix.plan.planner import parse_pin
+    from ggufmix.ship.bundle import write_bundle
+    from ggufmix.ship.fit import staging_dir
 
     if (budget is None) == (fit is None):
         raise click.UsageError("give one of --budget (size or bpw of the weights) or --fit (memory of a device)")
@@ -157,14 +158,14 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     if push_repo and not bundle:
         raise click.UsageError("--push needs --bundle (the folder that is uploaded)")
     if push_repo:
-        from ggufmix.package.push import check_repo_id
+        from ggufmix.ship.push import check_repo_id
 
         check_repo_id(push_repo)  # before hours of work, not after
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     arch = str(open_gguf(model, check_data=False).metadata.get("general.architecture", "unknown"))
     kw = {"types": _palette(types, palette, arch), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
-          "scores_path": scores_path}
+          "scores": _load_scores(scores_path)}
     staging = staging_dir(bundle, force) if bundle else None
     out = staging / "model.gguf" if staging else output
     try:
@@ -172,7 +173,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                                     ctx.obj["progress"])
         quality = _quality(model, out, eval_text, ctx.obj["progress"]) if eval_text else None
         if staging is not None:
-            _bundle(model, staging, bundle, res, fit_lines, quality, imatrix, (n_ctx, ubatch) if fit else None)
+            write_bundle(model, staging, bundle, res, fit_lines=fit_lines, quality=quality, imatrix=imatrix,
+                         fit_ctx=(n_ctx, ubatch) if fit else None)
     except BaseException:
         if staging is not None:
             import shutil
@@ -195,8 +197,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     if bundle:
         click.echo(f"bundle: {bundle}/ (check with: cd {bundle} && sha256sum -c SHA256SUMS)")
     if ollama_name:
-        from ggufmix.package.palettes import ollama_engine_misfits
-        from ggufmix.package.ship import run_ollama
+        from ggufmix.ship.fit import run_ollama
+        from ggufmix.ship.palettes import ollama_engine_misfits
 
         misfits = ollama_engine_misfits(arch, set(res.plan.type_histogram()))
         if misfits:
@@ -210,7 +212,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
 
 def _push(bundle: Path, repo: str, private: bool, message: str, progress: bool) -> None:
     from ggufmix.errors import HubError
-    from ggufmix.package.push import push_bundle
+    from ggufmix.ship.push import push_bundle
 
     try:
         url = push_bundle(bundle, repo, private=private, message=message, progress=progress)
@@ -227,7 +229,7 @@ def _push(bundle: Path, repo: str, private: bool, message: str, progress: bool) 
 def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
     """Upload a --bundle folder to the Hugging Face model repository REPO (owner/name), checked file by file
     against its SHA256SUMS before and by model.gguf's SHA-256 on the hub after."""
-    from ggufmix.package.push import push_bundle
+    from ggufmix.ship.push import push_bundle
 
     url = push_bundle(bundle, repo, private=private, message=f"ggufmix bundle {bundle.name}",
                       progress=ctx.obj["progress"])
@@ -237,10 +239,10 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
 def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str, bool],
                opts, kw: dict, force: bool, progress: bool):  # noqa: ANN001, ANN202
     from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.package.memory import resolve_fit
-    from ggufmix.package.ship import FitSettings, build_to_fit
     from ggufmix.plan.budget import parse_budget
-    from ggufmix.quantize.build import build as run_build
+    from ggufmix.realize.build import build as run_build
+    from ggufmix.ship.devices import resolve_fit
+    from ggufmix.ship.fit import FitSettings, build_to_fit
 
     if fit is None:
         return run_build(model, out, parse_budget(budget), opts=opts, force=force, progress=progress, **kw), None
@@ -252,39 +254,22 @@ def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_
     return res, lines
 
 
-def _quality(model: Path, out: Path, text: Path, progress: bool) -> dict:
-    from ggufmix.evaluate.runner import evaluate, read_eval_text
+def _load_scores(path: Path | None):  # noqa: ANN202
+    from ggufmix.scores import Scores
 
-    rep = evaluate(model, [out], read_eval_text(text), chunks=8, progress=progress)
+    return Scores.load(path) if path else None
+
+
+def _quality(model: Path, out: Path, text: Path, progress: bool) -> dict:
+    from ggufmix.evaluate.evaluation import evaluate
+    from ggufmix.io.text import read_text
+
+    rep = evaluate(model, [out], read_text(text), chunks=8, progress=progress)
     q, s = rep.quants[0], rep.settings
     d = q.divergence
     return {"settings": f"{s.n_chunks} x {s.ctx} tokens of {text.name}, KLD {s.kld_mode}",
             "base_ppl": rep.base.perplexity.ppl.value, "ppl": q.perplexity.ppl.value, "kld": d.kld.value,
             "kld_err": d.kld.stderr, "kld_p99": d.kld_p99, "top1": d.same_top.value}
-
-
-def _bundle(model: Path, staging: Path, final: Path, res, fit_lines, quality, imatrix: Path | None,  # noqa: ANN001
-            fit_ctx: tuple[int, int] | None) -> None:
-    import importlib.util
-
-    from ggufmix.engine.quantize import STOCK_FTYPES
-    from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.package.bundle import finish_bundle, model_card
-    from ggufmix.package.modelfile import modelfile
-    from ggufmix.quantize.overrides import base_ftype
-
-    meta = open_gguf(model).metadata
-    ftype = base_ftype(res.plan)
-    name = next((k for k, v in STOCK_FTYPES.items() if v == ftype), str(ftype))
-    rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")
-               + f"{model.name} model.gguf {name}")
-    chat = meta.get("tokenizer.chat_template")
-    text = modelfile("model.gguf", chat if isinstance(chat, str) else None,
-                     num_ctx=fit_ctx[0] if fit_ctx else None, num_batch=fit_ctx[1] if fit_ctx else None,
-                     use_mmap=False if fit_ctx else None)
-    card = model_card(res.plan, meta, verified=res.verified.__dict__, fit_lines=fit_lines, quality=quality,
-                      rebuild=rebuild, has_picture=importlib.util.find_spec("matplotlib") is not None)
-    finish_bundle(staging, final, modelfile_text=text, card=card)
 
 
 @cli.command()
@@ -296,8 +281,8 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
-    from ggufmix.quantize.build import load_imatrix, open_source, score_source
     from ggufmix.score.base import scorers
+    from ggufmix.score.measure import load_imatrix, open_source, score_source
 
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
@@ -319,17 +304,17 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     from ggufmix.artifacts import write_text_atomic
     from ggufmix.plan.budget import Budget, parse_budget
     from ggufmix.plan.planner import make_plan, parse_pin
-    from ggufmix.quantize.build import versions
-    from ggufmix.quantize.overrides import recipe as make_recipe
-    from ggufmix.score.scores import Scores
+    from ggufmix.realize.build import versions
+    from ggufmix.realize.overrides import recipe as make_recipe
+    from ggufmix.scores import Scores
 
     if (budget is None) == (fit is None):
         raise click.UsageError("give one of --budget or --fit")
     scores = Scores.load(scores_file)
     if fit is not None:
         from ggufmix.io.gguf_source import open_gguf
-        from ggufmix.package.memory import resolve_fit
-        from ggufmix.package.ship import FitSettings, fit_report
+        from ggufmix.ship.devices import resolve_fit
+        from ggufmix.ship.fit import FitSettings, fit_report
 
         source = Path(scores.source["path"])
         settings = FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type, swa_full)
@@ -355,7 +340,7 @@ def convert(ctx: click.Context, model: Path, output: Path | None, force: bool, r
             outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Convert a Hugging Face folder or hub id to a float GGUF with llama.cpp's converter (cached)."""
     from ggufmix.io.hf import copy_converted
-    from ggufmix.quantize.build import check_output
+    from ggufmix.realize.build import check_output
 
     gguf_path = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     if output is not None:
@@ -389,9 +374,10 @@ def inspect(model: Path, as_json: bool) -> None:
 def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: Path, n_ctx: int,
           chunks: int | None, exact: bool, threads: int | None, gpu_layers: int, as_json: bool) -> None:
     """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE."""
-    from ggufmix.evaluate.runner import evaluate, format_table, read_eval_text
+    from ggufmix.evaluate.evaluation import evaluate, format_table
+    from ggufmix.io.text import read_text
 
-    report = evaluate(base, list(quants), read_eval_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
+    report = evaluate(base, list(quants), read_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
                       n_threads=threads, progress=ctx.obj["progress"], n_gpu_layers=gpu_layers)
     click.echo(json.dumps(report.to_json(), indent=1, default=str) if as_json else format_table(report))
 
@@ -408,11 +394,11 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
             revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Compute an importance matrix for MODEL on calibration text (llama-imatrix's statistic and format)."""
     from ggufmix.engine.activations import collect_imatrix
-    from ggufmix.evaluate.runner import read_eval_text
     from ggufmix.io.imatrix import write_imatrix_gguf
+    from ggufmix.io.text import read_text
 
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
-    im = collect_imatrix(model, read_eval_text(text_file), n_ctx=n_ctx, n_chunks=chunks,
+    im = collect_imatrix(model, read_text(text_file), n_ctx=n_ctx, n_chunks=chunks,
                          progress=ctx.obj["progress"], dataset=text_file.name)
     write_imatrix_gguf(output, im)
     click.echo(f"wrote {output}: {len(im)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens")
@@ -437,7 +423,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
           output: Path) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
-    from ggufmix.bench.runner import BenchConfig, run_bench
+    from ggufmix.bench.bench import BenchConfig, run_bench
 
     try:
         bpws = tuple(float(b) for b in budgets.replace("bpw", "").split(",") if b.strip())

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ggufmix.evaluate.runner import evaluate, read_eval_text
+from ggufmix.evaluate.evaluation import evaluate
+from ggufmix.io.text import read_text
 
 
 def plain_forward(model: Path, text: str, ctx: int, chunks: int, threads: int) -> float:
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
     threads = os.cpu_count() or 1
-    text = read_eval_text(args.text)
+    text = read_text(args.text)
     evaluate(args.base, [], text, ctx=args.ctx, chunks=args.chunks, progress=False)  # fills the base cache
     t0 = time.perf_counter()
     rep = evaluate(args.base, [args.quant], text, ctx=args.ctx, chunks=args.chunks, progress=False)

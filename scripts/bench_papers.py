@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ggufmix.bench.report import markdown
-from ggufmix.bench.runner import BenchConfig, run_bench
+from ggufmix.bench.bench import BenchConfig, run_bench
 from ggufmix.score.layerwise import PAPERS
 
 DEFAULT = ",".join(["measured", "uniform", *PAPERS, "fastewq", *(f"measured+{p}" for p in PAPERS)])

@@ -35,7 +35,7 @@ def read_all(path: Path) -> float:
 
 
 def score_once(path: Path, strategy: str, calib: Path | None) -> float:
-    from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
 
     src = open_source(path, False)
     t0 = time.perf_counter()
@@ -45,8 +45,9 @@ def score_once(path: Path, strategy: str, calib: Path | None) -> float:
 
 def decide_once(path: Path) -> float:
     """Seconds for FastEWQ's decision alone: block features from the header, then the shipped classifier."""
-    from ggufmix.plan.layout import build_layout
-    from ggufmix.quantize.build import DEFAULT_TYPES, open_source
+    from ggufmix.layout.slots import build_layout
+    from ggufmix.realize.build import DEFAULT_TYPES
+    from ggufmix.score.measure import open_source
     from ggufmix.score.base import ModelContext
     from ggufmix.score.fastewq import predict_keep
 

@@ -23,9 +23,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ggufmix.evaluate.runner import evaluate, read_eval_text
+from ggufmix.evaluate.evaluation import evaluate
+from ggufmix.io.text import read_text
 from ggufmix.plan.planner import gain_key, plan_from_types
-from ggufmix.quantize.build import ScoreOptions, load_imatrix, open_source, quantize_plan, score_source
+from ggufmix.realize.build import quantize_plan
+from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.types import QuantType
 
 PROBE = QuantType.Q4_0
@@ -79,7 +81,7 @@ def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace
         doc = json.loads(cache.read_text())
         if doc["key"] == key and set(doc["kld"]) == set(files):
             return doc["kld"]
-    report = evaluate(source, list(files.values()), read_eval_text(args.text), ctx=args.ctx, chunks=args.chunks)
+    report = evaluate(source, list(files.values()), read_text(args.text), ctx=args.ctx, chunks=args.chunks)
     kld = {k: q.divergence.kld.value for k, q in zip(files, report.quants)}
     cache.write_text(json.dumps({"key": key, "kld": kld}, indent=1))
     return kld

@@ -51,7 +51,7 @@ def probe(path: Path, score: bool = False) -> None:
     for name in list(src.tensors)[:4]:
         src.rows(name)
     if score:
-        from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+        from ggufmix.score.measure import ScoreOptions, open_source, score_source
 
         score_source(open_source(path, False), ScoreOptions(max_rows=4, threads=1), None, progress=False)
 
@@ -121,7 +121,7 @@ def main() -> int:
                     escapes[finding] = i
                     shutil.copy(mutant, work / f"case{i}.gguf")
     print(f"{args.cases} cases (seed {args.seed}): {refused} refused with a GgufmixError, "
-          f"{args.cases - refused} opened{f' and went through build' if args.build else ''}, "
+          f"{args.cases - refused} opened{' and went through build' if args.build else ''}, "
           f"{len(escapes)} distinct escapes{f' (mutants kept in {work})' if escapes else ''}")
     for what, case in escapes.items():
         print(f"  case {case}: {what}")

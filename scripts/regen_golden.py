@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from golden_inputs import CASES  # noqa: E402
 
-from ggufmix.package.modelfile import modelfile  # noqa: E402
+from ggufmix.ship.modelfile import modelfile  # noqa: E402
 
 for name, (template, kw) in CASES.items():
     path = ROOT / "tests" / "golden" / f"{name}.Modelfile"

@@ -17,7 +17,7 @@ import numpy as np
 from ggufmix.score.base import ModelContext
 from ggufmix.score.fastewq import FEATURES, block_features, fit_logistic, labels_from_entropy, predict
 from ggufmix.score.layerwise import ewq_blocks
-from ggufmix.score.scores import Scores
+from ggufmix.scores import Scores
 
 
 def model_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,10 @@ from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.budget import bpw, parse_budget
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.plan.planner import make_plan, parse_pin
-from ggufmix.quantize.build import ScoreOptions, build, open_source, score_source
-from ggufmix.quantize.overrides import overrides, recipe
-from ggufmix.quantize.verify import verify
+from ggufmix.realize.build import build
+from ggufmix.score.measure import ScoreOptions, open_source, score_source
+from ggufmix.realize.overrides import overrides, recipe
+from ggufmix.realize.verify import verify
 from ggufmix.types import QuantType, block_size
 
 

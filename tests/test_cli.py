@@ -97,7 +97,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 def test_lean_import() -> None:
-    code = ("import sys, ggufmix, ggufmix.cli, ggufmix.plan.planner, ggufmix.score.runner; "
+    code = ("import sys, ggufmix, ggufmix.cli, ggufmix.plan.planner, ggufmix.score.stream; "
             "bad = [m for m in ('llama_cpp', 'torch') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

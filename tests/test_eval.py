@@ -14,12 +14,12 @@ import pytest
 from ggufmix.errors import InputError, UsageError
 from ggufmix.evaluate import basecache
 from ggufmix.evaluate.basecache import BaseLogits, CacheKey, TopKRows, compress_topk, token_stats_topk
+from ggufmix.numerics import log_softmax
 from ggufmix.evaluate.metrics import (
     DivergenceAccumulator,
     PerplexityAccumulator,
     TokenStats,
     kld_rows,
-    log_softmax,
     mean_and_uncertainty,
     token_stats_full,
 )
@@ -283,7 +283,7 @@ def _check_against_reference(rep, ref: dict[str, object], *, exact: bool) -> Non
 
 
 def test_evaluate_exact_matches_numpy(models: tuple[Path, Path], reference: dict[str, object]) -> None:
-    from ggufmix.evaluate.runner import evaluate
+    from ggufmix.evaluate.evaluation import evaluate
 
     rep = evaluate(models[0], [models[1]], reference["text"], ctx=CTX, chunks=4, cache=False, n_threads=2,
                    progress=False)
@@ -294,7 +294,7 @@ def test_evaluate_exact_matches_numpy(models: tuple[Path, Path], reference: dict
 def test_evaluate_cached_equals_exact_when_topk_covers_vocab(
     models: tuple[Path, Path], reference: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ggufmix.evaluate.runner import evaluate, format_table
+    from ggufmix.evaluate.evaluation import evaluate, format_table
 
     monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path))
     kw = dict(ctx=CTX, chunks=4, cache=True, n_threads=2, progress=False, topk=512)  # 512 >= 384 tokens
@@ -335,7 +335,7 @@ def test_engine_chunks_and_bos(models: tuple[Path, Path], reference: dict[str, o
 
 
 def test_errors(models: tuple[Path, Path], tmp_path: Path) -> None:
-    from ggufmix.evaluate.runner import evaluate
+    from ggufmix.evaluate.evaluation import evaluate
 
     other = _tinymodel().write_tiny_llama(tmp_path / "other.gguf", n_vocab=400)
     with pytest.raises(InputError, match="vocabulary"):
@@ -351,7 +351,7 @@ def test_errors(models: tuple[Path, Path], tmp_path: Path) -> None:
 def test_backend_is_reported(models: tuple[Path, Path], reference: dict[str, object]) -> None:
     """The report says where the forward passes ran; asking for GPU layers on a CPU build falls back to CPU."""
     from ggufmix.engine.logits import system_info
-    from ggufmix.evaluate.runner import evaluate
+    from ggufmix.evaluate.evaluation import evaluate
 
     rep = evaluate(models[0], [models[1]], reference["text"], ctx=CTX, chunks=2, cache=False, n_threads=2,
                    progress=False, n_gpu_layers=99)

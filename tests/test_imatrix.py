@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from ggufmix.errors import EngineError, InputError
-from ggufmix.io.imatrix import Imatrix, check_against, read_imatrix, write_imatrix_gguf
+from ggufmix.imatrix import Imatrix
+from ggufmix.io.imatrix import check_against, read_imatrix, write_imatrix_gguf
 
 from tinymodel import RMS_EPS, read_tiny_weights, write_tiny_llama
 

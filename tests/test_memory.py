@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from ggufmix.engine.memory import measure_buffers, parse_buffers
+from ggufmix.engine.buffers import measure_buffers, parse_buffers
 from ggufmix.errors import EngineError, UsageError
 from ggufmix.io.gguf_source import open_gguf
-from ggufmix.package.memory import FitReport, ModelShape, kv_cache_bytes, kv_type, n_cells, resolve_fit
+from ggufmix.ship.devices import FitReport, ModelShape, kv_cache_bytes, kv_type, n_cells, resolve_fit
 
 HALF_LOGGED_DIGIT = 0.005 * (1 << 20) + 1  # llama.cpp prints MiB with two decimals (6.375 -> "6.38")
 
@@ -45,7 +45,7 @@ def test_sliding_window_kv_cache_matches_llama_cpp(gemma3: Path, n_ctx: int, n_u
 
 
 def test_sliding_window_patterns() -> None:
-    from ggufmix.package.memory import swa_layers
+    from ggufmix.ship.devices import swa_layers
 
     assert swa_layers("gemma2", 4, None) == (True, False, True, False)
     assert swa_layers("smallthinker", 5, None) == (False, True, True, True, False)  # dense first

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from golden_inputs import CASES
 
 from ggufmix.cli import cli
-from ggufmix.engine.memory import measure_buffers
-from ggufmix.package.modelfile import default_system, detect_family, modelfile
-from ggufmix.package.ship import run_ollama
+from ggufmix.engine.buffers import measure_buffers
+from ggufmix.ship.modelfile import default_system, detect_family, modelfile
+from ggufmix.ship.fit import run_ollama
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -93,7 +93,7 @@ def test_palette_ollama_by_architecture(tiny_model: Path, tmp_path: Path) -> Non
     Ollama's own engine serves (qwen3) gets no IQ types, checked on a real plan from real scores."""
     import json
 
-    from ggufmix.package.palettes import named_palette, ollama_engine_misfits
+    from ggufmix.ship.palettes import named_palette, ollama_engine_misfits
     from ggufmix.types import DEFAULT_TYPES, QuantType
 
     llama, _ = named_palette("ollama", "llama")

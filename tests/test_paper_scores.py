@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ggufmix.cli import cli
+from ggufmix.numerics import effective_rank
 from ggufmix.score import stats
 from ggufmix.score.fastewq import block_features, fit_logistic, labels_from_entropy, predict
 
@@ -85,9 +86,9 @@ def test_topk_energy_and_effective_rank_from_known_singular_values() -> None:
     assert stats.topk_energy(w, 1) == pytest.approx(16 / 30)
     assert stats.topk_energy(w, 2) == pytest.approx(25 / 30)
     p = s / s.sum()
-    assert stats.effective_rank(w) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
-    assert stats.effective_rank(np.eye(16)) == pytest.approx(16)
-    assert stats.effective_rank(np.outer(np.arange(1, 9), np.ones(5))) == pytest.approx(1.0)
+    assert effective_rank(w) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert effective_rank(np.eye(16)) == pytest.approx(16)
+    assert effective_rank(np.outer(np.arange(1, 9), np.ones(5))) == pytest.approx(1.0)
 
 
 def test_energy_gain_is_one_for_the_reference_and_high_for_low_rank() -> None:
@@ -246,7 +247,7 @@ def test_fastewq_reads_no_tensor_data(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_block_features_use_metadata_only() -> None:
-    from ggufmix.plan.layout import Slot
+    from ggufmix.layout.slots import Slot
     from ggufmix.types import QuantType
 
     slots = [Slot(f"blk.{b}.{r}.weight", (64, 64), QuantType.F16, r, b, 4096, {}, 0)

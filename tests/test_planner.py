@@ -34,7 +34,7 @@ def test_uniform_plans_ignore_role_gains(tiny_model) -> None:  # noqa: ANN001
     gets one of the types around 4.5 bits per weight."""
     from ggufmix.plan.budget import Budget
     from ggufmix.plan.planner import make_plan
-    from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
     from ggufmix.types import QuantType, bits_per_weight
 
     scores = score_source(open_source(tiny_model, False), ScoreOptions("uniform"), None, progress=False)
@@ -57,7 +57,7 @@ def test_pure_paper_plans_move_bits_by_block_importance_alone(tiny_model, strate
     """Equal sizes, unequal importances: more important blocks never get fewer bits for the same role."""
     from ggufmix.plan.budget import Budget
     from ggufmix.plan.planner import make_plan
-    from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
     from ggufmix.types import bits_per_weight
 
     scores = score_source(open_source(tiny_model, False), ScoreOptions(strategy), None, progress=False)

@@ -70,7 +70,7 @@ def test_hub_errors_are_one_line(bundle: Path, hub: HubStandIn) -> None:
 
 def test_push_input_errors(bundle: Path, tmp_path: Path) -> None:
     from ggufmix.errors import InputError, UsageError
-    from ggufmix.package.push import push_bundle
+    from ggufmix.ship.push import push_bundle
 
     with pytest.raises(UsageError, match="owner/name|not a Hugging Face repository id"):
         push_bundle(bundle, "no-owner")

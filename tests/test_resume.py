@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ggufmix.quantize.build import ScoreOptions, open_source, score_source
+from ggufmix.score.measure import ScoreOptions, open_source, score_source
 from ggufmix.score import base
 from ggufmix.score.journal import Journal, fingerprint
 

@@ -7,8 +7,8 @@ import pytest
 
 from ggufmix.engine.quantize import quantize_file, stock_ftype
 from ggufmix.io.gguf_source import open_gguf
-from ggufmix.plan import rules
-from ggufmix.quantize.overrides import tensor_pattern
+from ggufmix.layout import rules
+from ggufmix.realize.overrides import tensor_pattern
 from ggufmix.types import QuantType, block_size
 
 

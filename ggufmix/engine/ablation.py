@@ -18,9 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from ggufmix.engine.activations import _EMBD_NAMES, GgmlTensor, _bos, _chunks, _ggml, _session, _tokens, decode_chunk
+from ggufmix.engine.activations import (
+    _EMBD_NAMES,
+    GgmlTensor,
+    _bos,
+    _chunks,
+    _ggml,
+    _session,
+    _tokens,
+    decode_chunk,
+)
 from ggufmix.engine.llamalib import llama
 from ggufmix.errors import EngineError, GgufmixError
+from ggufmix.numerics import log_softmax, target_nll
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +116,6 @@ def block_removal_cost(model_path: str | os.PathLike[str], text: str | Sequence[
 
 
 def _mean_nll(ctx: Any, model: Any, chunks: list[list[int]], hook: _Identity) -> float:
-    from ggufmix.evaluate.metrics import log_softmax, target_nll
 
     llama_cpp = llama()
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))

@@ -28,7 +28,8 @@ from ggufmix.engine import kernels
 from ggufmix.engine.isolated import check_loads
 from ggufmix.engine.llamalib import last_error, llama
 from ggufmix.errors import EngineError, GgufmixError, InputError, UsageError
-from ggufmix.io.imatrix import Imatrix
+from ggufmix.imatrix import Imatrix
+from ggufmix.numerics import effective_rank
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,6 @@ class _Collector:
         return {b: s / n for b, (s, n) in sorted(self._dist.items()) if n}
 
     def block_erank(self) -> dict[int, float]:
-        from ggufmix.score.stats import effective_rank
 
         return {b: effective_rank(np.concatenate(x)[:ERANK_ROWS]) for b, x in sorted(self._samples.items()) if x}
 

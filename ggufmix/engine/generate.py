@@ -17,7 +17,7 @@ def smoke_test(path: str | os.PathLike[str], prompt: str = "The capital of Franc
     lib = llama()
     try:
         model = lib.Llama(model_path=str(path), n_ctx=256, n_threads=n_threads, verbose=False, seed=0)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError):
         raise EngineError(f"{label or path}: llama.cpp could not load it: {last_error()}") from None
     try:
         out = model.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, top_k=1)

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from ggufmix.errors import EngineError, InputError
+from ggufmix.numerics import log_softmax_into
 
 logger = logging.getLogger(__name__)
 
-_SOFTMAX_BLOCK = 1 << 20  # floats per log-softmax block (4 MB): bounded scratch, cache friendly
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,6 @@ class ChunkLogits:
     logprobs: np.ndarray
     decode_s: float
     softmax_s: float
-
-
-def log_softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
-    """Row-wise log-softmax of float32 ``logits`` into ``out``, in blocks of rows (bounded scratch)."""
-    rows = max(1, _SOFTMAX_BLOCK // logits.shape[1])
-    for s in range(0, logits.shape[0], rows):
-        src, dst = logits[s:s + rows], out[s:s + rows]
-        np.subtract(src, src.max(axis=1, keepdims=True), out=dst)
-        lse = np.log(np.exp(dst).sum(axis=1, dtype=np.float64)).astype(np.float32)
-        dst -= lse[:, None]
 
 
 def _import_llama() -> Any:

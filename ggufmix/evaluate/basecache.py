@@ -46,7 +46,9 @@ import numpy as np
 
 from ggufmix.artifacts import cache_root, temp_beside
 from ggufmix.engine.logits import ChunkPlan
-from ggufmix.evaluate.metrics import TokenStats, target_nll
+from ggufmix.evaluate.metrics import TokenStats
+from ggufmix.io.text import text_sha256
+from ggufmix.numerics import target_nll
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +241,6 @@ class CacheKey:
 
     def path(self, root: Path | None = None) -> Path:
         return (root or cache_dir()) / f"{Path(self.model_path).stem}-{self.digest()}.npz"
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

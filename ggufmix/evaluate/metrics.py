@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ggufmix.numerics import target_nll
+
 logger = logging.getLogger(__name__)
 
 _Z95 = 1.959963984540054
@@ -38,21 +40,6 @@ _Z95 = 1.959963984540054
 def _check_rows(name: str, rows: np.ndarray, targets: np.ndarray) -> None:
     if rows.ndim != 2 or targets.ndim != 1 or rows.shape[0] != targets.shape[0]:
         raise ValueError(f"{name}: expected (n, vocab) rows and n targets, got {rows.shape} and {targets.shape}")
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float32 (float64 sums), like perplexity.cpp's ``log_softmax``.
-
-    Args:
-        logits: (n, vocab) raw logits.
-
-    Returns:
-        (n, vocab) float32 log-probabilities.
-    """
-    x = np.asarray(logits, dtype=np.float32)
-    shifted = x - x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-    return (shifted - lse[:, None].astype(np.float32)).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -121,12 +108,6 @@ class TokenStats:
         for name in ("nll_base", "kld", "same_top", "kld_bound"):
             if getattr(self, name) is not None and getattr(self, name).shape != (n,):
                 raise ValueError(f"TokenStats.{name}: shape {getattr(self, name).shape}, expected ({n},)")
-
-
-def target_nll(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log prob of each row's actual next token, float64."""
-    _check_rows("target_nll", logprobs, targets)
-    return -np.take_along_axis(logprobs, targets[:, None].astype(np.intp), axis=1)[:, 0].astype(np.float64)
 
 
 def kld_rows(base_logprobs: np.ndarray, quant_logprobs: np.ndarray) -> np.ndarray:

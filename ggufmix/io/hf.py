@@ -25,7 +25,13 @@ from typing import Any
 
 from ggufmix.artifacts import cache_root, temp_beside
 from ggufmix.errors import InputError, MissingDependencyError, UsageError
-from ggufmix.io.llamacpp_src import INSTALL_HINT, OUTTYPES, locate_converter, run_converter
+from ggufmix.io.llamacpp_src import (
+    INSTALL_HINT,
+    OUTTYPES,
+    locate_converter,
+    run_converter,
+)
+from ggufmix.io.safetensors_header import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +105,6 @@ def check_folder(folder: Path, label: str | None = None) -> Path:
             raise InputError(f"{name}: only pickle weights ({', '.join(pickles[:3])}); ggufmix loads safetensors "
                              "only, because unpickling can run arbitrary code (use a revision with .safetensors)")
         raise InputError(f"{name}: no .safetensors weights")
-    from ggufmix.io.safetensors_source import read_header  # here: that module imports this one
 
     for shard in shards:
         read_header(shard)  # a truncated download is named here, not deep inside the converter
@@ -151,7 +156,11 @@ def download(repo_id: str, revision: str | None, progress: bool = True) -> Path:
     """
     try:
         import huggingface_hub
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
     except ImportError:
         raise MissingDependencyError(f"{repo_id}: downloading from the Hugging Face Hub needs huggingface_hub: "
                                      f"{INSTALL_HINT}") from None

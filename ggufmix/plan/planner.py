@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 from ggufmix.errors import BudgetError, UsageError
+from ggufmix.layout.slots import Slot
 from ggufmix.plan.budget import Budget, bpw
-from ggufmix.plan.layout import Slot
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.plan.solver import Item, Option, feasible_range, solve
-from ggufmix.score.scores import Scores
+from ggufmix.scores import Scores
 from ggufmix.types import QuantType, bits_per_weight, parse_type
 
 logger = logging.getLogger(__name__)
@@ -89,14 +89,6 @@ def lookup_gain(gains: dict[str, float], key: str) -> float:
     return sum(same) / len(same) if same else gains.get("other@none", 1.0)
 
 
-def _calibrated(scores: Scores) -> bool:
-    """Whether the strategy's errors are in the units role_gains.json was measured in (unknown: assume so)."""
-    from ggufmix.score.base import scorers
-
-    spec = scorers().get(scores.strategy)
-    return spec is None or spec.calibrated
-
-
 def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | None = None,
               pins: Sequence[Pin] = (), ties: Sequence[tuple[str, str]] = DEFAULT_TIES,
               gains: dict[str, float] | None = None) -> Plan:
@@ -116,7 +108,7 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     if budget.is_rule:
         return rule_plan(scores, types=types, pins=pins)
     if gains is None:
-        gains = load_gains(scores.settings.get("imatrix") is not None) if _calibrated(scores) else {}
+        gains = load_gains(scores.settings.get("imatrix") is not None) if scores.calibrated else {}
     slots = [s for s in scores.layout.slots if s.quantized]
     n_layers = scores.layout.n_layers
     quantized_elements = sum(s.n_elements for s in slots)

@@ -6,8 +6,8 @@ the quantize/dequantize kernels. Register one with ``@register("name")``; ``--st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 

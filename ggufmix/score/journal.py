@@ -29,7 +29,7 @@ from typing import Any
 
 from ggufmix import __version__
 from ggufmix.artifacts import cache_root, write_text_atomic
-from ggufmix.score.scores import TensorScores
+from ggufmix.scores import TensorScores
 from ggufmix.types import QuantType
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import numpy as np
 from ggufmix.score.base import TensorJob, TensorScore, register
 from ggufmix.types import QuantType
 
-
 # ggml's IQ quantizers search codebooks and run ~50x slower than the others: they see every
 # SLOW_STRIDE-th sampled row only (the error estimate stays within a few percent, measured on SmolLM2).
 SLOW_TYPES = frozenset({QuantType.IQ1_S, QuantType.IQ1_M, QuantType.IQ2_XXS, QuantType.IQ2_XS, QuantType.IQ2_S,

@@ -136,17 +136,6 @@ def energy_gain(w: np.ndarray, share: float = 0.05, seed: int = 0) -> float:
     return topk_energy(w, k) / random_topk_energy(w.shape, k, seed)
 
 
-def effective_rank(x: np.ndarray) -> float:
-    """Roy & Vetterli's effective rank of the rows of ``x``: ``exp`` of the entropy of the normalised
-    singular values (1 for rank one, ``min(shape)`` for a perfectly isotropic matrix)."""
-    s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
-    total = float(s.sum())
-    if total <= 0:
-        return 0.0
-    p = s[s > 0] / total
-    return float(math.exp(-np.sum(p * np.log(p))))
-
-
 def weighted_mean(values: Iterable[tuple[float, float]]) -> float:
     """``sum(v * w) / sum(w)`` over (value, weight) pairs (EWQ's parameter-weighted block entropy)."""
     pairs = list(values)

@@ -1,4 +1,7 @@
-"""Scores: what was measured once per model, so that planning any budget is instant."""
+"""Scores: what was measured once per model, so that planning any budget is instant.
+
+The artifact between the two stages: ``score/`` makes it, ``plan/`` reads it, neither imports the other.
+"""
 from __future__ import annotations
 
 import os
@@ -8,7 +11,7 @@ from typing import Any
 
 from ggufmix.artifacts import read_artifact, write_artifact
 from ggufmix.errors import InputError
-from ggufmix.plan.layout import Layout, Slot
+from ggufmix.layout.slots import Layout, Slot
 from ggufmix.types import QuantType
 
 
@@ -26,10 +29,14 @@ class Scores:
     settings: dict[str, Any]
     layout: Layout
     tensors: dict[str, TensorScores]
+    # Whether the errors are in the units role_gains.json was measured in (noise-to-signal ratios): the
+    # planner then weights them by the role/depth gains; the pure paper strategies and uniform are not.
+    calibrated: bool = True
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return write_artifact(path, "scores", {
-            "source": self.source, "strategy": self.strategy, "settings": self.settings,
+            "source": self.source, "strategy": self.strategy, "calibrated": self.calibrated,
+            "settings": self.settings,
             "arch": self.layout.arch,
             "tensors": [_slot_json(s, self.tensors.get(s.name)) for s in self.layout.slots]})
 
@@ -43,7 +50,8 @@ class Scores:
                 if "errors" in t:
                     tensors[t["name"]] = TensorScores({QuantType[k]: float(v) for k, v in t["errors"].items()},
                                                       float(t["importance"]), dict(t.get("stats", {})))
-            return cls(doc["source"], doc["strategy"], doc["settings"], Layout(doc["arch"], tuple(slots)), tensors)
+            return cls(doc["source"], doc["strategy"], doc["settings"], Layout(doc["arch"], tuple(slots)), tensors,
+                       calibrated=bool(doc["calibrated"]))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: malformed scores file ({e!r})") from None
 

@@ -23,18 +23,30 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ggufmix.engine.logits import ChunkLogits, ChunkPlan, LogitsModel, llama_cpp_version, plan_chunks
+from ggufmix.engine.logits import (
+    ChunkLogits,
+    ChunkPlan,
+    LogitsModel,
+    llama_cpp_version,
+    plan_chunks,
+)
 from ggufmix.errors import InputError, UsageError
 from ggufmix.evaluate import basecache
-from ggufmix.evaluate.basecache import BaseLogits, CacheKey, compress_topk, token_stats_topk
+from ggufmix.evaluate.basecache import (
+    BaseLogits,
+    CacheKey,
+    compress_topk,
+    token_stats_topk,
+)
 from ggufmix.evaluate.metrics import (
     DivergenceAccumulator,
     DivergenceStats,
     PerplexityAccumulator,
     PerplexityStats,
-    target_nll,
     token_stats_full,
 )
+from ggufmix.io.text import text_sha256
+from ggufmix.numerics import target_nll
 
 logger = logging.getLogger(__name__)
 
@@ -154,20 +166,6 @@ def backend_report(n_gpu_layers: int) -> str:
     return f"GPU offload ({n_gpu_layers} layers): " + ("; ".join(lines[:2]) or "llama.cpp GPU backend")
 
 
-def read_eval_text(path: Path) -> str:
-    """An evaluation text file, minus ``<doc ...>`` / ``</doc>`` wrapper lines (wiki.utf8 style).
-
-    Raises:
-        InputError: the file is missing or not UTF-8.
-    """
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the evaluation text ({e})") from None
-    keep = [ln for ln in raw.splitlines(keepends=True) if not ln.startswith(("<doc", "</doc"))]
-    return "".join(keep)
-
-
 def evaluate(base: Path, quants: Sequence[Path], text: str, *, ctx: int = 512, chunks: int | None = None,
              cache: bool = True, n_threads: int | None = None, progress: bool = True, n_gpu_layers: int = 0,
              topk: int = basecache.DEFAULT_TOPK, tail: int = basecache.DEFAULT_TAIL) -> EvalReport:
@@ -239,7 +237,7 @@ class _Run:
         return tqdm(it, total=plan.n_chunks, desc=path.name, unit="chunk", disable=not self.progress, leave=False)
 
     def _settings(self, plan: ChunkPlan, key: CacheKey | None, hit: bool) -> EvalSettings:
-        return EvalSettings(self.ctx, self.chunks, plan.n_chunks, plan.n_scored, basecache.text_sha256(self.text),
+        return EvalSettings(self.ctx, self.chunks, plan.n_chunks, plan.n_scored, text_sha256(self.text),
                             len(self.text), _CACHED if key else "exact", key.topk if key else None,
                             key.tail if key else None, self.n_threads, llama_cpp_version(),
                             str(key.path()) if key else None, hit, backend_report(self.n_gpu_layers))

@@ -3,7 +3,7 @@
 llama.cpp logs every buffer it allocates (``load_tensors: CPU_Mapped model buffer size = ...``,
 ``llama_kv_cache: CPU KV buffer size = ...``, ``sched_reserve: CPU compute buffer size = ...``,
 ``llama_context: CPU output buffer size = ...``), on every backend. Those lines are the ground truth
-that ``ggufmix.package.memory`` is tested against and that ``--fit`` checks its result with.
+that ``ggufmix.ship.devices`` is tested against and that ``--fit`` checks its result with.
 """
 from __future__ import annotations
 

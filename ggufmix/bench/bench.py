@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     Raises:
         InputError, UsageError, EngineError: as the stages they come from.
     """
-    from ggufmix.evaluate.runner import evaluate, read_eval_text
+    from ggufmix.evaluate.evaluation import evaluate
+    from ggufmix.io.text import read_text
 
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UsageError(f"{cfg.out}: not a folder")
     cfg.out.mkdir(parents=True, exist_ok=True)  # a results folder, like mkdir -p: bench/ is not in a fresh clone
-    text = read_eval_text(cfg.text)
+    text = read_text(cfg.text)
     modes: dict[str, Path | None] = {"none": None} if "none" in cfg.modes else {}
     if cfg.calib is not None and "imatrix" in cfg.modes:
         modes["imatrix"] = _imatrix(cfg)
@@ -119,13 +119,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def _imatrix(cfg: BenchConfig) -> Path:
     from ggufmix.engine.activations import collect_imatrix
-    from ggufmix.evaluate.runner import read_eval_text
     from ggufmix.io.imatrix import write_imatrix_gguf
+    from ggufmix.io.text import read_text
 
     out = cfg.out / "imatrix.gguf"
     if not out.exists():
         assert cfg.calib is not None
-        im = collect_imatrix(cfg.source, read_eval_text(cfg.calib), n_ctx=cfg.ctx, n_chunks=cfg.imatrix_chunks,
+        im = collect_imatrix(cfg.source, read_text(cfg.calib), n_ctx=cfg.ctx, n_chunks=cfg.imatrix_chunks,
                              progress=cfg.progress, dataset=cfg.calib.name)
         write_imatrix_gguf(out, im)
     return out
@@ -162,7 +162,7 @@ def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> Bench
 
 
 def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) -> Path:
-    from ggufmix.quantize.build import ScoreOptions, load_imatrix, open_source, score_source
+    from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 
     out = cfg.out / f"scores-{strategy}-{mode}.json"
     if not out.exists():
@@ -174,7 +174,9 @@ def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) ->
 
 def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scores: Path, label: str,
           budget: Budget) -> BenchFile | None:
-    from ggufmix.quantize.build import ScoreOptions, build
+    from ggufmix.realize.build import build
+    from ggufmix.score.measure import ScoreOptions
+    from ggufmix.scores import Scores
 
     out = cfg.out / f"ggufmix-{strategy}-{mode}-{label}.gguf"
     seconds = None
@@ -184,7 +186,7 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     if not out.exists():
         t0 = time.perf_counter()
         try:
-            build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores_path=scores, smoke=False,
+            build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores=Scores.load(scores), smoke=False,
                   progress=False)
         except BudgetError as e:
             logger.warning("%s at %s skipped: %s", strategy, label, e)
@@ -197,8 +199,8 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
     planner change would otherwise leave stale files in the folder): its recipe against a fresh plan."""
     from ggufmix.plan.planner import make_plan
-    from ggufmix.quantize.overrides import recipe
-    from ggufmix.score.scores import Scores
+    from ggufmix.realize.overrides import recipe
+    from ggufmix.scores import Scores
 
     kept = out.with_suffix(".recipe.txt")
     try:
@@ -232,7 +234,7 @@ def _seconds(f: BenchFile) -> float | None:
 # A file's evaluation is kept beside it, keyed by everything that decides the numbers, so a bench that
 # adds budgets or strategies evaluates only the new files (one forward pass of a 1.5B model is minutes).
 def _eval_key(cfg: BenchConfig, text: str, f: BenchFile) -> dict[str, Any]:
-    from ggufmix.evaluate.basecache import text_sha256
+    from ggufmix.io.text import text_sha256
 
     src, st = cfg.source.stat(), f.path.stat()
     return {"source": [str(cfg.source.resolve()), src.st_size, src.st_mtime_ns], "file": [st.st_size, st.st_mtime_ns],
@@ -277,7 +279,7 @@ def _write_outputs(cfg: BenchConfig, results: dict[str, Any]) -> None:
     write_text_atomic(cfg.out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     write_text_atomic(cfg.out / "results.md", markdown(results))
     try:
-        from ggufmix.bench import plots
+        from ggufmix import plots
     except ImportError:
         logger.warning("matplotlib is not installed: no pictures (pip install 'ggufmix[plot]')")
         return

@@ -12,10 +12,10 @@ from tqdm import tqdm
 
 from ggufmix.errors import InputError
 from ggufmix.io.gguf_source import GGUFSource
-from ggufmix.plan.layout import Layout, Slot
+from ggufmix.layout.slots import Layout, Slot
 from ggufmix.score.base import BlockStats, Kernels, ModelContext, TensorJob, scorers
 from ggufmix.score.journal import Journal
-from ggufmix.score.scores import Scores, TensorScores
+from ggufmix.scores import Scores, TensorScores
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
     st = source.path.stat()
     src = {"path": str(source.path), "name": source.path.name, "size": st.st_size,
            "total_elements": layout.total_elements, "arch": layout.arch}
-    return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots})
+    return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots},
+                  calibrated=spec.calibrated)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:

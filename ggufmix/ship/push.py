@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ggufmix.errors import HubError, InputError, MissingDependencyError, UsageError
-from ggufmix.package.bundle import CHECKSUMS, sha256
+from ggufmix.ship.bundle import CHECKSUMS, sha256
 
 MODEL = "model.gguf"
 

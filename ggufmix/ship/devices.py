@@ -7,7 +7,7 @@
   ``n_ctx`` padded to 256 (``llama_context``: ``GGML_PAD(n_ctx, 256)``) and ``n_embd_k_gqa`` is
   ``key_length x head_count_kv`` of that layer (``key_length`` defaults to ``n_embd / n_head``).
 - Compute and output buffers depend on llama.cpp's graph allocator; they are measured by loading the
-  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.memory`), not guessed.
+  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.buffers`), not guessed.
 
 Sliding-window layers (Gemma 2/3, Cohere 2, gpt-oss ...) mirror ``llama_kv_cache_iswa``: unless ``swa_full``,
 their cache holds ``min(n_ctx, sliding_window + n_ubatch)`` cells padded to 256; which layers slide comes from

@@ -14,13 +14,19 @@ The bundle is assembled in a temporary folder beside DIR and renamed into place 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ggufmix.engine.quantize import STOCK_FTYPES
+from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.plan import Plan
+from ggufmix.realize.build import BuildResult
+from ggufmix.realize.overrides import base_ftype
+from ggufmix.ship.modelfile import modelfile
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ def finish_bundle(staging: Path, final: Path, *, modelfile_text: str, card: str)
     (staging / "Modelfile").write_text(modelfile_text)
     (staging / "README.md").write_text(card)
     try:
-        from ggufmix.bench import plots
+        from ggufmix import plots
     except ImportError:
         logger.warning("matplotlib is not installed: the bundle has no layers.png (pip install 'ggufmix[plot]')")
     else:
@@ -123,3 +129,21 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
               "llama-cli -m model.gguf -cnv --no-mmap" if fit_lines else "llama-cli -m model.gguf -cnv", "```", "", "## Rebuild with plain llama.cpp", "", "```", rebuild, "```",
               "", f"Check the files with `sha256sum -c {CHECKSUMS}`.", ""]
     return "\n".join(lines)
+
+
+def write_bundle(model: Path, staging: Path, final: Path, res: BuildResult, *, fit_lines: list[str] | None,
+                 quality: dict[str, Any] | None, imatrix: Path | None, fit_ctx: tuple[int, int] | None) -> Path:
+    """The bundle of a finished build: Modelfile, model card (with the llama-quantize line that rebuilds it),
+    checksums, renamed from ``staging`` to ``final``."""
+    meta = open_gguf(model).metadata
+    ftype = base_ftype(res.plan)
+    name = next((k for k, v in STOCK_FTYPES.items() if v == ftype), str(ftype))
+    rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")
+               + f"{model.name} model.gguf {name}")
+    chat = meta.get("tokenizer.chat_template")
+    text = modelfile("model.gguf", chat if isinstance(chat, str) else None,
+                     num_ctx=fit_ctx[0] if fit_ctx else None, num_batch=fit_ctx[1] if fit_ctx else None,
+                     use_mmap=False if fit_ctx else None)
+    card = model_card(res.plan, meta, verified=res.verified.__dict__, fit_lines=fit_lines, quality=quality,
+                      rebuild=rebuild, has_picture=importlib.util.find_spec("matplotlib") is not None)
+    return finish_bundle(staging, final, modelfile_text=text, card=card)

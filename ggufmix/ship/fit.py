@@ -1,12 +1,12 @@
 """``build --fit`` and ``--bundle``: a budget from a device's memory, checked by llama.cpp, and a shareable folder.
 
 ``--fit`` assumes llama.cpp runs without mmap (``--no-mmap``; the bundle's Modelfile says ``use_mmap
-false``): then its buffers hold each weight once. Arithmetic: usable memory - KV cache (computed, package.memory) - compute and output buffers
+false``): then its buffers hold each weight once. Arithmetic: usable memory - KV cache (computed, ship/devices.py) - compute and output buffers
 (measured by loading the source in llama.cpp at the same n_ctx / n_ubatch) - a reserve = the weight
 budget. After the build, the output is loaded in llama.cpp at those settings; if its buffers (model +
 KV + compute + output, from llama.cpp's log) exceed the usable memory (repacked weights are the usual
 reason: llama.cpp copies Q4_0/IQ4_NL/Q4_K tensors into interleaved CPU layouts), the weight budget
-shrinks by the overshoot and the plan is rebuilt from the saved scores, up to three times.
+shrinks by the overshoot and the plan is rebuilt from the scores in memory, up to three times.
 """
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ggufmix.engine.buffers import measure_buffers
 from ggufmix.errors import BudgetError, UsageError
 from ggufmix.plan.budget import Budget
-from ggufmix.package.memory import Device, FitReport, ModelShape, kv_cache_bytes, kv_type
+from ggufmix.realize.build import BuildResult, check_output, plan_and_realize
+from ggufmix.score.measure import ScoreOptions, measure
+from ggufmix.scores import Scores
+from ggufmix.ship.devices import Device, FitReport, ModelShape, kv_cache_bytes, kv_type
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,6 @@ class FitSettings:
 
 def fit_report(source: Path, meta: dict[str, Any], fit: FitSettings, reserve: int | None = None) -> FitReport:
     """The arithmetic of ``--fit`` (the compute/output buffers measured on ``source`` by llama.cpp)."""
-    from ggufmix.engine.memory import measure_buffers
 
     shape = ModelShape.from_metadata(meta)
     kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv), n_ubatch=fit.n_ubatch,
@@ -62,12 +65,14 @@ def _kv_note(shape: ModelShape, fit: FitSettings) -> str:
     return f"; {n} of {shape.n_layer} layers slide over {shape.sliding_window} tokens"
 
 
-def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings, *, opts: Any,
-                 force: bool = False, progress: bool = True, **build_kw: Any) -> tuple[Any, FitReport, int]:
+def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings, *, opts: ScoreOptions,
+                 scores: Scores | None = None, force: bool = False, progress: bool = True,
+                 **realize_kw: Any) -> tuple[BuildResult, FitReport, int]:
     """Build ``out`` so that llama.cpp's measured memory at ``fit``'s settings is within the device's.
 
-    ``build_kw`` goes to :func:`ggufmix.quantize.build.build` (types, pins, smoke ...). The source is
-    scored once; a retry only re-plans and re-quantizes.
+    The source is measured once (or ``scores`` are taken); a retry re-plans from the ``Scores`` in memory
+    and realizes again. ``realize_kw`` goes to :func:`ggufmix.realize.build.plan_and_realize` (types, pins,
+    smoke ...).
 
     Returns:
         (BuildResult, the FitReport used, llama.cpp's measured total bytes).
@@ -75,35 +80,23 @@ def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings
     Raises:
         BudgetError: the model cannot fit (nothing left for the weights, or retries ran out).
     """
-    from ggufmix.engine.memory import measure_buffers
-    from ggufmix.quantize.build import build, load_imatrix, open_source, score_source
-
+    check_output(out, [source], force)
     report = fit_report(source, meta, fit)
-    scores = build_kw.pop("scores_path", None)
-    tmp_scores = None
-    if scores is None:
-        src = open_source(source, opts.allow_requantize)
-        tmp_scores = scores = Path(f"{out.with_suffix('')}.scores.json")
-        score_source(src, opts, load_imatrix(opts.imatrix, src), progress).save(scores)
-    try:
-        for attempt in range(FIT_TRIES):
-            if report.weights_bytes <= 0:
-                raise BudgetError(f"{fit.device.name}: {fit.device.usable_bytes / 2**20:.1f} MiB leave nothing for "
-                                  f"the weights at n_ctx {fit.n_ctx} (KV {report.kv_bytes / 2**20:.1f} MiB, compute "
-                                  f"{report.compute_bytes / 2**20:.1f} MiB); lower --ctx or --ubatch")
-            res = build(source, out, Budget(report.weights_bytes, "b"), opts=opts, scores_path=scores,
-                        force=force or attempt > 0, progress=progress, **build_kw)
-            total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv,
-                                    swa_full=fit.swa_full).total
-            over = total - fit.device.usable_bytes
-            if over <= 0:
-                return res, report, total
-            logger.warning("llama.cpp measured %.2f MiB, %.2f MiB over %s; shrinking the weights budget",
-                           total / 2**20, over / 2**20, fit.device.name)
-            report = replace(report, reserve_bytes=report.reserve_bytes + over + (1 << 20))
-    finally:
-        if tmp_scores is not None:
-            tmp_scores.unlink(missing_ok=True)
+    measured = measure(source, opts, scores=scores, progress=progress)
+    for _ in range(FIT_TRIES):
+        if report.weights_bytes <= 0:
+            raise BudgetError(f"{fit.device.name}: {fit.device.usable_bytes / 2**20:.1f} MiB leave nothing for "
+                              f"the weights at n_ctx {fit.n_ctx} (KV {report.kv_bytes / 2**20:.1f} MiB, compute "
+                              f"{report.compute_bytes / 2**20:.1f} MiB); lower --ctx or --ubatch")
+        res = plan_and_realize(measured, out, Budget(report.weights_bytes, "b"), progress=progress, **realize_kw)
+        total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv,
+                                swa_full=fit.swa_full).total
+        over = total - fit.device.usable_bytes
+        if over <= 0:
+            return res, report, total
+        logger.warning("llama.cpp measured %.2f MiB, %.2f MiB over %s; shrinking the weights budget",
+                       total / 2**20, over / 2**20, fit.device.name)
+        report = replace(report, reserve_bytes=report.reserve_bytes + over + (1 << 20))
     out.unlink(missing_ok=True)
     raise BudgetError(f"{out}: still over {fit.device.name}'s memory after {FIT_TRIES} tries")
 

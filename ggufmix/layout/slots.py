@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ggufmix.errors import UsageError
 from ggufmix.io.gguf_source import TensorInfo
-from ggufmix.plan import rules
+from ggufmix.layout import rules
 from ggufmix.types import DEFAULT_TYPES, QuantType, fits, row_bytes
 
 

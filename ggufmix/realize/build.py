@@ -1,0 +1,127 @@
+"""``ggufmix build``: measure (``score/measure.py``) -> plan (``plan/``) -> realize: quantize with llama.cpp into a
+temporary file, read it back against the plan, smoke-test it, rename it into place, write the sidecars."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ggufmix import __version__
+from ggufmix.artifacts import temp_beside, write_artifact, write_text_atomic
+from ggufmix.engine.isolated import smoke_test_isolated
+from ggufmix.engine.llamalib import version
+from ggufmix.errors import UsageError
+from ggufmix.plan.budget import Budget
+from ggufmix.plan.plan import Plan
+from ggufmix.plan.planner import Pin, make_plan
+from ggufmix.realize.overrides import base_ftype, overrides, recipe
+from ggufmix.realize.verify import Verified, verify
+from ggufmix.score.measure import Measured, ScoreOptions, measure
+from ggufmix.scores import Scores
+from ggufmix.types import QuantType
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    plan: Plan
+    verified: Verified
+    smoke: str | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse outputs that would clobber an input, an existing file, or land in a missing folder."""
+    if any(out.resolve() == p.resolve() for p in inputs if p.exists()):
+        raise UsageError(f"{out}: the output would overwrite the input")
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists (pass --force to replace it)")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"{out}: folder {out.parent} is not writable")
+
+
+def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = ScoreOptions(),
+          types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = (), scores: Scores | None = None,
+          force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True) -> BuildResult:
+    """The three stages in memory: measure (or take ``scores``), plan ``budget``, realize the file.
+
+    Nothing appears at ``out`` unless every check passed.
+    """
+    check_output(out, [source], force)
+    t0 = time.perf_counter()
+    measured = measure(source, opts, scores=scores, progress=progress)
+    seconds = {"score": time.perf_counter() - t0}
+    return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
+                            progress=progress, seconds=seconds)
+
+
+def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,
+                     pins: Sequence[Pin] = (), smoke: bool = True, nthread: int = 0, progress: bool = True,
+                     seconds: dict[str, float] | None = None) -> BuildResult:
+    """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
+    sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory."""
+    t = dict(seconds or {})
+    t0 = time.perf_counter()
+    plan = make_plan(measured.scores, budget, types=types, pins=pins).with_versions(versions())
+    t["plan"] = time.perf_counter() - t0
+    verified, text = quantize_plan(measured.source.path, out, plan, measured.imatrix, smoke=smoke, nthread=nthread,
+                                   progress=progress, seconds=t)
+    sidecars(out, plan, verified, t, text)
+    return BuildResult(out, plan, verified, text, t)
+
+
+def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: dict[str, Any] | None, *, smoke: bool = False,
+                  nthread: int = 0, progress: bool = True,
+                  seconds: dict[str, float] | None = None) -> tuple[Verified, str | None]:
+    """llama_model_quantize into a temporary file beside ``out``, verify it, with ``smoke`` load it in llama.cpp
+    and generate a few tokens, then rename it into place: a file that fails any check never appears at ``out``.
+
+    Returns:
+        What was verified, and the smoke test's text (None without ``smoke``).
+    """
+    from ggufmix.engine.quantize import quantize_file
+
+    t = seconds if seconds is not None else {}
+    free = shutil.disk_usage(out.parent).free
+    if free < plan.total_bytes + (16 << 20):
+        raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free, the output needs {plan.total_bytes / 1e6:.0f} MB")
+    tmp = temp_beside(out)
+    text = None
+    try:
+        t0 = time.perf_counter()
+        quantize_file(source, tmp, ftype=base_ftype(plan), overrides=overrides(plan), imatrix=imatrix,
+                      nthread=nthread, progress=progress, allow_requantize=True)
+        verified = verify(tmp, plan)
+        t["quantize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if smoke:
+            text = smoke_test_isolated(tmp, label=f"{source}: the quantized model (not written to {out})")
+        t["smoke"] = time.perf_counter() - t0
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return verified, text
+
+
+def sidecars(out: Path, plan: Plan, verified: Verified, seconds: dict[str, float], smoke: str | None) -> None:
+    """``out.plan.json``, ``out.recipe.txt`` (llama-quantize --tensor-type-file) and ``out.build.json``."""
+    stem = out.with_suffix("")
+    plan.save(f"{stem}.plan.json")
+    write_text_atomic(f"{stem}.recipe.txt", recipe(plan))
+    write_artifact(f"{stem}.build.json", "build", {
+        "output": out.name, "plan": f"{stem.name}.plan.json", "verified": verified.__dict__,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "smoke_test": smoke, "versions": plan.versions})
+
+
+def versions() -> dict[str, str]:
+    """ggufmix's and llama-cpp-python's versions, recorded in every plan."""
+    return {"ggufmix": __version__, "llama-cpp-python": version()}

@@ -1,0 +1,138 @@
+"""Measure: a source model -> ``Scores``, the first of the three stages (measure, plan, realize).
+
+Opens the float source, checks the imatrix against it, measures every quantizable tensor with the chosen
+strategy (llama.cpp's kernels handed to the pure scorers), and for the strategies that rank blocks by
+their activations, runs llama.cpp on the calibration text first. Nothing here writes a model file.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ggufmix.engine import ablation, kernels
+from ggufmix.engine.activations import collect_activations
+from ggufmix.engine.isolated import check_loads
+from ggufmix.engine.llamalib import version
+from ggufmix.errors import InputError, UsageError
+from ggufmix.io.gguf_source import GGUFSource, open_gguf
+from ggufmix.io.imatrix import check_against, read_imatrix
+from ggufmix.io.text import read_text, text_sha256
+from ggufmix.layout.slots import build_layout
+from ggufmix.score.base import BlockStats, Kernels, scorers
+from ggufmix.score.journal import BlockStatsCache, Journal, PriceCache, fingerprint
+from ggufmix.score.quant_error import known_noise, remember_noise
+from ggufmix.score.stream import DEFAULT_ROWS, score_model
+from ggufmix.scores import Scores
+from ggufmix.types import DEFAULT_TYPES, FLOAT_TYPES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    strategy: str = "measured"
+    imatrix: Path | None = None
+    max_rows: int = DEFAULT_ROWS
+    threads: int = 2
+    allow_requantize: bool = False
+    calib: Path | None = None   # calibration text for strategies that rank blocks by activations (lim, lieq)
+    calib_chunks: int = 8       # chunks of 512 tokens for those activations (block removal uses at most 2)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the measure stage hands on: the opened source, its imatrix (name -> per-column values) and the scores."""
+    source: GGUFSource
+    imatrix: dict[str, np.ndarray] | None
+    scores: Scores
+
+
+def measure(source: Path, opts: ScoreOptions, *, scores: Scores | None = None, progress: bool = True) -> Measured:
+    """Open ``source``, have llama.cpp read its metadata (fail now, not after hours of scoring), load the imatrix,
+    and measure every tensor (or take the ``scores`` measured before).
+
+    Raises:
+        InputError: a damaged or quantized source, or an imatrix that does not match it.
+    """
+    src = open_source(source, opts.allow_requantize)
+    check_loads(src.path, label=str(source))
+    imatrix = load_imatrix(opts.imatrix, src)
+    return Measured(src, imatrix, scores if scores is not None else score_source(src, opts, imatrix, progress))
+
+
+def open_source(path: Path, allow_requantize: bool, check_data: bool = True) -> GGUFSource:
+    """Open a float source; a quantized one is refused unless the user accepts the quality loss.
+
+    Raises:
+        InputError: missing/damaged file, or quantized weights without ``allow_requantize``.
+    """
+    src = open_gguf(path, check_data=check_data)
+    quantized = [t for t in src.tensors.values() if t.qtype not in FLOAT_TYPES]
+    if quantized and not allow_requantize:
+        t = quantized[0]
+        raise InputError(f"{path}: tensor {t.name!r} is already {t.qtype.name}; requantizing can severely reduce "
+                         "quality compared to quantizing from F16/BF16/F32 (pass --allow-requantize to go on)")
+    return src
+
+
+def load_imatrix(path: Path | None, src: GGUFSource) -> dict[str, Any] | None:
+    """The imatrix as name -> per-column values, checked against the model."""
+    if path is None:
+        return None
+
+    im = read_imatrix(path)
+    check_against(im, {n: t.ncols for n, t in src.tensors.items()})
+    return {name: im.values(name) for name in im.names}
+
+
+def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | None,
+                 progress: bool = True) -> Scores:
+    """Measure every quantizable tensor once (all default types: any palette can be planned later).
+
+    Finished tensors go to a journal as they come, so an interrupted run resumes (score/journal.py).
+    """
+    layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
+    spec = scorers()[opts.strategy]
+    blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
+    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
+    journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
+                       "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
+    prices = PriceCache(version())
+    remember_noise(prices.load())
+    scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
+                         threads=opts.threads, progress=progress, journal=journal, blocks=blocks)
+    journal.finish()
+    prices.save(known_noise())
+    if opts.imatrix is not None:
+        scores.settings["imatrix"] = str(opts.imatrix)
+    if blocks is not None:
+        scores.settings["calib"] = {"text": str(opts.calib), "chunks": opts.calib_chunks}
+    return scores
+
+
+def block_stats(model: Path, activations: str, n_layers: int, opts: ScoreOptions, progress: bool) -> Any:
+    """The activation diagnostics a strategy asked for, measured by llama.cpp on ``opts.calib``."""
+    if not activations:
+        return None
+
+    if opts.calib is None:
+        raise UsageError(f"--strategy {opts.strategy} ranks blocks by their activations: give --calib TEXT")
+    text = read_text(opts.calib)
+    cache = BlockStatsCache({"model": fingerprint(model), "calib": text_sha256(text), "chunks": opts.calib_chunks,
+                             "kind": activations, "llama-cpp-python": version()})
+    kept = cache.load()
+    if kept is not None:
+        logger.info("block statistics kept from an earlier run: %s", cache.path)
+        return BlockStats(**kept)
+    acts = collect_activations(model, text, n_chunks=opts.calib_chunks, progress=progress, imatrix=False)
+    drop = {}
+    if activations == "ablation":
+        drop = ablation.block_removal_cost(model, text, n_layers, n_chunks=min(2, opts.calib_chunks),
+                                           progress=progress)
+    parts = {"distance": acts.block_distance, "erank": acts.block_erank, "ppl_drop": drop}
+    cache.save(parts)
+    return BlockStats(**parts)
