@@ -318,7 +318,7 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
 
         source = Path(scores.source["path"])
         settings = FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type, swa_full)
-        report = fit_report(source, open_gguf(source).metadata, settings)
+        report = fit_report(source, open_gguf(source, check_data=False).metadata, settings)
         click.echo("\n".join(report.lines()))
         target = Budget(max(report.weights_bytes, 1), "b")
     else:

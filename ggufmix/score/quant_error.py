@@ -93,7 +93,7 @@ def generic_errors(job: TensorJob) -> dict[QuantType, float]:
     return {t: type_noise(job, t) for t in job.candidates}
 
 
-@register("uniform", needs_rows=False, calibrated=False,
+@register("uniform", needs_rows=False, calibrated=False, reads_weights=False,
           description="no measurement: every tensor alike, each type priced on Gaussian weights")
 def uniform(job: TensorJob) -> TensorScore:
     """Every weight alike, not weighted by role: each type costs the noise llama.cpp's quantizer puts on
