@@ -162,7 +162,12 @@ def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> Bench
 
 
 def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) -> Path:
-    from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
+    from ggufmix.score.measure import (
+        ScoreOptions,
+        load_imatrix,
+        open_source,
+        score_source,
+    )
 
     out = cfg.out / f"scores-{strategy}-{mode}.json"
     if not out.exists():

@@ -263,9 +263,3 @@ def system_info() -> tuple[bool, str]:
     """(GPU offload available, llama.cpp's system info line) of the installed llama-cpp-python."""
     lc = _import_llama()
     return bool(lc.llama_supports_gpu_offload()), lc.llama_print_system_info().decode("utf-8", "replace")
-
-
-def llama_cpp_version() -> str:
-    """The installed llama-cpp-python version (part of the base-cache key)."""
-    return str(getattr(_import_llama(), "__version__", "unknown"))
-

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ggufmix.engine.llamalib import version
 from ggufmix.engine.logits import (
     ChunkLogits,
     ChunkPlan,
     LogitsModel,
-    llama_cpp_version,
     plan_chunks,
 )
 from ggufmix.errors import InputError, UsageError
@@ -239,14 +239,14 @@ class _Run:
     def _settings(self, plan: ChunkPlan, key: CacheKey | None, hit: bool) -> EvalSettings:
         return EvalSettings(self.ctx, self.chunks, plan.n_chunks, plan.n_scored, text_sha256(self.text),
                             len(self.text), _CACHED if key else "exact", key.topk if key else None,
-                            key.tail if key else None, self.n_threads, llama_cpp_version(),
+                            key.tail if key else None, self.n_threads, version(),
                             str(key.path()) if key else None, hit, backend_report(self.n_gpu_layers))
 
     # -- cached base (top-k) ---------------------------------------------------------------
 
     def with_cache(self, topk: int, tail: int) -> EvalReport:
         key = CacheKey.of(self.base, self.text, ctx=self.ctx, chunks=self.chunks, topk=topk, tail=tail,
-                          llama_cpp=llama_cpp_version())
+                          llama_cpp=version())
         cached = basecache.load(key)
         hit = cached is not None
         if cached is None:

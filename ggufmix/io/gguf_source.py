@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 
 from ggufmix.errors import InputError
-from ggufmix.io.gguf_index import read_index
+from ggufmix.io.gguf_index import MAGIC, read_index
 from ggufmix.types import QuantType, block_size, row_bytes, to_type
 
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 
 # How each unquantized type is stored; quantized blocks stay raw bytes.
 _STORAGE: dict[QuantType, type] = {QuantType.F32: np.float32, QuantType.F16: np.float16, QuantType.BF16: np.uint16,
@@ -191,5 +190,5 @@ def _check_header(p: Path) -> None:
         raise InputError(f"{p}: is a directory, expected a .gguf file")
     with p.open("rb") as f:
         magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise InputError(f"{p}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    if magic != MAGIC:
+        raise InputError(f"{p}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")

@@ -20,6 +20,7 @@ import numpy as np
 from ggufmix.artifacts import temp_beside
 from ggufmix.errors import InputError
 from ggufmix.imatrix import Imatrix
+from ggufmix.io.gguf_index import MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ COUNTS_SUFFIX = ".counts"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
-GGUF_MAGIC = b"GGUF"
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
@@ -43,7 +43,7 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     with p.open("rb") as f:
         magic = f.read(4)
     try:
-        imatrix = _read_gguf(p) if magic == GGUF_MAGIC else _read_legacy(p)
+        imatrix = _read_gguf(p) if magic == MAGIC else _read_legacy(p)
     except InputError:
         raise
     except (ValueError, IndexError, KeyError, OSError, struct.error, UnicodeDecodeError) as e:
