@@ -1,40 +1,30 @@
-"""Quantization types, their exact sizes and the ladders the planner chooses from.
+"""Quantization types, file types, their exact sizes and the ladders the planner chooses from.
 
-``QuantType`` is gguf's ``GGMLQuantizationType``. gguf 0.19 does not know every type llama.cpp
-0.3.36 writes (``Q2_0`` = 42), so the missing ids are registered into gguf's enum and size table
-here, once, at import: GGUFReader then opens files that use them.
+``QuantType`` and ``FileType`` are gguf's ``GGMLQuantizationType`` and ``LlamaFileType`` with the ids
+that gguf 0.19 does not know yet (llama.cpp 0.3.36 writes ``Q2_0`` = 42, ``LLAMA_FTYPE_MOSTLY_Q2_0`` =
+41). They are ggufmix's own ``IntEnum``s rather than patches of gguf's: their members compare and hash
+as the same integers, so gguf's tables and writer take them as they are.
 """
 from __future__ import annotations
+
+import enum
 
 import gguf
 
 from ggufmix.errors import UsageError
 
 # (id, block size, bytes per block) of ggml types newer than the pinned gguf package.
-_EXTRA_TYPES: dict[str, tuple[int, int, int]] = {
+_NEWER_TYPES: dict[str, tuple[int, int, int]] = {
     "Q2_0": (42, 64, 18),  # ggml-common.h block_q2_0: fp16 scale + 64 x 2 bits (llama.cpp 0.3.36)
 }
+# llama_ftype values newer than the pinned gguf package (include/llama.h, llama.cpp 0.3.36).
+_NEWER_FTYPES: dict[str, int] = {"MOSTLY_Q2_0": 41}
 
-
-def _register_extra_types() -> None:
-    """Teach gguf's enum and size table the types it does not know, so GGUFReader opens such files."""
-    enum_cls = gguf.GGMLQuantizationType
-    for name, (value, blck, size) in _EXTRA_TYPES.items():
-        if value in enum_cls._value2member_map_:
-            continue
-        member = int.__new__(enum_cls, value)
-        member._name_, member._value_ = name, value
-        member.__objclass__ = enum_cls
-        enum_cls._member_map_[name] = member
-        enum_cls._value2member_map_[value] = member
-        enum_cls._member_names_.append(name)
-        gguf.GGML_QUANT_SIZES[member] = (blck, size)
-
-
-_register_extra_types()
-
-QuantType = gguf.GGMLQuantizationType
-_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+QuantType = enum.IntEnum("QuantType", [*((m.name, m.value) for m in gguf.GGMLQuantizationType),
+                                       *((name, v[0]) for name, v in _NEWER_TYPES.items())])
+FileType = enum.IntEnum("FileType", [*((m.name, m.value) for m in gguf.LlamaFileType), *_NEWER_FTYPES.items()])
+_SIZES: dict[int, tuple[int, int]] = {**{int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()},
+                                      **{v[0]: v[1:] for v in _NEWER_TYPES.values()}}
 
 FLOAT_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
 
@@ -110,3 +100,33 @@ def _sizes(qtype: int) -> tuple[int, int]:
 # Every type the planner may pick by default, cheapest first.
 DEFAULT_TYPES: tuple[QuantType, ...] = tuple(
     sorted(set(LADDER_256) | set(LADDER_32), key=lambda t: (bits_per_weight(t), int(t))))
+
+
+def mix_name(ftype: int) -> str:
+    """A llama_ftype as llama-quantize names its mix: 15 -> ``'Q4_K_M'`` (unknown ids as their number)."""
+    try:
+        return FileType(int(ftype)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return str(ftype)
+
+
+def mix_file_type(name: str) -> FileType:
+    """A llama-quantize mix name -> its llama_ftype: ``'q4_k_m'`` -> ``FileType.MOSTLY_Q4_K_M``.
+
+    Raises:
+        UsageError: not a mix llama.cpp 0.3.36 knows.
+    """
+    try:
+        return FileType[f"MOSTLY_{name.strip().upper()}"]
+    except KeyError:
+        known = ", ".join(mix_name(f) for f in FileType if f.name.startswith("MOSTLY_"))
+        raise UsageError(f"unknown llama-quantize mix {name!r}; known: {known}") from None
+
+
+def default_file_type(qtype: QuantType) -> FileType | None:
+    """The llama_ftype whose default tensor type is ``qtype`` (``llama_ftype_get_default_type`` in
+    llama-quant.cpp, read backwards; of Q3_K/Q4_K/Q5_K's S/M/L mixes, the _M one), or None."""
+    for name in (f"MOSTLY_{qtype.name}", f"MOSTLY_{qtype.name}_M"):
+        if name in FileType.__members__:
+            return FileType[name]
+    return None

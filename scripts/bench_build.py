@@ -42,8 +42,8 @@ def main() -> None:
     stock = work / f"stock-{args.mix}.gguf"
     rows: list[tuple[str, float, float]] = []
     rows.append(("plain llama.cpp quantize " + args.mix, *run(
-        [PY, "-c", "import sys; from ggufmix.engine.quantize import quantize_file, stock_ftype; "
-         f"quantize_file(sys.argv[1], sys.argv[2], ftype=stock_ftype('{args.mix}'), progress=False)",
+        [PY, "-c", "import sys; from ggufmix.engine.quantize import quantize_file; from ggufmix.types import mix_file_type; "
+         f"quantize_file(sys.argv[1], sys.argv[2], ftype=mix_file_type('{args.mix}'), progress=False)",
          str(args.source), str(stock)])))
     from ggufmix.io.gguf_source import open_gguf
 

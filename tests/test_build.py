@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from ggufmix.engine.quantize import quantize_file, stock_ftype
+from ggufmix.engine.quantize import quantize_file
 from ggufmix.errors import BudgetError, UsageError, VerifyError
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.budget import bpw, parse_budget
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.realize.build import build
-from ggufmix.score.measure import ScoreOptions, open_source, score_source
 from ggufmix.realize.overrides import overrides, recipe
 from ggufmix.realize.verify import verify
-from ggufmix.types import QuantType, block_size
+from ggufmix.score.measure import ScoreOptions, open_source, score_source
+from ggufmix.types import QuantType, block_size, mix_file_type
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_verify_catches_a_fallback(odd_model: Path, tmp_path: Path) -> None:
     """llama.cpp silently turns Q4_K into Q5_0 on rows of 320; verification must refuse that file."""
     src = open_gguf(odd_model)
     out = tmp_path / "fb.gguf"
-    quantize_file(odd_model, out, ftype=stock_ftype("Q8_0"),
+    quantize_file(odd_model, out, ftype=mix_file_type("Q8_0"),
                   overrides=[(r"^blk\.0\.attn_q\.weight$", QuantType.Q4_K)], progress=False)
     written = open_gguf(out)
     entries = tuple(PlanEntry(n, t.shape, QuantType.Q4_K if n == "blk.0.attn_q.weight" else t.qtype, t.n_bytes,

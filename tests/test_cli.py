@@ -40,10 +40,11 @@ def test_score_plan_build_inspect(tiny_model: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def quantized_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ggufmix.engine.quantize import quantize_file, stock_ftype
+    from ggufmix.engine.quantize import quantize_file
+    from ggufmix.types import mix_file_type
 
     out = tmp_path_factory.mktemp("q") / "tiny.q8.gguf"
-    quantize_file(tiny_model, out, ftype=stock_ftype("Q8_0"), progress=False)
+    quantize_file(tiny_model, out, ftype=mix_file_type("Q8_0"), progress=False)
     return out
 
 

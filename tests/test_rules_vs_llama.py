@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from ggufmix.engine.quantize import quantize_file, stock_ftype
+from ggufmix.engine.quantize import quantize_file
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.layout import rules
 from ggufmix.realize.overrides import tensor_pattern
-from ggufmix.types import QuantType, block_size
+from ggufmix.types import QuantType, block_size, mix_file_type
 
 
 def _llama_model_size(path: Path) -> int:
@@ -28,7 +28,7 @@ def _llama_model_size(path: Path) -> int:
 @pytest.mark.parametrize("mix", ["Q2_K", "Q4_K_M", "Q6_K"])
 def test_size_accounting_matches_llama(odd_model: Path, tmp_path: Path, mix: str) -> None:
     out = tmp_path / f"{mix}.gguf"
-    quantize_file(odd_model, out, ftype=stock_ftype(mix), progress=False)
+    quantize_file(odd_model, out, ftype=mix_file_type(mix), progress=False)
     src = open_gguf(out)
     assert src.total_bytes == _llama_model_size(out)
 
@@ -40,7 +40,7 @@ def test_fallback_mirror(odd_model: Path, tmp_path: Path, target: QuantType) -> 
     src = open_gguf(odd_model)
     names = [n for n, t in src.tensors.items() if rules.allows_quantization(n, t.n_dims, src.arch)]
     out = tmp_path / "fb.gguf"
-    quantize_file(odd_model, out, ftype=stock_ftype("Q8_0"), overrides=[(tensor_pattern(n), target) for n in names],
+    quantize_file(odd_model, out, ftype=mix_file_type("Q8_0"), overrides=[(tensor_pattern(n), target) for n in names],
                   progress=False)
     written = open_gguf(out).tensors
     for n in names:
@@ -51,7 +51,7 @@ def test_fallback_mirror(odd_model: Path, tmp_path: Path, target: QuantType) -> 
 
 def test_allows_quantization_matches_llama(odd_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "q8.gguf"
-    quantize_file(odd_model, out, ftype=stock_ftype("Q8_0"), progress=False)
+    quantize_file(odd_model, out, ftype=mix_file_type("Q8_0"), progress=False)
     src, written = open_gguf(odd_model), open_gguf(out)
     for n, t in src.tensors.items():
         assert (written.tensors[n].qtype != t.qtype) == rules.allows_quantization(n, t.n_dims, src.arch), n

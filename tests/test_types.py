@@ -1,17 +1,23 @@
 from __future__ import annotations
 
-import gguf
 import pytest
 
 from ggufmix.engine.kernels import ggml_row_size
 from ggufmix.errors import UsageError
-from ggufmix.types import DEFAULT_TYPES, QuantType, bits_per_weight, parse_type, row_bytes
+from ggufmix.types import (
+    DEFAULT_TYPES,
+    QuantType,
+    bits_per_weight,
+    block_size,
+    parse_type,
+    row_bytes,
+)
 
 
 @pytest.mark.parametrize("qtype", [*DEFAULT_TYPES, QuantType.F16, QuantType.BF16, QuantType.F32])
 @pytest.mark.parametrize("ncols", [256, 576, 1536, 4096])
 def test_row_bytes_match_ggml(qtype: QuantType, ncols: int) -> None:
-    if ncols % gguf.GGML_QUANT_SIZES[qtype][0]:
+    if ncols % block_size(qtype):
         pytest.skip("rows do not fit this type's block")
     assert row_bytes(qtype, ncols) == ggml_row_size(qtype, ncols)
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ggufmix.errors import BudgetError, EngineError, UsageError
+from ggufmix.imatrix import Imatrix
 from ggufmix.plan.budget import Budget
+from ggufmix.types import mix_file_type
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,13 @@ class BenchConfig:
     modes: tuple[str, ...] = ("none", "imatrix")
 
     def __post_init__(self) -> None:
-        from ggufmix.engine.quantize import stock_ftype
         from ggufmix.score.base import scorers
 
         for b in self.budgets:
             if b <= 0:
                 raise UsageError(f"--budgets: {b:g} is not a positive bpw")
         for mix in self.baselines:
-            stock_ftype(mix)
+            mix_file_type(mix)
         for s in self.strategies:
             if s not in scorers():
                 raise UsageError(f"--strategies: {s!r} is not a strategy; choose from {', '.join(sorted(scorers()))}")
@@ -131,18 +132,15 @@ def _imatrix(cfg: BenchConfig) -> Path:
     return out
 
 
-def _imatrix_values(imatrix: Path | None) -> dict[str, Any] | None:
+def _read_imatrix(imatrix: Path | None) -> Imatrix | None:
     from ggufmix.io.imatrix import read_imatrix
 
-    if imatrix is None:
-        return None
-    im = read_imatrix(imatrix)
-    return {n: im.values(n) for n in im.names}
+    return None if imatrix is None else read_imatrix(imatrix)
 
 
 def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> BenchFile | None:
     from ggufmix.artifacts import temp_beside
-    from ggufmix.engine.quantize import quantize_file, stock_ftype
+    from ggufmix.engine.quantize import quantize_file
 
     out = cfg.out / f"stock-{mix}-{mode}.gguf"
     seconds = None
@@ -150,7 +148,7 @@ def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> Bench
         tmp = temp_beside(out)
         t0 = time.perf_counter()
         try:
-            quantize_file(cfg.source, tmp, ftype=stock_ftype(mix), imatrix=_imatrix_values(imatrix), progress=False)
+            quantize_file(cfg.source, tmp, ftype=mix_file_type(mix), imatrix=_read_imatrix(imatrix), progress=False)
             tmp.replace(out)
         except EngineError as e:  # e.g. IQ mixes without an imatrix: llama.cpp refuses them
             logger.warning("stock %s (%s imatrix) skipped: %s", mix, mode, e)

@@ -11,8 +11,8 @@ import ctypes
 import functools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
+from ggufmix.engine.llamalib import lib_dir
 from ggufmix.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,12 @@ class Device:
 
 @functools.cache
 def _ggml() -> ctypes.CDLL:
-    from ggufmix.engine.llamalib import llama
-
-    lib_dir = Path(llama().__file__).parent / "lib"
-    path = lib_dir / "libggml.so"
+    folder = lib_dir()
+    path = folder / "libggml.so"
     if not path.exists():
-        found = sorted(lib_dir.glob("*ggml.*"))
+        found = sorted(folder.glob("*ggml.*"))
         if not found:
-            raise EngineError(f"{lib_dir}: no libggml next to libllama; reinstall llama-cpp-python==0.3.36")
+            raise EngineError(f"{folder}: no libggml next to libllama; reinstall llama-cpp-python==0.3.36")
         path = found[0]
     lib = ctypes.CDLL(str(path))
     vp, sz = ctypes.c_void_p, ctypes.c_size_t

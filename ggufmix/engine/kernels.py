@@ -8,10 +8,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from pathlib import Path
 
 import numpy as np
 
+from ggufmix.engine.llamalib import lib_dir
 from ggufmix.errors import EngineError
 from ggufmix.types import QuantType, row_bytes
 
@@ -31,15 +31,6 @@ class _TypeTraits(ctypes.Structure):
         ("to_float", ctypes.c_void_p),
         ("from_float_ref", ctypes.c_void_p),
     ]
-
-
-def lib_dir() -> Path:
-    """The folder of llama-cpp-python's shared libraries."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise EngineError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python==0.3.36") from None
-    return Path(llama_cpp.__file__).parent / "lib"
 
 
 @functools.cache

@@ -7,6 +7,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 from ggufmix.errors import EngineError
@@ -40,6 +41,11 @@ def llama() -> ModuleType:
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     return llama_cpp
+
+
+def lib_dir() -> Path:
+    """The folder of llama-cpp-python's shared libraries (libllama, libggml, libggml-base)."""
+    return Path(llama().__file__).parent / "lib"
 
 
 def log_tail(n: int = 20) -> list[str]:

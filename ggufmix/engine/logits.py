@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ggufmix.engine.llamalib import llama
 from ggufmix.errors import EngineError, InputError
 from ggufmix.numerics import log_softmax_into
 
@@ -118,14 +119,6 @@ class ChunkLogits:
     softmax_s: float
 
 
-def _import_llama() -> Any:
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise EngineError(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python==0.3.36") from None
-    return llama_cpp
-
-
 class LogitsModel:
     """One GGUF loaded for scoring: tokenizes, then streams log-softmax rows chunk by chunk.
 
@@ -144,7 +137,7 @@ class LogitsModel:
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such model file")
         self.ctx = ctx
-        self._lc = _import_llama()
+        self._lc = llama()
         self._llm = self._load(n_threads or os.cpu_count() or 1, n_gpu_layers)
         vocab = self._lc.llama_model_get_vocab(self._llm.model)
         self.n_vocab: int = int(self._lc.llama_vocab_n_tokens(vocab))
@@ -261,5 +254,5 @@ class LogitsModel:
 
 def system_info() -> tuple[bool, str]:
     """(GPU offload available, llama.cpp's system info line) of the installed llama-cpp-python."""
-    lc = _import_llama()
+    lc = llama()
     return bool(lc.llama_supports_gpu_offload()), lc.llama_print_system_info().decode("utf-8", "replace")

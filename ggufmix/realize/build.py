@@ -9,13 +9,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ggufmix import __version__
 from ggufmix.artifacts import temp_beside, write_artifact, write_text_atomic
 from ggufmix.engine.isolated import smoke_test_isolated
 from ggufmix.engine.llamalib import version
 from ggufmix.errors import UsageError
+from ggufmix.imatrix import Imatrix
 from ggufmix.plan.budget import Budget
 from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
@@ -79,7 +79,7 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
     return BuildResult(out, plan, verified, text, t)
 
 
-def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: dict[str, Any] | None, *, smoke: bool = False,
+def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, *, smoke: bool = False,
                   nthread: int = 0, progress: bool = True,
                   seconds: dict[str, float] | None = None) -> tuple[Verified, str | None]:
     """llama_model_quantize into a temporary file beside ``out``, verify it, with ``smoke`` load it in llama.cpp

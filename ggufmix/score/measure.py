@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ggufmix.engine import ablation, kernels
 from ggufmix.engine.activations import collect_activations
 from ggufmix.engine.isolated import check_loads
 from ggufmix.engine.llamalib import version
 from ggufmix.errors import InputError, UsageError
+from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import GGUFSource, open_gguf
 from ggufmix.io.imatrix import check_against, read_imatrix
 from ggufmix.io.text import read_text, text_sha256
@@ -45,9 +44,9 @@ class ScoreOptions:
 
 @dataclass(frozen=True)
 class Measured:
-    """What the measure stage hands on: the opened source, its imatrix (name -> per-column values) and the scores."""
+    """What the measure stage hands on: the opened source, its imatrix (checked against it) and the scores."""
     source: GGUFSource
-    imatrix: dict[str, np.ndarray] | None
+    imatrix: Imatrix | None
     scores: Scores
 
 
@@ -79,23 +78,23 @@ def open_source(path: Path, allow_requantize: bool, check_data: bool = True) -> 
     return src
 
 
-def load_imatrix(path: Path | None, src: GGUFSource) -> dict[str, Any] | None:
-    """The imatrix as name -> per-column values, checked against the model."""
+def load_imatrix(path: Path | None, src: GGUFSource) -> Imatrix | None:
+    """The imatrix at ``path``, checked against the model."""
     if path is None:
         return None
 
     im = read_imatrix(path)
     check_against(im, {n: t.ncols for n, t in src.tensors.items()})
-    return {name: im.values(name) for name in im.names}
+    return im
 
 
-def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: dict[str, Any] | None,
+def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
                  progress: bool = True) -> Scores:
     """Measure every quantizable tensor once (all default types: any palette can be planned later).
 
     Finished tensors go to a journal as they come, so an interrupted run resumes (score/journal.py).
     """
-    layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix or ()))
+    layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix.names if imatrix else ()))
     spec = scorers()[opts.strategy]
     blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)

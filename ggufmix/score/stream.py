@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ggufmix.errors import InputError
+from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.layout.slots import Layout, Slot
 from ggufmix.score.base import BlockStats, Kernels, ModelContext, TensorJob, scorers
@@ -32,13 +33,12 @@ def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
 
 
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
-                imatrix: Any = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
+                imatrix: Imatrix | None = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
                 progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
-        imatrix: an object with ``.get(name) -> np.ndarray | None`` (per-column mean squared activation,
-            n_experts * ncols values), or None.
+        imatrix: per-column mean squared activations of the weights it names (``Imatrix.values``), or None.
         max_rows: rows sampled per tensor (per-row scales make a row the natural unit).
         journal: where finished tensors are written as they come (resume after an interruption);
             tensors it already holds are not scored again.
@@ -80,7 +80,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window
         yield pending.popleft().result()
 
 
-def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_rows: int,
+def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Imatrix | None, max_rows: int,
          needs_rows: bool) -> TensorJob:
     ncols = slot.shape[0]
     nrows = slot.n_elements // ncols
@@ -92,10 +92,8 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Any, max_row
                          "the source is damaged")
     rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
     imat = None
-    if imatrix is not None:
-        values = imatrix.get(slot.name)
-        if values is not None:
-            imat = np.asarray(values, dtype=np.float32).reshape(-1, ncols)
+    if imatrix is not None and slot.name in imatrix:
+        imat = imatrix.values(slot.name).reshape(-1, ncols)
     groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
     return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
                      groups, imat, kernels, read=lambda index: source.rows(slot.name, index))

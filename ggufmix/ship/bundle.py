@@ -21,12 +21,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ggufmix.engine.quantize import STOCK_FTYPES
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.build import BuildResult
 from ggufmix.realize.overrides import base_ftype
 from ggufmix.ship.modelfile import modelfile
+from ggufmix.types import mix_name
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def write_bundle(model: Path, staging: Path, final: Path, res: BuildResult, *, f
     checksums, renamed from ``staging`` to ``final``."""
     meta = open_gguf(model).metadata
     ftype = base_ftype(res.plan)
-    name = next((k for k, v in STOCK_FTYPES.items() if v == ftype), str(ftype))
+    name = mix_name(ftype)
     rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")
                + f"{model.name} model.gguf {name}")
     chat = meta.get("tokenizer.chat_template")
