@@ -40,7 +40,29 @@ def llama() -> ModuleType:
     _CALLBACK.append(_log)
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        _without_extra_buffers(llama_cpp)
     return llama_cpp
+
+
+def _without_extra_buffers(llama_cpp: ModuleType) -> None:
+    """Load every model without llama.cpp's extra CPU buffer types (AMX, repack).
+
+    On Sapphire Rapids-class CPUs llama.cpp moves quantized weights into an AMX buffer, and on some of those
+    machines the first decode then segfaults in ggml_backend_amx_mul_mat (llama.cpp #20824, still open; seen
+    here with every quantized type on a tiny model). ``Llama()`` takes its parameters from
+    ``llama_model_default_params``, so the default itself changes, in the one place llama_cpp is imported.
+    """
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params_without_extra_buffers():  # noqa: ANN202 - mirrors llama_cpp's own signature
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    logger.debug("llama.cpp reports AMX: models load without extra buffer types (llama.cpp #20824)")
+    llama_cpp.llama_cpp.llama_model_default_params = params_without_extra_buffers
+    llama_cpp.llama_model_default_params = params_without_extra_buffers
 
 
 def lib_dir() -> Path:
