@@ -9,7 +9,28 @@ from pathlib import Path
 import click
 
 from ggufmix import __version__
-from ggufmix.errors import GgufmixError
+from ggufmix.artifacts import write_text_atomic
+from ggufmix.bench.bench import BenchConfig, run_bench
+from ggufmix.engine.activations import collect_imatrix
+from ggufmix.errors import GgufmixError, UsageError
+from ggufmix.evaluate.evaluation import evaluate, format_table
+from ggufmix.inspect_gguf import format_inspect, inspect_gguf
+from ggufmix.io.gguf_source import open_gguf
+from ggufmix.io.hf import HfOptions, copy_converted, resolve_model
+from ggufmix.io.imatrix import write_imatrix_gguf
+from ggufmix.io.text import read_text
+from ggufmix.plan.budget import Budget, parse_budget
+from ggufmix.plan.planner import make_plan, parse_pin
+from ggufmix.realize.build import check_output, versions
+from ggufmix.realize.overrides import recipe as tensor_type_file
+from ggufmix.score.base import scorers
+from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
+from ggufmix.scores import Scores
+from ggufmix.ship import deliver as ship
+from ggufmix.ship.devices import resolve_fit
+from ggufmix.ship.fit import FitSettings, fit_report
+from ggufmix.ship.palettes import named_palette
+from ggufmix.types import parse_type
 
 logger = logging.getLogger("ggufmix")
 
@@ -29,8 +50,6 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
                 calib: Path | None = None, calib_chunks: int = 8):
-    from ggufmix.score.base import scorers
-    from ggufmix.score.measure import ScoreOptions
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
@@ -41,13 +60,10 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
 
 def _palette(types: str | None, palette: str | None, arch: str):  # noqa: ANN202
     """--types and --palette NAME (for the model's architecture) as the planner's types; None = its default."""
-    from ggufmix.errors import UsageError
-    from ggufmix.types import parse_type
 
     chosen = None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
     if palette is None:
         return chosen
-    from ggufmix.ship.palettes import named_palette
 
     allowed, why = named_palette(palette, arch)
     click.echo(f"palette {palette}: {why}")
@@ -91,7 +107,6 @@ _hf_options = [
 
 def _gguf(model: Path, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None, progress: bool) -> Path:
     """MODEL as a GGUF path: a Hugging Face folder or hub id is converted (once; the result is cached)."""
-    from ggufmix.io.hf import HfOptions, resolve_model
 
     return resolve_model(model, HfOptions(revision, outtype, llama_cpp_dir, progress))
 
@@ -136,89 +151,54 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
-          ollama_name: str | None,
-          push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
+          ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
+          scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
     MODEL is an F32/F16/BF16 GGUF, a Hugging Face folder (config.json + safetensors) or a hub id
     (owner/name), which llama.cpp's converter turns into a float GGUF first (cached).
     """
-    from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.plan.planner import parse_pin
-    from ggufmix.ship.bundle import write_bundle
-    from ggufmix.ship.fit import staging_dir
-
     if (budget is None) == (fit is None):
         raise click.UsageError("give one of --budget (size or bpw of the weights) or --fit (memory of a device)")
-    if (output is None) == (bundle is None):
-        raise click.UsageError("give one of -o FILE or --bundle DIR")
-    if ollama_name and not bundle:
-        raise click.UsageError("--ollama needs --bundle (Ollama builds from the bundle's Modelfile)")
-    if push_repo and not bundle:
-        raise click.UsageError("--push needs --bundle (the folder that is uploaded)")
-    if push_repo:
-        from ggufmix.ship.push import check_repo_id
-
-        check_repo_id(push_repo)  # before hours of work, not after
+    try:
+        delivery = ship.Delivery(output, bundle, ollama_name, push_repo, private, eval_text, force)
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
-    arch = str(open_gguf(model, check_data=False).metadata.get("general.architecture", "unknown"))
-    kw = {"types": _palette(types, palette, arch), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
-          "scores": _load_scores(scores_path)}
-    staging = staging_dir(bundle, force) if bundle else None
-    out = staging / "model.gguf" if staging else output
-    try:
-        res, fit_lines = _build_one(model, out, budget, fit, (n_ctx, ubatch, kv_type, swa_full), opts, kw, force,
-                                    ctx.obj["progress"])
-        quality = _quality(model, out, eval_text, ctx.obj["progress"]) if eval_text else None
-        if staging is not None:
-            write_bundle(model, staging, bundle, res, fit_lines=fit_lines, quality=quality, imatrix=imatrix,
-                         fit_ctx=(n_ctx, ubatch) if fit else None)
-    except BaseException:
-        if staging is not None:
-            import shutil
+    meta = open_gguf(model, check_data=False).metadata
+    recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown"))),
+                         [parse_pin(p) for p in pins], Scores.load(scores_path) if scores_path else None, not no_smoke)
+    target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
+    done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
+    _print_delivered(done)
 
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    final = bundle / "model.gguf" if bundle else out
-    v = res.verified
-    click.echo(f"wrote {final}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
+
+def _print_delivered(done: ship.Delivered) -> None:
+    res, v = done.result, done.result.verified
+    click.echo(f"wrote {done.path}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
                f"(budget {res.plan.budget}), {v.n_tensors} tensors verified")
     click.echo("types by bytes: " + ", ".join(f"{k} {b / 1e6:.1f}MB" for k, b in res.plan.type_histogram().items()))
     click.echo("seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in res.seconds.items()))
-    for line in fit_lines or ():
+    for line in done.fit_lines or ():
         click.echo(line)
-    if quality:
-        click.echo(f"quality: PPL {quality['ppl']:.3f} (source {quality['base_ppl']:.3f}), mean KLD {quality['kld']:.4f}, "
-                   f"same top-1 {100 * quality['top1']:.2f}%")
+    if done.quality:
+        q = done.quality
+        click.echo(f"quality: PPL {q['ppl']:.3f} (source {q['base_ppl']:.3f}), mean KLD {q['kld']:.4f}, "
+                   f"same top-1 {100 * q['top1']:.2f}%")
     if res.smoke is not None:
         click.echo(f"smoke test: {res.smoke!r}")
-    if bundle:
-        click.echo(f"bundle: {bundle}/ (check with: cd {bundle} && sha256sum -c SHA256SUMS)")
-    if ollama_name:
-        from ggufmix.ship.fit import run_ollama
-        from ggufmix.ship.palettes import ollama_engine_misfits
-
-        misfits = ollama_engine_misfits(arch, set(res.plan.type_histogram()))
-        if misfits:
-            click.echo(f"warning: Ollama runs {arch} on its own engine, whose code does not list {', '.join(misfits)}; "
-                       "rebuild with --palette ollama if `ollama run` fails", err=True)
-
-        click.echo(run_ollama(bundle, ollama_name))
-    if push_repo:
-        _push(bundle, push_repo, private, f"ggufmix bundle of {model.name} at {res.plan.budget}", ctx.obj["progress"])
+    if done.bundle:
+        click.echo(f"bundle: {done.bundle}/ (check with: cd {done.bundle} && sha256sum -c SHA256SUMS)")
+    for line in done.warnings:
+        click.echo(f"warning: {line}", err=True)
+    for line in done.notes:
+        click.echo(line)
 
 
-def _push(bundle: Path, repo: str, private: bool, message: str, progress: bool) -> None:
-    from ggufmix.errors import HubError
-    from ggufmix.ship.push import push_bundle
-
-    try:
-        url = push_bundle(bundle, repo, private=private, message=message, progress=progress)
-    except HubError as e:
-        raise HubError(f"{e} (the bundle is complete in {bundle}: retry with `ggufmix push {bundle} {repo}`)") from None
-    click.echo(f"pushed {bundle}/ to {repo}: {url}")
+def _fit_settings(fit: str, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool) -> FitSettings:
+    return FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type, swa_full)
 
 
 @cli.command()
@@ -229,47 +209,8 @@ def _push(bundle: Path, repo: str, private: bool, message: str, progress: bool) 
 def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
     """Upload a --bundle folder to the Hugging Face model repository REPO (owner/name), checked file by file
     against its SHA256SUMS before and by model.gguf's SHA-256 on the hub after."""
-    from ggufmix.ship.push import push_bundle
 
-    url = push_bundle(bundle, repo, private=private, message=f"ggufmix bundle {bundle.name}",
-                      progress=ctx.obj["progress"])
-    click.echo(f"pushed {bundle}/ to {repo}: {url}")
-
-
-def _build_one(model: Path, out: Path, budget: str | None, fit: str | None, fit_args: tuple[int, int, str, bool],
-               opts, kw: dict, force: bool, progress: bool):  # noqa: ANN001, ANN202
-    from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.plan.budget import parse_budget
-    from ggufmix.realize.build import build as run_build
-    from ggufmix.ship.devices import resolve_fit
-    from ggufmix.ship.fit import FitSettings, build_to_fit
-
-    if fit is None:
-        return run_build(model, out, parse_budget(budget), opts=opts, force=force, progress=progress, **kw), None
-    settings = FitSettings(resolve_fit(fit), *fit_args)
-    res, report, measured = build_to_fit(model, out, open_gguf(model).metadata, settings, opts=opts, force=force,
-                                         progress=progress, **kw)
-    lines = [*report.lines(), f"llama.cpp measured model + KV + compute + output = {measured / 2**20:.2f} MiB "
-             f"<= {settings.device.usable_bytes / 2**20:.2f} MiB usable"]
-    return res, lines
-
-
-def _load_scores(path: Path | None):  # noqa: ANN202
-    from ggufmix.scores import Scores
-
-    return Scores.load(path) if path else None
-
-
-def _quality(model: Path, out: Path, text: Path, progress: bool) -> dict:
-    from ggufmix.evaluate.evaluation import evaluate
-    from ggufmix.io.text import read_text
-
-    rep = evaluate(model, [out], read_text(text), chunks=8, progress=progress)
-    q, s = rep.quants[0], rep.settings
-    d = q.divergence
-    return {"settings": f"{s.n_chunks} x {s.ctx} tokens of {text.name}, KLD {s.kld_mode}",
-            "base_ppl": rep.base.perplexity.ppl.value, "ppl": q.perplexity.ppl.value, "kld": d.kld.value,
-            "kld_err": d.kld.stderr, "kld_p99": d.kld_p99, "top1": d.same_top.value}
+    click.echo(ship.push(bundle, repo, private, f"ggufmix bundle {bundle.name}", ctx.obj["progress"]))
 
 
 @cli.command()
@@ -281,8 +222,6 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
-    from ggufmix.score.base import scorers
-    from ggufmix.score.measure import load_imatrix, open_source, score_source
 
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
@@ -301,32 +240,20 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
          fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, output: Path,
          recipe: Path | None) -> None:
     """Plan a budget from saved scores (instant); with --fit, show the memory arithmetic behind the budget."""
-    from ggufmix.artifacts import write_text_atomic
-    from ggufmix.plan.budget import Budget, parse_budget
-    from ggufmix.plan.planner import make_plan, parse_pin
-    from ggufmix.realize.build import versions
-    from ggufmix.realize.overrides import recipe as make_recipe
-    from ggufmix.scores import Scores
-
     if (budget is None) == (fit is None):
         raise click.UsageError("give one of --budget or --fit")
     scores = Scores.load(scores_file)
     if fit is not None:
-        from ggufmix.io.gguf_source import open_gguf
-        from ggufmix.ship.devices import resolve_fit
-        from ggufmix.ship.fit import FitSettings, fit_report
-
-        source = Path(scores.source["path"])
-        settings = FitSettings(resolve_fit(fit), n_ctx, ubatch, kv_type, swa_full)
-        report = fit_report(source, open_gguf(source, check_data=False).metadata, settings)
+        report = fit_report(Path(scores.source["path"]), None, _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full))
         click.echo("\n".join(report.lines()))
         target = Budget(max(report.weights_bytes, 1), "b")
     else:
         target = parse_budget(budget)
-    p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch), pins=[parse_pin(x) for x in pins]).with_versions(versions())
+    pins_ = [parse_pin(x) for x in pins]
+    p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch), pins=pins_).with_versions(versions())
     p.save(output)
     if recipe:
-        write_text_atomic(recipe, make_recipe(p))
+        write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
 
 
@@ -339,8 +266,6 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
 def convert(ctx: click.Context, model: Path, output: Path | None, force: bool, revision: str | None,
             outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Convert a Hugging Face folder or hub id to a float GGUF with llama.cpp's converter (cached)."""
-    from ggufmix.io.hf import copy_converted
-    from ggufmix.realize.build import check_output
 
     gguf_path = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     if output is not None:
@@ -354,7 +279,6 @@ def convert(ctx: click.Context, model: Path, output: Path | None, force: bool, r
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(model: Path, as_json: bool) -> None:
     """Per tensor: name, shape, type, bytes, bpw; totals."""
-    from ggufmix.inspect_gguf import format_inspect, inspect_gguf
 
     info = inspect_gguf(model)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
@@ -374,8 +298,6 @@ def inspect(model: Path, as_json: bool) -> None:
 def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: Path, n_ctx: int,
           chunks: int | None, exact: bool, threads: int | None, gpu_layers: int, as_json: bool) -> None:
     """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE."""
-    from ggufmix.evaluate.evaluation import evaluate, format_table
-    from ggufmix.io.text import read_text
 
     report = evaluate(base, list(quants), read_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
                       n_threads=threads, progress=ctx.obj["progress"], n_gpu_layers=gpu_layers)
@@ -393,9 +315,6 @@ def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: P
 def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ctx: int, chunks: int | None,
             revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Compute an importance matrix for MODEL on calibration text (llama-imatrix's statistic and format)."""
-    from ggufmix.engine.activations import collect_imatrix
-    from ggufmix.io.imatrix import write_imatrix_gguf
-    from ggufmix.io.text import read_text
 
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     im = collect_imatrix(model, read_text(text_file), n_ctx=n_ctx, n_chunks=chunks,
@@ -423,7 +342,6 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
           output: Path) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
-    from ggufmix.bench.bench import BenchConfig, run_bench
 
     try:
         bpws = tuple(float(b) for b in budgets.replace("bpw", "").split(",") if b.strip())

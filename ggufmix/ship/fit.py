@@ -21,6 +21,7 @@ from typing import Any
 
 from ggufmix.engine.buffers import measure_buffers
 from ggufmix.errors import BudgetError, UsageError
+from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.budget import Budget
 from ggufmix.realize.build import BuildResult, check_output, plan_and_realize
 from ggufmix.score.measure import ScoreOptions, measure
@@ -42,9 +43,11 @@ class FitSettings:
     swa_full: bool = False  # llama.cpp --swa-full: sliding-window layers keep the whole context
 
 
-def fit_report(source: Path, meta: dict[str, Any], fit: FitSettings, reserve: int | None = None) -> FitReport:
-    """The arithmetic of ``--fit`` (the compute/output buffers measured on ``source`` by llama.cpp)."""
-
+def fit_report(source: Path, meta: dict[str, Any] | None, fit: FitSettings, reserve: int | None = None) -> FitReport:
+    """The arithmetic of ``--fit`` (the compute/output buffers measured on ``source`` by llama.cpp); ``meta`` is
+    ``source``'s header (read here when None)."""
+    if meta is None:
+        meta = open_gguf(source, check_data=False).metadata
     shape = ModelShape.from_metadata(meta)
     kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv), n_ubatch=fit.n_ubatch,
                         swa_full=fit.swa_full)
