@@ -21,7 +21,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.build import BuildResult
 from ggufmix.realize.overrides import base_ftype
@@ -131,11 +130,11 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
     return "\n".join(lines)
 
 
-def write_bundle(model: Path, staging: Path, final: Path, res: BuildResult, *, fit_lines: list[str] | None,
-                 quality: dict[str, Any] | None, imatrix: Path | None, fit_ctx: tuple[int, int] | None) -> Path:
-    """The bundle of a finished build: Modelfile, model card (with the llama-quantize line that rebuilds it),
-    checksums, renamed from ``staging`` to ``final``."""
-    meta = open_gguf(model).metadata
+def write_bundle(model: Path, meta: dict[str, Any], staging: Path, final: Path, res: BuildResult, *,
+                 fit_lines: list[str] | None, quality: dict[str, Any] | None, imatrix: Path | None,
+                 fit_ctx: tuple[int, int] | None) -> Path:
+    """The bundle of a finished build of ``model`` (whose header is ``meta``): Modelfile, model card (with the
+    llama-quantize line that rebuilds it), checksums, renamed from ``staging`` to ``final``."""
     ftype = base_ftype(res.plan)
     name = mix_name(ftype)
     rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")

@@ -84,7 +84,7 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
         quality = _quality(model, out, delivery.eval_text, progress) if delivery.eval_text else None
         if staging is not None:
             fit_ctx = (target.n_ctx, target.n_ubatch) if isinstance(target, FitSettings) else None
-            write_bundle(model, staging, delivery.bundle, res, fit_lines=fit_lines, quality=quality,
+            write_bundle(model, meta, staging, delivery.bundle, res, fit_lines=fit_lines, quality=quality,
                          imatrix=opts.imatrix, fit_ctx=fit_ctx)
     except BaseException:
         if staging is not None:
