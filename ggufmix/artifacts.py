@@ -13,7 +13,7 @@ from typing import Any
 
 from ggufmix.errors import InputError, UsageError
 
-VERSIONS = {"scores": 2, "plan": 1, "build": 1, "report": 1}
+VERSIONS = {"scores": 2, "plan": 1, "build": 1, "report": 1, "validate": 1}
 
 
 def write_artifact(path: str | os.PathLike[str], kind: str, payload: dict[str, Any]) -> Path:

@@ -305,6 +305,25 @@ def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: P
 
 
 @cli.command()
+@click.argument("file", type=_path)
+@click.option("--reference", type=_path, help="Also compare with this source (the F16 the file was built from), on the CPU.")
+@click.option("--backends", default="auto", show_default=True,
+              help="ggml devices to run on: auto (all) or names/prefixes, e.g. cpu,cuda; the CPU always runs.")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True, help="Context llama.cpp is loaded with.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+def validate(file: Path, reference: Path | None, backends: str, n_ctx: int, as_json: bool) -> None:
+    """Run FILE on every ggml backend device: load, fallbacks, KLD/top-1 against the CPU (and --reference),
+    speed, memory against --fit; writes FILE.validate.json. Exit code 4 when a device fails."""
+    from ggufmix.ship.validate import failure, format_table, validate_file
+
+    report = validate_file(file, reference=reference, backends=backends, n_ctx=n_ctx)
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else format_table(report))
+    err = failure(report)
+    if err:
+        raise err
+
+
+@cli.command()
 @click.argument("model", type=_path)
 @click.option("--text", "text_file", type=_path, required=True, help="Calibration text.")
 @click.option("-o", "--output", type=_path, required=True, help="imatrix.gguf to write (llama-imatrix format).")

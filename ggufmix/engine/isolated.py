@@ -44,17 +44,41 @@ def smoke_test_isolated(path: str | os.PathLike[str], label: str | None = None) 
 
 
 def _run(task: str, path: Path, label: str) -> dict[str, object]:
-    cmd = [sys.executable, "-m", "ggufmix.engine.isolated", task, str(path), label]
+    return run_child("ggufmix.engine.isolated", [task, str(path), label], label, _TASKS[task])
+
+
+_HINT = "; the file's metadata is damaged or not supported by this llama.cpp"
+
+
+def run_child(module: str, args: list[str], label: str, doing: str, timeout: float | None = None,
+              hint: str = _HINT) -> dict[str, object]:
+    """``python -m MODULE ARGS`` in a child process; the one JSON object it prints last on stdout.
+
+    Args:
+        module: the child's module (its ``main`` prints one JSON line; ``{"error": ...}`` for a refusal).
+        args: its arguments.
+        label: what error messages name (the file).
+        doing: what the child does, for the crash message ("loading it and generating a few tokens").
+        timeout: seconds before the child is killed (None: no limit).
+        hint: appended to a crash message.
+
+    Raises:
+        EngineError: the child crashed (the signal and llama.cpp's last line), timed out, printed no JSON, or
+            reported an error.
+    """
+    cmd = [sys.executable, "-m", module, *args]
     env = os.environ | {"GGML_NO_BACKTRACE": "1"}  # ggml_abort would otherwise attach gdb for a backtrace
-    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False, env=env)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"{label}: llama.cpp did not finish {doing} within {timeout:.0f} s") from None
     last = _cause(r.stderr)
     if r.returncode < 0:
         try:
             sig = signal.Signals(-r.returncode).name
         except ValueError:
             sig = f"signal {-r.returncode}"
-        raise EngineError(f"{label}: llama.cpp crashed ({sig}) {_TASKS[task]}: {last[:300]}; the file's metadata "
-                          "is damaged or not supported by this llama.cpp")
+        raise EngineError(f"{label}: llama.cpp crashed ({sig}) {doing}: {last[:300]}{hint}")
     try:
         doc = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -28,12 +28,41 @@ from typing import Any
 
 import numpy as np
 
-from ggufmix.engine.llamalib import llama
+from ggufmix.engine.llamalib import last_error, llama
 from ggufmix.errors import EngineError, InputError
 from ggufmix.numerics import log_softmax_into
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp loads a model and how large its context is.
+
+    Attributes:
+        n_ctx: context cells (``-c``).
+        n_batch: logical batch (``-b``); ``n_ubatch`` is llama.cpp's physical batch (``-ub``, capped at n_batch).
+        n_gpu_layers: layers to offload (``-ngl``; -1 all).
+        main_gpu: with ``single_device``, the index among llama.cpp's offload devices (``-mg``); -1: none (CPU only).
+        single_device: ``--split-mode none``: everything offloaded goes to ``main_gpu``.
+        use_mmap: False is ``--no-mmap`` (buffers hold each weight once, as ``--fit`` assumes).
+    """
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    single_device: bool = False
+    use_mmap: bool = True
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``llama_cpp.Llama`` for this placement."""
+        kw: dict[str, Any] = {"n_ctx": self.n_ctx, "n_batch": self.n_batch, "n_ubatch": min(self.n_ubatch, self.n_batch),
+                              "n_gpu_layers": self.n_gpu_layers, "use_mmap": self.use_mmap}
+        if self.single_device:
+            kw |= {"split_mode": 0, "main_gpu": self.main_gpu}  # LLAMA_SPLIT_MODE_NONE
+        return kw
 
 
 @dataclass(frozen=True)
@@ -124,21 +153,29 @@ class LogitsModel:
 
     Args:
         path: the GGUF file.
-        ctx: tokens per chunk; the context is made exactly this large, one chunk per batch.
+        ctx: tokens per chunk; unless ``placement`` says otherwise the context is made exactly this large,
+            one chunk per batch.
         n_threads: CPU threads (default: all cores).
+        n_gpu_layers: layers to offload (ignored when ``placement`` is given).
+        placement: where and how large to load it (``ggufmix validate``: one device, its own context).
+        preflight: read the vocabulary in a child process first (off when already in one).
 
     Raises:
         InputError: the file does not exist.
         EngineError: llama.cpp cannot load it.
     """
 
-    def __init__(self, path: Path, *, ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, *, ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 placement: Placement | None = None, preflight: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such model file")
         self.ctx = ctx
         self._lc = llama()
-        self._llm = self._load(n_threads or os.cpu_count() or 1, n_gpu_layers)
+        where = placement or Placement(n_ctx=ctx, n_batch=ctx, n_gpu_layers=n_gpu_layers)
+        if where.n_batch < ctx or where.n_ctx < ctx:
+            raise ValueError(f"{self.path}: chunks of {ctx} tokens need n_ctx and n_batch >= {ctx}")
+        self._llm = self._load(n_threads or os.cpu_count() or 1, where, preflight)
         vocab = self._lc.llama_model_get_vocab(self._llm.model)
         self.n_vocab: int = int(self._lc.llama_vocab_n_tokens(vocab))
         self.add_bos: bool = bool(self._lc.llama_vocab_get_add_bos(vocab))
@@ -146,18 +183,18 @@ class LogitsModel:
         self._batch: Any = None
         self._buf: np.ndarray | None = None
 
-    def _load(self, n_threads: int, n_gpu_layers: int) -> Any:
+    def _load(self, n_threads: int, where: Placement, preflight: bool) -> Any:
         from ggufmix.engine.isolated import check_loads
 
-        check_loads(self.path)  # a crash inside llama.cpp on damaged metadata becomes an EngineError
+        if preflight:
+            check_loads(self.path)  # a crash inside llama.cpp on damaged metadata becomes an EngineError
         try:
             # logits_all=False: we choose the output rows per token ourselves (need_logits below), and
             # Llama then never fills its own (n_ctx, n_vocab) score matrix.
-            return self._lc.Llama(str(self.path), n_ctx=self.ctx, n_batch=self.ctx, logits_all=False,
-                                  verbose=False, n_threads=n_threads, n_threads_batch=n_threads,
-                                  n_gpu_layers=n_gpu_layers)
+            return self._lc.Llama(str(self.path), logits_all=False, verbose=False, n_threads=n_threads,
+                                  n_threads_batch=n_threads, **where.llama_kwargs())
         except (ValueError, RuntimeError, OSError) as e:
-            raise EngineError(f"{self.path}: llama.cpp could not load the model ({e})") from None
+            raise EngineError(f"{self.path}: llama.cpp could not load the model ({e}): {last_error()}") from None
 
     def __enter__(self) -> LogitsModel:
         return self
@@ -212,6 +249,27 @@ class LogitsModel:
             view.flags.writeable = False
             targets = plan.targets(tokens, i).astype(np.int32)
             yield ChunkLogits(i, targets, view, decode_s, time.perf_counter() - t0)
+
+    def generation_speed(self, prompt: np.ndarray, n_new: int) -> tuple[int, float]:
+        """Greedy generation of ``n_new`` tokens after ``prompt`` (end-of-text does not stop it).
+
+        Returns:
+            (tokens generated one at a time, seconds llama.cpp's own counters spent on them:
+            ``llama_perf_context`` ``n_eval`` / ``t_eval_ms``).
+
+        Raises:
+            EngineError: llama.cpp fails while generating.
+        """
+        lc, ctx = self._lc, self._llm.ctx
+        lc.llama_perf_context_reset(ctx)
+        try:
+            for n, _ in enumerate(self._llm.generate(prompt.tolist(), top_k=1, top_p=1.0, temp=0.0, reset=True), 1):
+                if n >= n_new:
+                    break
+        except (ValueError, RuntimeError) as e:
+            raise EngineError(f"{self.path}: llama.cpp could not generate ({e}): {last_error()}") from None
+        perf = lc.llama_perf_context(ctx)
+        return int(perf.n_eval), float(perf.t_eval_ms) / 1e3
 
     def _check(self, tokens: np.ndarray, plan: ChunkPlan) -> None:
         if plan.ctx != self.ctx:

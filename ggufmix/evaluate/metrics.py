@@ -332,3 +332,41 @@ def _rms(sum_sq: float, sum_4: float, n: int) -> Estimate:
     mse = mean_and_uncertainty(sum_sq, sum_4, n)
     rms = math.sqrt(mse.value)
     return Estimate(rms, 0.5 / rms * mse.stderr if rms > 0 else 0.0)
+
+
+def divergence(base_logprobs: np.ndarray, quant_logprobs: np.ndarray, targets: np.ndarray,
+               block: int = 256) -> DivergenceStats:
+    """The exact summary of ``quant`` against ``base`` over every row, in blocks of rows (bounded scratch).
+
+    Args:
+        base_logprobs: (n, vocab) log p (a memmapped ``.npy`` is fine).
+        quant_logprobs: (n, vocab) log q, the same positions.
+        targets: (n,) actual next tokens.
+
+    Returns:
+        The DivergenceStats (KLD, top-1 agreement ...).
+
+    Raises:
+        ValueError: the shapes differ or there are no rows.
+    """
+    if base_logprobs.shape != quant_logprobs.shape:
+        raise ValueError(f"divergence: base {base_logprobs.shape} and quant {quant_logprobs.shape} differ")
+    acc = DivergenceAccumulator(kld_method="exact")
+    for s in range(0, base_logprobs.shape[0], block):
+        acc.add(token_stats_full(np.asarray(base_logprobs[s:s + block]), np.asarray(quant_logprobs[s:s + block]),
+                                 targets[s:s + block]))
+    return acc.result()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (embedding models); 0 for a zero row.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"cosine_rows: expected two (n, dim) arrays of one shape, got {a.shape} and {b.shape}")
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    dots = np.einsum("ij,ij->i", x, y)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
