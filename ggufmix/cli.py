@@ -30,6 +30,8 @@ from ggufmix.ship import deliver as ship
 from ggufmix.ship.devices import resolve_fit
 from ggufmix.ship.fit import FitSettings, fit_report
 from ggufmix.ship.palettes import named_palette
+from ggufmix.ship.validate import failure, validate_file
+from ggufmix.ship.validate import format_table as validate_table
 from ggufmix.types import parse_type
 
 logger = logging.getLogger("ggufmix")
@@ -145,6 +147,8 @@ _fit_options = [
 @click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
+@click.option("--validate", "run_validate", is_flag=True,
+              help="Run `ggufmix validate` on the result (every ggml device, against MODEL); exit 4 if a device fails.")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -152,7 +156,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
-          scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
+          scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -162,7 +166,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     if (budget is None) == (fit is None):
         raise click.UsageError("give one of --budget (size or bpw of the weights) or --fit (memory of a device)")
     try:
-        delivery = ship.Delivery(output, bundle, ollama_name, push_repo, private, eval_text, force)
+        delivery = ship.Delivery(output, bundle, ollama_name, push_repo, private, eval_text, force,
+                                 validate_ctx=max(n_ctx, 256) if run_validate else None)
     except UsageError as e:
         raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
@@ -189,12 +194,17 @@ def _print_delivered(done: ship.Delivered) -> None:
                    f"same top-1 {100 * q['top1']:.2f}%")
     if res.smoke is not None:
         click.echo(f"smoke test: {res.smoke!r}")
+    if done.validation is not None:
+        click.echo(validate_table(done.validation))
     if done.bundle:
         click.echo(f"bundle: {done.bundle}/ (check with: cd {done.bundle} && sha256sum -c SHA256SUMS)")
     for line in done.warnings:
         click.echo(f"warning: {line}", err=True)
     for line in done.notes:
         click.echo(line)
+    err = failure(done.validation) if done.validation is not None else None
+    if err:
+        raise err
 
 
 def _fit_settings(fit: str, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool) -> FitSettings:
@@ -314,10 +324,8 @@ def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: P
 def validate(file: Path, reference: Path | None, backends: str, n_ctx: int, as_json: bool) -> None:
     """Run FILE on every ggml backend device: load, fallbacks, KLD/top-1 against the CPU (and --reference),
     speed, memory against --fit; writes FILE.validate.json. Exit code 4 when a device fails."""
-    from ggufmix.ship.validate import failure, format_table, validate_file
-
     report = validate_file(file, reference=reference, backends=backends, n_ctx=n_ctx)
-    click.echo(json.dumps(report.to_json(), indent=1) if as_json else format_table(report))
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else validate_table(report))
     err = failure(report)
     if err:
         raise err

@@ -24,3 +24,60 @@ def test_select_cpu_and_refuse_missing_backend() -> None:
     missing = next(n for n in ("metal", "cuda", "vulkan", "opencl") if not any(h.startswith(n) for h in have))
     with pytest.raises(EngineError, match=f"--backends {missing}"):
         select_devices(missing)
+
+
+# --- ggufmix validate on the real CPU build --------------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+from ggufmix.cli import cli  # noqa: E402
+from ggufmix.realize.build import build  # noqa: E402
+from ggufmix.plan.budget import parse_budget  # noqa: E402
+from ggufmix.score.measure import ScoreOptions  # noqa: E402
+from ggufmix.ship.validate import format_table, validate  # noqa: E402
+from ggufmix.types import QuantType  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def q5_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Q5_0/Q5_1: types every CPU build runs (the AMX kernels of some Xeons crash on Q4_K/Q8_0 ..., llama.cpp #20824)
+    out = tmp_path_factory.mktemp("validate") / "tiny.q5.gguf"
+    build(tiny_model, out, parse_budget("5.8bpw"), opts=ScoreOptions(max_rows=16),
+          types=(QuantType.Q5_0, QuantType.Q5_1), smoke=False, progress=False)
+    return out
+
+
+def test_validate_cpu_row_against_reference(q5_model: Path, tiny_model: Path) -> None:
+    rep = validate(q5_model, reference=tiny_model, n_ctx=512)
+    assert [r.device for r in rep.rows][0].upper().startswith("CPU") and rep.mode == "logits"
+    cpu = rep.rows[0]
+    assert cpu.ok and cpu.moved == () and cpu.graph_splits == "1"
+    assert cpu.vs_cpu is not None and cpu.vs_cpu.kld == pytest.approx(0.0, abs=1e-6) and cpu.vs_cpu.top1 == 1.0
+    ref = cpu.vs_reference
+    assert ref is not None and 0 < ref.kld < 1.0 and 0.3 < ref.top1 < 1.0 and ref.n > 100
+    assert cpu.prompt_tps and cpu.prompt_tps > 0 and cpu.gen_tps and cpu.gen_tps > 0
+    # llama.cpp's logged buffers against --fit's arithmetic (weights + KV + measured compute/output)
+    assert cpu.allocated and cpu.predicted and abs(cpu.allocated - cpu.predicted) < 64 << 10
+    assert "CPU" in format_table(rep)
+
+
+def test_reference_of_the_file_itself_agrees_exactly(tiny_model: Path) -> None:
+    rep = validate(tiny_model, reference=tiny_model, n_ctx=256)
+    ref = rep.rows[0].vs_reference
+    assert ref is not None and ref.kld == pytest.approx(0.0, abs=1e-6) and ref.top1 == 1.0
+
+
+def test_broken_file_is_one_failed_row_and_exit_4(tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    data = tiny_model.read_bytes()
+    broken.write_bytes(data[: len(data) - len(data) // 3])  # the header is whole, the tensor data is cut
+    res = CliRunner().invoke(cli, ["validate", str(broken), "--backends", "cpu"])
+    assert res.exception is not None and getattr(res.exception, "exit_code", None) == 4, res.output
+    assert "\n" not in str(res.exception) and "CPU" in str(res.exception)
+    doc = json.loads((tmp_path / "broken.validate.json").read_text())
+    assert doc["format"] == "ggufmix.validate" and len(doc["rows"]) == 1
+    row = doc["rows"][0]
+    assert row["ok"] is False and row["error"] and "FAILED" in res.output

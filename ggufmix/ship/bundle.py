@@ -6,6 +6,7 @@
     DIR/recipe.txt      llama-quantize --tensor-type-file (rebuild with plain llama.cpp)
     DIR/plan.json       every tensor's type and score
     DIR/build.json      verification and timings
+    DIR/validate.json   with ``build --validate``: ``ggufmix validate``'s report (also a section of the card)
     DIR/layers.png      types layer by layer (when matplotlib is installed)
     DIR/SHA256SUMS      ``sha256sum -c SHA256SUMS`` checks every file above
 
@@ -30,6 +31,7 @@ from ggufmix.types import mix_name
 logger = logging.getLogger(__name__)
 
 SIDECARS = {"plan.json": ".plan.json", "recipe.txt": ".recipe.txt", "build.json": ".build.json"}
+OPTIONAL_SIDECARS = {"validate.json": ".validate.json"}
 CHECKSUMS = "SHA256SUMS"
 
 
@@ -56,6 +58,9 @@ def finish_bundle(staging: Path, final: Path, *, modelfile_text: str, card: str)
     """
     for name, suffix in SIDECARS.items():
         (staging / f"model{suffix}").replace(staging / name)
+    for name, suffix in OPTIONAL_SIDECARS.items():
+        if (staging / f"model{suffix}").exists():
+            (staging / f"model{suffix}").replace(staging / name)
     (staging / "Modelfile").write_text(modelfile_text)
     (staging / "README.md").write_text(card)
     try:
@@ -94,8 +99,9 @@ def front_matter(meta: dict[str, Any]) -> list[str]:
 
 
 def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fit_lines: list[str] | None,
-               quality: dict[str, Any] | None, rebuild: str, has_picture: bool) -> str:
-    """README.md of the bundle (Markdown)."""
+               quality: dict[str, Any] | None, rebuild: str, has_picture: bool,
+               validation: list[str] | None = None) -> str:
+    """README.md of the bundle (Markdown); ``validation`` is ``ship.validate.card_section``'s lines."""
     name = str(meta.get("general.name") or plan.source.get("name", "model"))
     lines = [*front_matter(meta), f"# {name}: ggufmix mixed-precision GGUF, {plan.bpw:.3f} bpw", "",
              f"Built by ggufmix {plan.versions.get('ggufmix', '?')} with llama.cpp's quantizer "
@@ -122,6 +128,8 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
                   "|---|---|---|---|---|",
                   f"| {quality['base_ppl']:.3f} | {quality['ppl']:.3f} | {quality['kld']:.4f} ± {quality['kld_err']:.4f} "
                   f"| {quality['kld_p99']:.3f} | {100 * quality['top1']:.2f}% |"]
+    if validation:
+        lines += ["", *validation]
     if has_picture:
         lines += ["", "## Types layer by layer", "", "![types per layer](layers.png)"]
     lines += ["", "## Run", "", "```", "ollama create my-model -f Modelfile && ollama run my-model",
@@ -132,9 +140,10 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
 
 def write_bundle(model: Path, meta: dict[str, Any], staging: Path, final: Path, res: BuildResult, *,
                  fit_lines: list[str] | None, quality: dict[str, Any] | None, imatrix: Path | None,
-                 fit_ctx: tuple[int, int] | None) -> Path:
+                 fit_ctx: tuple[int, int] | None, validation: list[str] | None = None) -> Path:
     """The bundle of a finished build of ``model`` (whose header is ``meta``): Modelfile, model card (with the
-    llama-quantize line that rebuilds it), checksums, renamed from ``staging`` to ``final``."""
+    llama-quantize line that rebuilds it, and ``validation``: ``ship.validate.card_section``'s lines), checksums,
+    renamed from ``staging`` to ``final``."""
     ftype = base_ftype(res.plan)
     name = mix_name(ftype)
     rebuild = ("llama-quantize --tensor-type-file recipe.txt " + (f"--imatrix {imatrix.name} " if imatrix else "")
@@ -144,5 +153,6 @@ def write_bundle(model: Path, meta: dict[str, Any], staging: Path, final: Path, 
                      num_ctx=fit_ctx[0] if fit_ctx else None, num_batch=fit_ctx[1] if fit_ctx else None,
                      use_mmap=False if fit_ctx else None)
     card = model_card(res.plan, meta, verified=res.verified.__dict__, fit_lines=fit_lines, quality=quality,
-                      rebuild=rebuild, has_picture=importlib.util.find_spec("matplotlib") is not None)
+                      rebuild=rebuild, has_picture=importlib.util.find_spec("matplotlib") is not None,
+                      validation=validation)
     return finish_bundle(staging, final, modelfile_text=text, card=card)

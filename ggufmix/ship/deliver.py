@@ -20,6 +20,7 @@ from ggufmix.ship.bundle import write_bundle
 from ggufmix.ship.fit import FitSettings, build_to_fit, run_ollama, staging_dir
 from ggufmix.ship.palettes import ollama_engine_misfits
 from ggufmix.ship.push import check_repo_id, push_bundle
+from ggufmix.ship.validate import ValidateReport, card_section, validate_file
 from ggufmix.types import QuantType
 
 QUALITY_CHUNKS = 8
@@ -36,6 +37,7 @@ class Delivery:
     private: bool = False
     eval_text: Path | None = None
     force: bool = False
+    validate_ctx: int | None = None  # build --validate: run ggufmix validate at this context (None: do not)
 
     def __post_init__(self) -> None:
         if (self.output is None) == (self.bundle is None):
@@ -67,6 +69,7 @@ class Delivered:
     quality: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)  # Ollama's output, the pushed URL
     warnings: list[str] = field(default_factory=list)
+    validation: ValidateReport | None = None  # build --validate (the caller turns a failed device into exit 4)
 
 
 def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, delivery: Delivery, *,
@@ -82,16 +85,18 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
     try:
         res, fit_lines = _build_to(model, out, meta, target, delivery.force, opts, recipe, progress)
         quality = _quality(model, out, delivery.eval_text, progress) if delivery.eval_text else None
+        # against the source it was built from; out.validate.json lands beside out (the bundle's validate.json)
+        checked = validate_file(out, reference=model, n_ctx=delivery.validate_ctx) if delivery.validate_ctx else None
         if staging is not None:
             fit_ctx = (target.n_ctx, target.n_ubatch) if isinstance(target, FitSettings) else None
             write_bundle(model, meta, staging, delivery.bundle, res, fit_lines=fit_lines, quality=quality,
-                         imatrix=opts.imatrix, fit_ctx=fit_ctx)
+                         imatrix=opts.imatrix, fit_ctx=fit_ctx, validation=card_section(checked) if checked else None)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     path = delivery.bundle / "model.gguf" if delivery.bundle else out
-    done = Delivered(res, path, delivery.bundle, fit_lines, quality)
+    done = Delivered(res, path, delivery.bundle, fit_lines, quality, validation=checked)
     arch = str(meta.get("general.architecture", "unknown"))
     if delivery.ollama_name:
         done.warnings.extend(_ollama_warnings(arch, res))
