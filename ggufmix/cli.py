@@ -29,7 +29,7 @@ from ggufmix.scores import Scores
 from ggufmix.ship import deliver as ship
 from ggufmix.ship.devices import resolve_fit
 from ggufmix.ship.fit import FitSettings, fit_report
-from ggufmix.ship.palettes import named_palette
+from ggufmix.ship.palettes import check_within, named_palette
 from ggufmix.ship.validate import failure, validate_file
 from ggufmix.ship.validate import format_table as validate_table
 from ggufmix.types import parse_type
@@ -60,21 +60,20 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
     return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
 
 
-def _palette(types: str | None, palette: str | None, arch: str):  # noqa: ANN202
-    """--types and --palette NAME (for the model's architecture) as the planner's types; None = its default."""
-
+def _palette(types: str | None, palette: str | None, arch: str, pins=(), fit: str | None = None):  # noqa: ANN001, ANN202
+    """--types and --palette NAME (for the model's architecture; a --fit device's own palette when not given) as the
+    planner's types; None = its default. Pins and --types outside the palette are refused."""
     chosen = None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
+    if palette is None and fit is not None:
+        palette = resolve_fit(fit).palette
     if palette is None:
         return chosen
-
     allowed, why = named_palette(palette, arch)
     click.echo(f"palette {palette}: {why}")
-    if chosen is None:
-        return allowed
-    both = tuple(t for t in chosen if t in allowed)
-    if not both:
+    if chosen is not None and not any(t in allowed for t in chosen):
         raise UsageError(f"--types {types}: none of them is in --palette {palette} ({why})")
-    return both
+    check_within(palette, allowed, why, types=chosen, pins=pins)
+    return chosen or allowed
 
 
 _score_options = [
@@ -91,9 +90,10 @@ _score_options = [
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
     click.option("--types", help="Comma-separated palette, e.g. Q4_K,Q5_K,Q6_K,Q8_0."),
-    click.option("--palette", type=click.Choice(["ollama"]),
-                 help="Only types this runtime loads for the model's architecture (ollama: no IQ types where "
-                      "Ollama's own engine runs the model, no type newer than Ollama knows)."),
+    click.option("--palette", type=click.Choice(["ollama", "cuda", "metal", "vulkan", "adreno", "cpu-arm"]),
+                 help="Only types this runtime or llama.cpp backend runs (ollama: no IQ types where Ollama's own "
+                      "engine runs the model; cuda/metal/vulkan/adreno: the backend's MUL_MAT kernels, "
+                      "data/backends.json). Default with --fit DEVICE: the device's palette."),
     click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
 ]
 
@@ -173,8 +173,9 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
-    recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown"))),
-                         [parse_pin(p) for p in pins], Scores.load(scores_path) if scores_path else None, not no_smoke)
+    pin_list = [parse_pin(p) for p in pins]
+    recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown")), pin_list, fit),
+                         pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke)
     target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
     done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
     _print_delivered(done)
@@ -260,7 +261,8 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     else:
         target = parse_budget(budget)
     pins_ = [parse_pin(x) for x in pins]
-    p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch), pins=pins_).with_versions(versions())
+    p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch, pins_, fit),
+                  pins=pins_).with_versions(versions())
     p.save(output)
     if recipe:
         write_text_atomic(recipe, tensor_type_file(p))

@@ -132,12 +132,14 @@ class Device:
     name: str
     usable_bytes: int
     note: str
+    palette: str | None = None  # the --palette the device's llama.cpp backend implies (devices.json)
 
 
 def load_devices() -> dict[str, Device]:
     """The device profiles shipped in ggufmix/data/devices.json."""
     doc = json.loads(resources.files("ggufmix.data").joinpath("devices.json").read_text())
-    return {name: Device(name, parse_budget(d["usable"]).to_bytes(0), d["note"]) for name, d in doc["devices"].items()}
+    return {name: Device(name, parse_budget(d["usable"]).to_bytes(0), d["note"], d.get("palette"))
+            for name, d in doc["devices"].items()}
 
 
 def resolve_fit(text: str) -> Device:
