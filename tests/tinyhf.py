@@ -23,6 +23,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
     "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 64,
                "query_pre_attn_scalar": 64, "sliding_window": 64, "tie_word_embeddings": True},
+    # issue 19's ten families (llama, qwen2, gemma3 above)
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None,
+                "tie_word_embeddings": False},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 64, "tie_word_embeddings": True},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 64,
+               "query_pre_attn_scalar": 64, "sliding_window": 64, "tie_word_embeddings": True},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "tie_word_embeddings": False},
+    "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "embedding_multiplier": 12.0,
+                "residual_multiplier": 0.22, "attention_multiplier": 0.0156, "logits_scaling": 8.0,
+                "tie_word_embeddings": True},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 64,
+                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "decoder_sparse_step": 1,
+                  "tie_word_embeddings": False},
+    # an encoder (BERT family, XLM-RoBERTa: its converter reads sentencepiece.bpe.model; no pre-tokenizer hash)
+    "xlm_roberta": {"architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta", "max_position_embeddings": 514,
+                    "type_vocab_size": 1, "layer_norm_eps": 1e-5, "hidden_act": "gelu", "pad_token_id": 1,
+                    "bos_token_id": 0, "eos_token_id": 2},
 }
 _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
@@ -65,8 +82,10 @@ def hf_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**config)
+    # a bare encoder ("XLMRobertaModel") has no language-model head: AutoModel builds it
+    auto = transformers.AutoModel if config["architectures"][0].endswith("Model") else transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model = auto.from_config(cfg)
     tied = set()
     if config.get("tie_word_embeddings"):
         tied = {"lm_head.weight"}
@@ -115,6 +134,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 400) -> int:
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
                                    hard_vocab_limit=False)
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "sentencepiece.bpe.model").write_bytes(buf.getvalue())  # the name XLM-RoBERTa's converter reads
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": True, "add_eos_token": False}))
