@@ -33,18 +33,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "embedding_multiplier": 12.0,
                 "residual_multiplier": 0.22, "attention_multiplier": 0.0156, "logits_scaling": 8.0,
                 "tie_word_embeddings": True},
-    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 64,
-                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "decoder_sparse_step": 1,
-                  "tie_word_embeddings": False},
+    # MoE (qwen3_moe's converter needs a BPE tokenizer.json whose pre-tokenizer hash it knows; mixtral's reads
+    # tokenizer.model)
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 4,
+                "num_experts_per_tok": 2, "sliding_window": None, "tie_word_embeddings": False},
     # an encoder (BERT family, XLM-RoBERTa: its converter reads sentencepiece.bpe.model; no pre-tokenizer hash)
     "xlm_roberta": {"architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta", "max_position_embeddings": 514,
                     "type_vocab_size": 1, "layer_norm_eps": 1e-5, "hidden_act": "gelu", "pad_token_id": 1,
+                    "num_key_value_heads": 4,  # no GQA in BERT: the converter would write the shared 2
                     "bos_token_id": 0, "eos_token_id": 2},
 }
 _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 _DTYPES = {"bfloat16", "float16", "float32"}
+_SPM_TYPE = {"xlm_roberta": "unigram"}  # XLM-RoBERTa's converter asserts a UNIGRAM SentencePiece model
 
 
 def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bfloat16", shards: int = 1,
@@ -68,7 +71,7 @@ def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bf
         raise ValueError(f"family {family!r} / dtype {dtype!r}: one of {sorted(FAMILIES)} / {sorted(_DTYPES)}")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    n_vocab = write_tokenizer(out)
+    n_vocab = write_tokenizer(out, model_type=_SPM_TYPE.get(family, "bpe"))
     config = {**_SIZES, **FAMILIES[family], "vocab_size": n_vocab, "torch_dtype": dtype}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     weights = random_weights(hf_shapes(config), seed)
@@ -124,15 +127,17 @@ def write_safetensors(folder: Path, weights: dict[str, np.ndarray], dtype: str, 
     return files
 
 
-def write_tokenizer(folder: Path, vocab_size: int = 400) -> int:
+def write_tokenizer(folder: Path, vocab_size: int = 400, model_type: str = "bpe") -> int:
     """Train a byte-fallback SentencePiece model on a small generated text; returns its vocabulary size."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(_training_text()), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   model_type=model_type, byte_fallback=True, character_coverage=1.0,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-                                   hard_vocab_limit=False)
+                                   hard_vocab_limit=False,
+                                   # llama.cpp's phi3 vocabulary loader looks this token up (llama-vocab.cpp)
+                                   user_defined_symbols=["<|endoftext|>"])
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     (folder / "sentencepiece.bpe.model").write_bytes(buf.getvalue())  # the name XLM-RoBERTa's converter reads
     (folder / "tokenizer_config.json").write_text(json.dumps(

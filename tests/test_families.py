@@ -1,0 +1,74 @@
+"""Ten architecture families end to end: tiny random HF folder -> llama.cpp's converter -> build -> validate (CPU).
+
+Each family is a line of tests/tinyhf.FAMILIES. Three run in CI; the rest are marked slow (the converter imports
+torch and transformers for every family). The table in README.md lists the families and the command.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+for _mod in ("torch", "transformers", "sentencepiece"):  # the converter's own dependencies (extra "hf")
+    pytest.importorskip(_mod)
+
+from ggufmix.cli import cli  # noqa: E402
+from ggufmix.io.llamacpp_src import Converter, locate_converter  # noqa: E402
+from tinyhf import write_tiny_hf  # noqa: E402
+
+_slow = pytest.mark.slow
+# family -> (GGUF architecture llama.cpp's converter writes, validate's mode)
+FAMILY_ARCH = {
+    "llama": ("llama", "logits"),
+    "mistral": pytest.param(("llama", "logits"), marks=_slow),  # llama.cpp converts Mistral to its llama graph
+    "qwen2": pytest.param(("qwen2", "logits"), marks=_slow),
+    "qwen3": pytest.param(("qwen3", "logits"), marks=_slow),
+    "gemma2": pytest.param(("gemma2", "logits"), marks=_slow),
+    "gemma3": ("gemma3", "logits"),
+    "phi3": pytest.param(("phi3", "logits"), marks=_slow),
+    "granite": pytest.param(("granite", "logits"), marks=_slow),
+    "mixtral": pytest.param(("llama", "logits"), marks=_slow),  # MoE: llama.cpp's llama graph with experts
+    "xlm_roberta": ("bert", "embeddings"),
+}
+# types every CPU build runs (the AMX kernels of some Xeons crash on Q4_K/Q8_0 ..., llama.cpp #20824)
+TYPES = "Q5_0,Q5_1,Q3_K,IQ4_NL,Q2_K"
+
+
+@pytest.fixture(scope="session")
+def converter() -> Converter:
+    return locate_converter()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, converter: Converter, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    root.mkdir()
+    if not converter.version.startswith("checkout:"):
+        (root / converter.root.name).symlink_to(converter.root)
+    monkeypatch.setenv("GGUFMIX_CACHE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("family,expect", [(f, v) for f, v in FAMILY_ARCH.items()])
+def test_family_converts_builds_and_validates(family: str, expect: tuple[str, str], cache: Path, tmp_path: Path) -> None:
+    arch, mode = expect
+    folder = write_tiny_hf(tmp_path / family, family, seed=3)
+    out = tmp_path / f"{family}.gguf"
+    budget = "6.5bpw" if mode == "embeddings" else "5.0bpw"  # BERT keeps its position embeddings in F32
+    res = CliRunner().invoke(cli, ["-q", "build", str(folder), "--budget", budget, "--types", TYPES, "--rows", "16",
+                                   "-o", str(out), "--validate", "--ctx", "256"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    doc = json.loads((tmp_path / f"{family}.validate.json").read_text())
+    assert (doc["arch"], doc["mode"]) == (arch, mode)
+    cpu = doc["rows"][0]
+    assert cpu["ok"] and cpu["device"].upper().startswith("CPU"), cpu
+    ref = cpu["vs_reference"]
+    if mode == "embeddings":
+        assert 0.5 < ref["cos_min"] <= 1.0 + 1e-6 and ref["n"] >= 8
+        assert cpu["vs_cpu"]["cos_min"] == pytest.approx(1.0, abs=1e-5)
+    else:
+        # a random model may be so peaked that quantizing it changes nothing measurable (qwen3 here)
+        assert -1e-6 <= ref["kld"] < 1.0 and ref["top1"] > 0.3 and ref["n"] > 100
+        assert cpu["vs_cpu"]["kld"] == pytest.approx(0.0, abs=1e-6)
