@@ -32,7 +32,7 @@ FAMILY_ARCH = {
     "xlm_roberta": ("bert", "embeddings"),
 }
 IN_CI = {"llama", "gemma3", "xlm_roberta"}
-# types every CPU build runs (the AMX kernels of some Xeons crash on Q4_K/Q8_0 ..., llama.cpp #20824)
+# a mix of 32-block and K types that every family's row lengths take
 TYPES = "Q5_0,Q5_1,Q3_K,IQ4_NL,Q2_K"
 
 

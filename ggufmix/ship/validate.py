@@ -127,8 +127,9 @@ def validate(path: Path, *, reference: Path | None = None, backends: str = "auto
 
     Raises:
         InputError: ``path`` or ``reference`` is missing or not a GGUF.
-        UsageError: ``n_ctx`` below 256 or an unknown backend name.
-        EngineError: the reference itself cannot run, or shares no tokenizer with the file.
+        UsageError: ``n_ctx`` below 256.
+        EngineError: a backend name this llama.cpp build has no device for; the reference itself cannot run, or
+            it tokenizes the prompts differently from the file.
     """
     if n_ctx < MIN_CTX:
         raise UsageError(f"--ctx {n_ctx}: validate needs at least {MIN_CTX} tokens of context")
