@@ -1,0 +1,205 @@
+"""The docs cannot drift from the code: every shell command in README.md and docs/*.md is parsed by
+click (verb and every flag must exist, values must convert), scripts they name must exist and take
+the flags they are given, docs/cli.md must equal what scripts/gen_cli_docs.py makes, every verb is in
+the README, every script is documented, and no committed file names a path of one particular machine.
+
+Conventions the docs follow so this works: commands live in fenced ```bash / ```sh / ```console
+blocks (console: only ``$ `` lines are commands); ``[...]`` marks an optional part whose flags are
+still checked; ``# ...`` starts a comment.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+
+from ggufmix.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_FENCE = re.compile(r"^```(bash|sh|console|shell)[ \t]*\n(.*?)^```", re.M | re.S)
+_SEPARATORS = {"&&", "||", ";", "|", "(", ")", "&", ";;"}
+_PREFIXES = {"do", "then", "else", "time", "exec", "!"}
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command line found in a doc: where, and its words after shell splitting."""
+
+    where: str
+    words: tuple[str, ...]
+
+
+def _shell_lines(lang: str, body: str) -> list[str]:
+    body = re.sub(r"\\\n\s*", " ", body)  # continuation lines
+    lines = []
+    for line in body.splitlines():
+        if lang == "console":
+            if not line.startswith("$ "):
+                continue  # program output
+            line = line[2:]
+        lines.append(line)
+    return lines
+
+
+def _segments(line: str) -> list[list[str]]:
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    out: list[list[str]] = [[]]
+    for tok in lex:
+        if tok in _SEPARATORS:
+            out.append([])
+        else:
+            out[-1].append(tok)
+    return [s for s in out if s]
+
+
+def _strip(words: list[str]) -> list[str]:
+    """Drop environment assignments, `nice -n N`, loop keywords; unwrap [optional] parts."""
+    while words and (words[0] in _PREFIXES or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0])):
+        words = words[1:]
+    if words[:1] == ["nice"]:
+        words = words[3:] if words[1:2] == ["-n"] else words[1:]
+    words = [w.strip("[]") for w in words]
+    return [w for w in words if w and w != "..."]
+
+
+def _commands() -> list[Command]:
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in _FENCE.finditer(text):
+            line_no = text[: m.start()].count("\n") + 2
+            for line in _shell_lines(m.group(1), m.group(2)):
+                for seg in _segments(line):
+                    words = _strip(seg)
+                    if words:
+                        found.append(Command(f"{doc.relative_to(ROOT)}:{line_no}", tuple(words)))
+    return found
+
+
+def _ggufmix_args(words: tuple[str, ...]) -> tuple[str, ...] | None:
+    if words[0] == "ggufmix":
+        return words[1:]
+    if words[0] in ("python", "python3") and words[1:3] == ("-m", "ggufmix"):
+        return words[3:]
+    return None
+
+
+def _script(words: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    rest = words[1:] if words[0] in ("python", "python3", "bash", "sh") else words
+    if rest and rest[0].startswith("scripts/"):
+        return rest[0], rest[1:]
+    return None
+
+
+COMMANDS = _commands()
+GGUFMIX = [(c.where, a) for c in COMMANDS if (a := _ggufmix_args(c.words)) is not None]
+SCRIPTS = [(c.where, *s) for c in COMMANDS if (s := _script(c.words)) is not None]
+
+
+def parse_ggufmix(args: tuple[str, ...]) -> click.Context | None:
+    """Parse a ggufmix command line the way click will, without running it: the verb must exist, every
+    flag must be one of its options and every value must convert. Returns the verb's context (None
+    for the group's own --help/--version)."""
+    root = click.Context(cli, info_name="ggufmix")
+    rest = list(args)
+    while rest and rest[0].startswith("-"):
+        flag = rest.pop(0)
+        if flag in ("--help", "--version"):
+            return None
+        if flag not in ("-q", "--quiet", "--debug"):
+            raise click.UsageError(f"no such option of ggufmix: {flag}")
+    if not rest:
+        raise click.UsageError("no verb")
+    cmd = cli.get_command(root, rest[0])
+    if cmd is None:
+        raise click.UsageError(f"no such command: {rest[0]}")
+    try:
+        return cmd.make_context(rest[0], rest[1:], parent=root)
+    except click.exceptions.Exit:  # --help
+        return None
+
+
+def test_the_docs_have_commands() -> None:
+    assert len(GGUFMIX) >= 20, f"only {len(GGUFMIX)} ggufmix commands found in fenced blocks: is the fence regex right?"
+    assert SCRIPTS, "no scripts/ commands found in the docs"
+
+
+@pytest.mark.parametrize(("where", "args"), GGUFMIX, ids=[f"{w} {' '.join(a[:1])}" for w, a in GGUFMIX])
+def test_ggufmix_command_parses(where: str, args: tuple[str, ...]) -> None:
+    try:
+        parse_ggufmix(args)
+    except click.UsageError as e:
+        pytest.fail(f"{where}: `ggufmix {shlex.join(args)}`: {e.format_message()}")
+
+
+def test_a_renamed_flag_is_caught() -> None:
+    with pytest.raises(click.NoSuchOption):
+        parse_ggufmix(("build", "m.gguf", "--budget", "4bpw", "-o", "o.gguf", "--no-such-flag"))
+    with pytest.raises(click.UsageError):
+        parse_ggufmix(("no-such-verb",))
+    with pytest.raises(click.BadParameter):
+        parse_ggufmix(("plan", "s.json", "--ctx", "0", "-o", "p.json"))
+
+
+def test_readme_shows_every_verb() -> None:
+    readme = {a[0] for w, a in GGUFMIX if w.startswith("README.md") and a}
+    missing = sorted(set(cli.commands) - readme)
+    assert not missing, f"README.md has no example of: {', '.join(missing)} (one fenced example per verb)"
+
+
+@pytest.mark.parametrize(("where", "script", "args"), SCRIPTS, ids=[f"{w} {s}" for w, s, _ in SCRIPTS])
+def test_script_command_exists(where: str, script: str, args: tuple[str, ...]) -> None:
+    path = ROOT / script
+    assert path.is_file(), f"{where}: {script} does not exist"
+    source = path.read_text()
+    for flag in (a.split("=", 1)[0] for a in args if a.startswith("--")):
+        assert re.search(rf"""["']{re.escape(flag)}["']""", source), f"{where}: {script} takes no {flag}"
+
+
+def test_cli_md_is_current() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_script_is_documented() -> None:
+    text = "\n".join(d.read_text() for d in DOCS)
+    missing = [p.name for p in sorted((ROOT / "scripts").iterdir()) if p.is_file() and f"scripts/{p.name}" not in text]
+    assert not missing, f"scripts not named in README.md or docs/: {', '.join(missing)}"
+
+
+def test_commands_are_fenced() -> None:
+    """Indented command lines outside fences would escape the checks above."""
+    for doc in DOCS:
+        bare = _FENCE.sub("", re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.M | re.S))
+        hits = re.findall(r"^(?: {4}|\t)\s*(?:ggufmix|python|bash) .*$", bare, re.M)
+        assert not hits, f"{doc.name}: commands outside a fenced block: {hits[:3]}"
+
+
+_MACHINE_PATH = re.compile(r"(?<![\w.~$}])/(?:work|root|home|Users|tmp)/")
+
+
+def test_no_machine_specific_paths() -> None:
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    bad = []
+    for name in files:
+        path = ROOT / name
+        if name.startswith("tests/") or path.suffix not in {".py", ".md", ".sh", ".json", ".toml", ".txt", ""}:
+            continue
+        if not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _MACHINE_PATH.search(line):
+                bad.append(f"{name}:{i}: {line.strip()[:100]}")
+    assert not bad, "paths of one machine in committed files:\n" + "\n".join(bad)
