@@ -99,9 +99,24 @@ def _script(words: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+def _inline() -> list[Command]:
+    """Commands quoted in running text or tables (`ggufmix plan --fit 4GB`): often fragments, so only
+    their verb and flags are checked, not their arguments."""
+    found = []
+    for doc in DOCS:
+        text = _FENCE.sub("", doc.read_text())
+        for m in re.finditer(r"`((?:ggufmix|python3? (?:-m ggufmix|scripts/)|bash scripts/)[^`]*)`", text):
+            for seg in _segments(m.group(1)):
+                words = _strip(seg)
+                if words:
+                    found.append(Command(f"{doc.relative_to(ROOT)} (inline)", tuple(words)))
+    return found
+
+
 COMMANDS = _commands()
 GGUFMIX = [(c.where, a) for c in COMMANDS if (a := _ggufmix_args(c.words)) is not None]
-SCRIPTS = [(c.where, *s) for c in COMMANDS if (s := _script(c.words)) is not None]
+INLINE = [(c.where, a) for c in _inline() if (a := _ggufmix_args(c.words)) is not None]
+SCRIPTS = [(c.where, *s) for c in COMMANDS + _inline() if (s := _script(c.words)) is not None]
 
 
 def parse_ggufmix(args: tuple[str, ...]) -> click.Context | None:
@@ -140,6 +155,21 @@ def test_ggufmix_command_parses(where: str, args: tuple[str, ...]) -> None:
         pytest.fail(f"{where}: `ggufmix {shlex.join(args)}`: {e.format_message()}")
 
 
+def _flags(cmd: click.Command) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")} | {"--help"}
+
+
+@pytest.mark.parametrize(("where", "args"), INLINE, ids=[f"{w} {' '.join(a[:2])}" for w, a in INLINE])
+def test_inline_command_names_real_flags(where: str, args: tuple[str, ...]) -> None:
+    words = [w for w in args if w not in ("-q", "--quiet", "--debug")]
+    if not words or words[0] in ("--help", "--version"):
+        return
+    cmd = cli.get_command(click.Context(cli), words[0])
+    assert cmd is not None, f"{where}: no such command: ggufmix {words[0]}"
+    unknown = [w for w in words[1:] if re.match(r"-[^\d]", w) and w.split("=", 1)[0] not in _flags(cmd)]
+    assert not unknown, f"{where}: `ggufmix {shlex.join(args)}`: {words[0]} has no {', '.join(unknown)}"
+
+
 def test_a_renamed_flag_is_caught() -> None:
     with pytest.raises(click.NoSuchOption):
         parse_ggufmix(("build", "m.gguf", "--budget", "4bpw", "-o", "o.gguf", "--no-such-flag"))
@@ -161,7 +191,9 @@ def test_script_command_exists(where: str, script: str, args: tuple[str, ...]) -
     assert path.is_file(), f"{where}: {script} does not exist"
     source = path.read_text()
     for flag in (a.split("=", 1)[0] for a in args if a.startswith("--")):
-        assert re.search(rf"""["']{re.escape(flag)}["']""", source), f"{where}: {script} takes no {flag}"
+        # argparse names a flag in quotes; a shell script in a `case` pattern
+        pattern = rf"""["']{re.escape(flag)}["']""" if path.suffix == ".py" else rf"(?<![\w-]){re.escape(flag)}(?![\w-])"
+        assert re.search(pattern, source), f"{where}: {script} takes no {flag}"
 
 
 def test_cli_md_is_current() -> None:
