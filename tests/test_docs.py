@@ -36,15 +36,24 @@ class Command:
     words: tuple[str, ...]
 
 
-def _shell_lines(lang: str, body: str) -> list[str]:
-    body = re.sub(r"\\\n\s*", " ", body)  # continuation lines
-    lines = []
-    for line in body.splitlines():
-        if lang == "console":
-            if not line.startswith("$ "):
-                continue  # program output
-            line = line[2:]
-        lines.append(line)
+def _shell_lines(lang: str, body: str) -> list[tuple[int, str]]:
+    """(line offset in the block, command line) with continuation lines joined."""
+    lines: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for i, line in enumerate(body.splitlines()):
+        if pending is None:
+            if lang == "console":
+                if not line.startswith("$ "):
+                    continue  # program output
+                line = line[2:]
+            pending = (i, "")
+        text = pending[1] + line.strip() + " "
+        pending = (pending[0], text[:-2] + " " if line.rstrip().endswith("\\") else text)
+        if not line.rstrip().endswith("\\"):
+            lines.append((pending[0], pending[1].strip()))
+            pending = None
+    if pending is not None:
+        lines.append((pending[0], pending[1].strip()))
     return lines
 
 
@@ -75,12 +84,12 @@ def _commands() -> list[Command]:
     for doc in DOCS:
         text = doc.read_text()
         for m in _FENCE.finditer(text):
-            line_no = text[: m.start()].count("\n") + 2
-            for line in _shell_lines(m.group(1), m.group(2)):
+            first = text[: m.start()].count("\n") + 2
+            for offset, line in _shell_lines(m.group(1), m.group(2)):
                 for seg in _segments(line):
                     words = _strip(seg)
                     if words:
-                        found.append(Command(f"{doc.relative_to(ROOT)}:{line_no}", tuple(words)))
+                        found.append(Command(f"{doc.relative_to(ROOT)}:{first + offset}", tuple(words)))
     return found
 
 
