@@ -244,3 +244,27 @@ def test_no_machine_specific_paths() -> None:
             if _MACHINE_PATH.search(line):
                 bad.append(f"{name}:{i}: {line.strip()[:100]}")
     assert not bad, "paths of one machine in committed files:\n" + "\n".join(bad)
+
+
+def test_pictures_exist_and_are_small() -> None:
+    """Every picture a page embeds is committed beside it, and small enough to keep in git."""
+    for doc in DOCS:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text()):
+            path = (doc.parent / target).resolve()
+            assert path.is_file(), f"{doc.name}: picture {target} does not exist"
+            assert path.stat().st_size < 150_000, f"{doc.name}: {target} is {path.stat().st_size} bytes (keep < 150 KB)"
+
+
+def test_links_between_pages_resolve() -> None:
+    """Relative links ([text](docs/x.md#part)) name files that exist, and headings that exist in them."""
+    for doc in DOCS:
+        for target in re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            name, _, anchor = target.partition("#")
+            path = (doc.parent / name).resolve() if name else doc
+            assert path.exists(), f"{doc.name}: link to {target}: no such file"
+            if anchor and path.suffix == ".md":
+                heads = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                         for h in re.findall(r"^#+ (.*)$", path.read_text(), re.M)}
+                assert anchor in heads, f"{doc.name}: link to {target}: no such heading"
