@@ -49,36 +49,50 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def _type_grid(blocks: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Roles (columns), types (by bits per weight), and per block x role the type's index and log10 cost."""
+    roles = sorted({t["role"] for t in blocks})
+    types = sorted({t["type"] for t in blocks}, key=lambda n: (bits_per_weight(parse_type(n)), n))
+    n_layers = 1 + max((t["layer"] for t in blocks), default=-1)
+    kind = np.full((n_layers, len(roles)), np.nan)
+    cost = np.full((n_layers, len(roles)), np.nan)
+    for t in blocks:
+        i, j = t["layer"], roles.index(t["role"])
+        kind[i, j] = types.index(t["type"])
+        cost[i, j] = np.log10(max(t["cost"] or 0.0, 1e-12))
+    return roles, types, kind, cost
+
+
 def layers(plan_path: Path, path: Path) -> None:
-    """Which type each tensor got, block by block (colour: bits per weight), and the solver's cost behind it."""
+    """The layer map of a plan: one row per block, one column per tensor role, colour = the type it got
+    (ordered by bits per weight, named in each cell), and beside it the solver's cost at that type."""
     import json
+
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
 
     doc = json.loads(Path(plan_path).read_text())
     entries = [t for t in doc["tensors"] if t.get("error") is not None]
-    blocks = [t for t in entries if t["layer"] is not None]
-    roles = sorted({t["role"] for t in blocks})
-    n_layers = 1 + max((t["layer"] for t in blocks), default=-1)
-    bits = np.full((len(roles), n_layers), np.nan)
-    cost = np.full((len(roles), n_layers), np.nan)
-    names = {}
-    for t in blocks:
-        i, j = roles.index(t["role"]), t["layer"]
-        bits[i, j] = bits_per_weight(parse_type(t["type"]))
-        cost[i, j] = np.log10(max(t["cost"] or 0.0, 1e-12))
-        names[(i, j)] = t["type"]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.42 * n_layers + 2), 2 + 0.8 * len(roles)), sharex=True)
-    im1 = a1.imshow(bits, aspect="auto", cmap="viridis")
-    for (i, j), name in names.items():
-        dark = bits[i, j] < 0.5 * (np.nanmin(bits) + np.nanmax(bits))
-        a1.text(j, i, name.replace("_", "\n", 1), ha="center", va="center", fontsize=5,
-                color="white" if dark else "black")
+    roles, types, kind, cost = _type_grid([t for t in entries if t["layer"] is not None])
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 1.0, max(len(types), 2)))[: len(types)]
+    n_layers = kind.shape[0]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2.5 + 1.5 * len(roles), 2.2 + 0.22 * n_layers), sharey=True)
+    a1.imshow(kind, aspect="auto", cmap=ListedColormap(colours), norm=BoundaryNorm(np.arange(len(types) + 1) - 0.5,
+                                                                                  max(len(types), 1)))
+    for (i, j), k in np.ndenumerate(kind):
+        if not np.isnan(k):
+            a1.text(j, i, types[int(k)], ha="center", va="center", fontsize=5.5,
+                    color="white" if k < (len(types) - 1) / 2 else "black")
     im2 = a2.imshow(cost, aspect="auto", cmap="magma")
-    for ax, title in ((a1, "type (bits per weight)"), (a2, "log10 solver cost (gain x error) at that type")):
-        ax.set_yticks(range(len(roles)), roles, fontsize=7)
+    for ax, title in ((a1, "type (colour by bits per weight)"), (a2, "log10 solver cost (gain x error) at that type")):
+        ax.set_xticks(range(len(roles)), roles, fontsize=7, rotation=45, ha="right")
         ax.set_title(title, fontsize=8)
-    a2.set_xlabel("block")
-    fig.colorbar(im1, ax=a1, fraction=0.02)
-    fig.colorbar(im2, ax=a2, fraction=0.02)
+    a1.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+    a1.set_ylabel("block")
+    fig.legend(handles=[Patch(color=c, label=f"{n} ({bits_per_weight(parse_type(n)):.2f} bpw)")
+                        for n, c in zip(types, colours)], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.04),
+               ncol=min(len(types), 6), frameon=False)
+    fig.colorbar(im2, ax=a2, fraction=0.04)
     others = ", ".join(f"{t['name']} {t['type']}" for t in entries if t["layer"] is None)
     fig.suptitle(f"{Path(plan_path).name}: {doc['totals']['bpw']:.3f} bpw" + (f"; {others}" if others else ""), fontsize=8)
     _save(fig, path)

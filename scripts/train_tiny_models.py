@@ -2,8 +2,8 @@
 """Train tiny llama-architecture models on real text and write them as F16 GGUFs: more (and differently
 shaped) models whose full-EWQ decisions FastEWQ can learn from (scripts/train_fastewq.py).
 
-    python scripts/train_tiny_models.py --text ~/.cache/ggufmix-bench/text/calib.txt -o /tmp/tiny-trained
-    for f in /tmp/tiny-trained/*.gguf; do ggufmix score $f --strategy ewq -o ${f%.gguf}-ewq.json; done
+    python scripts/train_tiny_models.py --text ~/.cache/ggufmix-bench/text/calib.txt -o tiny-trained
+    for f in tiny-trained/*.gguf; do ggufmix score $f --strategy ewq -o ${f%.gguf}-ewq.json; done
 
 Each model is a byte-level language model (its tokens are the GGUF vocabulary's 256 byte tokens, ids 3..258,
 of the vocabulary tests/tinymodel.py writes) with llama's blocks: RMSNorm, attention with RoPE in llama.cpp's
