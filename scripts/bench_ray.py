@@ -71,26 +71,27 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["GGUFMIX_CACHE"] = tempfile.mkdtemp(prefix="ggufmix-bench-ray-")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine cluster on 127.0.0.1
     from ggufmix.io.gguf_source import open_gguf
 
     gb = args.model.stat().st_size / 1e9
     largest = max(t.n_bytes for t in open_gguf(args.model).tensors.values())
     print(f"{args.model.name}: {gb:.3f} GB, largest tensor {largest / 1e6:.1f} MB "
           f"(RSS bound 2x + 300 MB = {(2 * largest + 300e6) / 1e6:.0f} MB), --strategy {args.strategy}, "
-          f"--rows {args.rows}, {os.cpu_count()} CPUs\n")
-    print(f"| {'run':<22} | {'seconds':>8} | {'GB/s':>6} | {'x 1 worker':>10} | {'peak RSS/worker MB':>18} | same scores |")
-    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 20}|{'-' * 13}|")
+          f"--rows {args.rows}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start\n")
+    print(f"| {'run':<26} | {'seconds':>8} | {'GB/s':>6} | {'x 1 worker':>10} | {'peak RSS/worker MB':>18} | same scores |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 20}|{'-' * 13}|")
     ref_sec, ref = score(args.model, args.strategy, args.rows, None, 1)
     for t in [int(x) for x in args.threads.split(",") if x.strip()]:
         sec, s = (ref_sec, ref) if t == 1 else score(args.model, args.strategy, args.rows, None, t)
-        print(f"| {f'one machine, {t} thread(s)':<22} | {sec:8.2f} | {gb / sec:6.3f} | {'-':>10} | {'-':>18} | "
+        print(f"| {f'one machine, {t} thread(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {'-':>10} | {'-':>18} | "
               f"{'yes' if s.tensors == ref.tensors else 'NO':>11} |")
     base = None
     for n in [int(x) for x in args.workers.split(",") if x.strip()]:
         sec, s, rss = ray_row(args.model, args.strategy, args.rows, n)
         base = base or sec
         peak = "/".join(f"{v / 1e6:.0f}" for _, v in sorted(rss.items()))
-        print(f"| {f'Ray, {n} worker(s)':<22} | {sec:8.2f} | {gb / sec:6.3f} | {base / sec:10.2f} | {peak:>18} | "
+        print(f"| {f'Ray, {n} worker(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {base / sec:10.2f} | {peak:>18} | "
               f"{'yes' if s.tensors == ref.tensors else 'NO':>11} |")
 
 

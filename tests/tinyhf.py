@@ -23,6 +23,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
     "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 64,
                "query_pre_attn_scalar": 64, "sliding_window": 64, "tie_word_embeddings": True},
+    # MoE: 4 routed experts, 2 per token; stacked by the converter into 3-D ffn_{gate,up,down}_exps
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 64,
+                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True, "tie_word_embeddings": False},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 4,
+                "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    # DeepSeek-V2/V3 style: MLA (q/kv low-rank, kv_b split into attn_k_b/attn_v_b), a shared expert, block 0 dense
+    "deepseek_v2": {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "num_key_value_heads": 4,
+                    "q_lora_rank": 128, "kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
+                    "v_head_dim": 64, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 256, "first_k_dense_replace": 1, "topk_method": "greedy",
+                    "norm_topk_prob": False, "tie_word_embeddings": False},
 }
 _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,

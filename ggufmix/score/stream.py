@@ -27,7 +27,11 @@ DEFAULT_ROWS = 128
 
 
 def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
-    """Evenly spaced row indices, all rows when there are few: deterministic, covers the whole tensor."""
+    """Evenly spaced row indices, all rows when there are few: deterministic, covers the whole tensor.
+
+    The runner asks for at least one row per stacked expert: ``max_rows`` evenly spaced rows of an
+    ``E x R``-row tensor with ``max_rows == E`` land in every expert exactly once (the step is between R
+    and 2R), where 128 rows of DeepSeek-V3's 256 experts saw only every other expert."""
     if nrows <= max_rows:
         return np.arange(nrows)
     return np.unique(np.linspace(0, nrows - 1, max_rows).round().astype(np.int64))
@@ -71,6 +75,11 @@ class ThreadRunner:
         n = max(1, self.threads)
         with ThreadPoolExecutor(n) as pool:
             yield from _bounded_map(pool, lambda t: (t.slot.name, run_task(t, self.source, self.kernels)), tasks, 2 * n)
+
+
+def n_matrices(shape: tuple[int, ...]) -> int:
+    """Matrices stacked in a tensor: the experts of a 3-D ``ffn_*_exps`` (ggml order: cols, rows, experts), else 1."""
+    return int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
 
 
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
@@ -133,7 +142,7 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | No
          needs_rows: bool) -> TensorJob:
     ncols = slot.shape[0]
     nrows = slot.n_elements // ncols
-    idx = sample_rows(nrows, max_rows) if needs_rows else np.arange(0)
+    idx = sample_rows(nrows, max(max_rows, n_matrices(slot.shape))) if needs_rows else np.arange(0)
     rows = source.rows(slot.name, idx) if needs_rows else np.zeros((0, ncols), np.float32)
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if len(bad):
