@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
-from ggufmix.io.gguf_source import open_gguf
+from ggufmix.io.gguf_source import TensorInfo, open_gguf
+from ggufmix.layout.groups import GROUPS, group
 from ggufmix.plan.budget import bpw
 from ggufmix.types import bits_per_weight
 
@@ -21,9 +23,22 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
         d["bytes"] += t.n_bytes
         d["elements"] += t.n_elements
     return {"file": str(src.path), "arch": src.arch, "file_bytes": os.path.getsize(src.path),
-            "tensors": tensors, "by_type": by_type,
+            "tensors": tensors, "by_type": by_type, "by_group": by_group(src.tensors.values()),
             "totals": {"tensors": len(tensors), "bytes": src.total_bytes, "elements": src.total_elements,
                        "bpw": round(bpw(src.total_bytes, src.total_elements), 6)}}
+
+
+def by_group(tensors: Iterable[TensorInfo]) -> dict[str, dict[str, Any]]:
+    """Tensors, bytes, elements and types per report group (experts, shared experts, attention ...), in
+    ``GROUPS`` order; groups the model does not have are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        d = out.setdefault(group(t.name), {"tensors": 0, "bytes": 0, "elements": 0, "types": {}})
+        d["tensors"] += 1
+        d["bytes"] += t.n_bytes
+        d["elements"] += t.n_elements
+        d["types"][t.qtype.name] = d["types"].get(t.qtype.name, 0) + t.n_bytes
+    return {g: out[g] for g in GROUPS if g in out}
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -34,6 +49,11 @@ def format_inspect(info: dict[str, Any]) -> str:
         shape = "x".join(str(x) for x in t["shape"])
         lines.append(f"{t['name']:<{w}}  {shape:<20} {t['type']:<8} {t['bytes']:>12} {t['bpw']:>7.3f}")
     tot = info["totals"]
+    lines.append("")
+    for name, d in info.get("by_group", {}).items():
+        types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{name:<15} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>10.2f} MB "
+                     f"{100 * d['bytes'] / max(tot['bytes'], 1):5.1f}% {bpw(d['bytes'], d['elements']):>7.3f} bpw  {types}")
     lines.append("")
     for name, d in sorted(info["by_type"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"{name:<8} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>10.2f} MB "

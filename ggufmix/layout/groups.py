@@ -1,0 +1,32 @@
+"""What a tensor is for, in the words MoE quantization is discussed in: routed experts, shared experts,
+routers, attention, dense feed-forward, embeddings, other (norms, biases ...).
+
+ggufmix's own grouping for reports (``inspect``, the model card), coarser than llama.cpp's categories
+(``rules.role``, which ``tensor_get_category`` mirrors and which puts a routed expert and a dense FFN in
+the same ``ffn_up``). First matching substring wins.
+"""
+from __future__ import annotations
+
+GROUP_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("_exps.", "experts"),              # stacked routed experts ffn_{gate,up,down}_exps (Mixtral, Qwen3-MoE, DeepSeek)
+    ("_chexps.", "experts"),            # chunked experts (Qwen3-Next, GLM)
+    ("_shexp.", "shared experts"),      # always-on shared experts (DeepSeek-V2/V3, Qwen2-MoE, Llama 4)
+    ("ffn_gate_inp", "routers"),        # expert routers (every MoE)
+    ("exp_probs_b", "routers"),         # DeepSeek-V3's router bias
+    ("attn_", "attention"),             # q/k/v/output, MLA's q_a/q_b/kv_a_mqa/k_b/v_b, fused qkv
+    ("ffn_", "dense ffn"),              # dense feed-forward (every dense block; DeepSeek's first_k_dense_replace)
+    ("token_embd.", "embeddings"),      # input embedding
+    ("per_layer_token_embd.", "embeddings"),  # Gemma 3n
+    ("output.", "embeddings"),          # the output head (tied to token_embd when absent)
+)
+GROUPS: tuple[str, ...] = ("experts", "shared experts", "routers", "attention", "dense ffn", "embeddings", "other")
+
+
+def group(name: str) -> str:
+    """The report group of tensor ``name`` (``other`` for norms and anything unlisted)."""
+    if name.endswith("_norm.weight") or name.endswith("_norm.bias"):
+        return "other"
+    for needle, g in GROUP_PATTERNS:
+        if needle in name:
+            return g
+    return "other"
