@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import Any
 
-from ggufmix.io.gguf_source import TensorInfo, open_gguf
-from ggufmix.layout.groups import GROUPS, group
+from ggufmix.io.gguf_source import open_gguf
+from ggufmix.layout.groups import by_group
 from ggufmix.plan.budget import bpw
 from ggufmix.types import bits_per_weight
 
@@ -23,22 +22,10 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
         d["bytes"] += t.n_bytes
         d["elements"] += t.n_elements
     return {"file": str(src.path), "arch": src.arch, "file_bytes": os.path.getsize(src.path),
-            "tensors": tensors, "by_type": by_type, "by_group": by_group(src.tensors.values()),
+            "tensors": tensors, "by_type": by_type, "by_group": by_group((t.name, t.n_bytes, t.n_elements, t.qtype.name)
+                                                         for t in src.tensors.values()),
             "totals": {"tensors": len(tensors), "bytes": src.total_bytes, "elements": src.total_elements,
                        "bpw": round(bpw(src.total_bytes, src.total_elements), 6)}}
-
-
-def by_group(tensors: Iterable[TensorInfo]) -> dict[str, dict[str, Any]]:
-    """Tensors, bytes, elements and types per report group (experts, shared experts, attention ...), in
-    ``GROUPS`` order; groups the model does not have are left out."""
-    out: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        d = out.setdefault(group(t.name), {"tensors": 0, "bytes": 0, "elements": 0, "types": {}})
-        d["tensors"] += 1
-        d["bytes"] += t.n_bytes
-        d["elements"] += t.n_elements
-        d["types"][t.qtype.name] = d["types"].get(t.qtype.name, 0) + t.n_bytes
-    return {g: out[g] for g in GROUPS if g in out}
 
 
 def format_inspect(info: dict[str, Any]) -> str:

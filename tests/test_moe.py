@@ -58,8 +58,13 @@ def test_moe_folder_builds_and_generates(family: str, arch: str, gpt2_vocab: Pat
 
     folder = write_tiny_hf(tmp_path / family, family, seed=5, bpe_vocab=gpt2_vocab)
     out = tmp_path / "out.gguf"
-    res = CliRunner().invoke(cli, ["-q", "build", str(folder), "-o", str(out), "--budget", "5.0bpw", "--rows", "16"])
+    target = ["--bundle", str(tmp_path / "bundle")] if family == "deepseek_v2" else ["-o", str(out)]
+    res = CliRunner().invoke(cli, ["-q", "build", str(folder), *target, "--budget", "5.0bpw", "--rows", "16"])
     assert res.exit_code == 0, res.output
+    if family == "deepseek_v2":  # the model card gives bytes per group
+        out = tmp_path / "bundle" / "model.gguf"
+        card = (tmp_path / "bundle" / "README.md").read_text()
+        assert "| experts | 3 |" in card and "| shared experts | 3 |" in card and "| dense ffn | 3 |" in card
     assert "smoke test:" in res.output and "tensors verified" in res.output
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == arch

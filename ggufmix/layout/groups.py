@@ -7,6 +7,9 @@ the same ``ffn_up``). First matching substring wins.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 GROUP_PATTERNS: tuple[tuple[str, str], ...] = (
     ("_exps.", "experts"),              # stacked routed experts ffn_{gate,up,down}_exps (Mixtral, Qwen3-MoE, DeepSeek)
     ("_chexps.", "experts"),            # chunked experts (Qwen3-Next, GLM)
@@ -30,3 +33,16 @@ def group(name: str) -> str:
         if needle in name:
             return g
     return "other"
+
+
+def by_group(tensors: Iterable[tuple[str, int, int, str]]) -> dict[str, dict[str, Any]]:
+    """``(name, bytes, elements, type name)`` of each tensor -> per group its tensors, bytes, elements and bytes
+    per type, in ``GROUPS`` order; groups the model does not have are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, nbytes, elements, qtype in tensors:
+        d = out.setdefault(group(name), {"tensors": 0, "bytes": 0, "elements": 0, "types": {}})
+        d["tensors"] += 1
+        d["bytes"] += nbytes
+        d["elements"] += elements
+        d["types"][qtype] = d["types"].get(qtype, 0) + nbytes
+    return {g: out[g] for g in GROUPS if g in out}

@@ -21,7 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ggufmix.io.gguf_source import open_gguf
+from ggufmix.layout.groups import by_group
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.build import BuildResult
 from ggufmix.realize.overrides import base_ftype
@@ -94,6 +97,17 @@ def front_matter(meta: dict[str, Any]) -> list[str]:
     return ["---", *(f"{k}: {json.dumps(v)}" for k, v in fields.items()), "---", ""]
 
 
+def group_table(plan: Plan) -> list[str]:
+    """Bytes per group (experts, shared experts, attention, embeddings ...): how MoE quants are compared."""
+    groups = by_group((e.name, e.bytes, int(np.prod(e.shape)), e.qtype.name) for e in plan.entries)
+    rows = ["| group | tensors | MB | share | bpw | types by bytes |", "|---|---|---|---|---|---|"]
+    for g, d in groups.items():
+        types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
+        rows.append(f"| {g} | {d['tensors']} | {d['bytes'] / 1e6:.2f} | {100 * d['bytes'] / max(plan.total_bytes, 1):.1f}% "
+                    f"| {8 * d['bytes'] / max(d['elements'], 1):.3f} | {types} |")
+    return rows
+
+
 def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fit_lines: list[str] | None,
                quality: dict[str, Any] | None, rebuild: str, has_picture: bool) -> str:
     """README.md of the bundle (Markdown)."""
@@ -117,6 +131,7 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
     for e in plan.quantized():
         roles[e.role][e.qtype.name] += 1
     lines += [f"| {r} | {', '.join(f'{t} ({n})' for t, n in sorted(ts.items()))} |" for r, ts in sorted(roles.items())]
+    lines += ["", *group_table(plan)]
     if quality:
         lines += ["", "## Quality (ggufmix eval against the source)", "",
                   f"{quality['settings']}", "", "| PPL source | PPL this file | mean KLD | p99 KLD | same top-1 |",
