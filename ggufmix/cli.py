@@ -262,6 +262,12 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     if recipe:
         write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
+    from math import prod
+
+    from ggufmix.layout.groups import by_group, group_lines
+
+    groups = by_group((e.name, e.bytes, prod(e.shape), e.qtype.name) for e in p.entries)
+    click.echo("\n".join(group_lines(groups, p.total_bytes)))
 
 
 @cli.command()

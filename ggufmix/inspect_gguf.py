@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from ggufmix.io.gguf_source import open_gguf
-from ggufmix.layout.groups import by_group
+from ggufmix.layout.groups import by_group, group_lines
 from ggufmix.plan.budget import bpw
 from ggufmix.types import bits_per_weight
 
@@ -37,10 +37,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines.append(f"{t['name']:<{w}}  {shape:<20} {t['type']:<8} {t['bytes']:>12} {t['bpw']:>7.3f}")
     tot = info["totals"]
     lines.append("")
-    for name, d in info.get("by_group", {}).items():
-        types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"{name:<15} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>10.2f} MB "
-                     f"{100 * d['bytes'] / max(tot['bytes'], 1):5.1f}% {bpw(d['bytes'], d['elements']):>7.3f} bpw  {types}")
+    lines += group_lines(info.get("by_group", {}), tot["bytes"])
     lines.append("")
     for name, d in sorted(info["by_type"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"{name:<8} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>10.2f} MB "

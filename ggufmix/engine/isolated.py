@@ -13,7 +13,6 @@ Tasks: ``vocab`` (load hyper-parameters and vocabulary only: a second or less, r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -23,15 +22,7 @@ from pathlib import Path
 
 from ggufmix.errors import EngineError
 
-logger = logging.getLogger(__name__)
-
-
-class CrashError(EngineError):
-    """The llama.cpp child process was killed by a signal."""
-
-
-_TASKS = {"vocab": "reading its metadata and vocabulary", "smoke": "loading it and generating a few tokens",
-          "smoke-plain": "loading it without extra buffer types and generating a few tokens"}
+_TASKS = {"vocab": "reading its metadata and vocabulary", "smoke": "loading it and generating a few tokens"}
 
 
 def check_loads(path: str | os.PathLike[str], label: str | None = None) -> None:
@@ -49,19 +40,7 @@ def smoke_test_isolated(path: str | os.PathLike[str], label: str | None = None) 
     Raises:
         EngineError: as ``smoke_test``, or llama.cpp crashed.
     """
-    try:
-        return str(_run("smoke", Path(path), label or str(path))["text"])
-    except CrashError as crash:
-        # llama.cpp 0.3.36's AMX kernel crashes on MoE graphs (ggml_backend_amx_mul_mat, llama.cpp #20824): a
-        # file that generates without the CPU's extra buffer types is sound; say how to run it.
-        try:
-            text = str(_run("smoke-plain", Path(path), label or str(path))["text"])
-        except EngineError:
-            raise crash from None
-        logger.warning("%s: llama.cpp crashed generating with the CPU backend's extra buffer types (AMX, repacked "
-                       "weights; llama.cpp #20824: MoE models on AMX CPUs) and generates with them off: run it with "
-                       "llama-cli --no-repack", label or path)
-        return text
+    return str(_run("smoke", Path(path), label or str(path))["text"])
 
 
 def _run(task: str, path: Path, label: str) -> dict[str, object]:
@@ -74,8 +53,8 @@ def _run(task: str, path: Path, label: str) -> dict[str, object]:
             sig = signal.Signals(-r.returncode).name
         except ValueError:
             sig = f"signal {-r.returncode}"
-        raise CrashError(f"{label}: llama.cpp crashed ({sig}) {_TASKS[task]}: {last[:300]}; the file's metadata "
-                         "is damaged or not supported by this llama.cpp")
+        raise EngineError(f"{label}: llama.cpp crashed ({sig}) {_TASKS[task]}: {last[:300]}; the file's metadata "
+                          "is damaged or not supported by this llama.cpp")
     try:
         doc = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -110,18 +89,17 @@ def _vocab(path: Path, label: str) -> dict[str, object]:
         lib.llama_model_free(model)
 
 
-def _smoke(path: Path, label: str, extra_buffers: bool = True) -> dict[str, object]:
+def _smoke(path: Path, label: str) -> dict[str, object]:
     from ggufmix.engine.generate import smoke_test
 
-    return {"text": smoke_test(path, label=label, extra_buffers=extra_buffers)}
+    return {"text": smoke_test(path, label=label)}
 
 
 def main(argv: list[str]) -> int:
     """Child entry point: ``TASK PATH LABEL``; one JSON line on stdout."""
     task, path, label = argv
     try:
-        tasks = {"vocab": _vocab, "smoke": _smoke, "smoke-plain": lambda p, lb: _smoke(p, lb, extra_buffers=False)}
-        doc = tasks[task](Path(path), label)
+        doc = {"vocab": _vocab, "smoke": _smoke}[task](Path(path), label)
     except EngineError as e:
         doc = {"error": str(e)}
     sys.stdout.write(json.dumps(doc) + "\n")

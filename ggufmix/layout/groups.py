@@ -46,3 +46,14 @@ def by_group(tensors: Iterable[tuple[str, int, int, str]]) -> dict[str, dict[str
         d["elements"] += elements
         d["types"][qtype] = d["types"].get(qtype, 0) + nbytes
     return {g: out[g] for g in GROUPS if g in out}
+
+
+def group_lines(groups: dict[str, dict[str, Any]], total_bytes: int) -> list[str]:
+    """``by_group``'s result as fixed-width lines: group, tensors, MB, share of the bytes, bpw, types by bytes."""
+    lines = []
+    for name, d in groups.items():
+        types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{name:<15} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>12.2f} MB "
+                     f"{100 * d['bytes'] / max(total_bytes, 1):5.1f}% {8 * d['bytes'] / max(d['elements'], 1):>7.3f} bpw  "
+                     f"{types}")
+    return lines

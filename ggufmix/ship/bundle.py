@@ -17,11 +17,10 @@ import hashlib
 import importlib.util
 import logging
 import shutil
+from math import prod
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.layout.groups import by_group
@@ -99,7 +98,7 @@ def front_matter(meta: dict[str, Any]) -> list[str]:
 
 def group_table(plan: Plan) -> list[str]:
     """Bytes per group (experts, shared experts, attention, embeddings ...): how MoE quants are compared."""
-    groups = by_group((e.name, e.bytes, int(np.prod(e.shape)), e.qtype.name) for e in plan.entries)
+    groups = by_group((e.name, e.bytes, prod(e.shape), e.qtype.name) for e in plan.entries)
     rows = ["| group | tensors | MB | share | bpw | types by bytes |", "|---|---|---|---|---|---|"]
     for g, d in groups.items():
         types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
