@@ -19,6 +19,7 @@ from ggufmix.io.gguf_source import open_gguf
 from ggufmix.io.hf import HfOptions, copy_converted, resolve_model
 from ggufmix.io.imatrix import write_imatrix_gguf
 from ggufmix.io.text import read_text
+from ggufmix.layout.groups import group_lines
 from ggufmix.plan.budget import Budget, parse_budget
 from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.realize.build import check_output, versions
@@ -262,12 +263,7 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     if recipe:
         write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
-    from math import prod
-
-    from ggufmix.layout.groups import by_group, group_lines
-
-    groups = by_group((e.name, e.bytes, prod(e.shape), e.qtype.name) for e in p.entries)
-    click.echo("\n".join(group_lines(groups, p.total_bytes)))
+    click.echo("\n".join(group_lines(p.by_group(), p.total_bytes)))
 
 
 @cli.command()

@@ -17,13 +17,11 @@ import hashlib
 import importlib.util
 import logging
 import shutil
-from math import prod
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from ggufmix.io.gguf_source import open_gguf
-from ggufmix.layout.groups import by_group
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.build import BuildResult
 from ggufmix.realize.overrides import base_ftype
@@ -98,7 +96,7 @@ def front_matter(meta: dict[str, Any]) -> list[str]:
 
 def group_table(plan: Plan) -> list[str]:
     """Bytes per group (experts, shared experts, attention, embeddings ...): how MoE quants are compared."""
-    groups = by_group((e.name, e.bytes, prod(e.shape), e.qtype.name) for e in plan.entries)
+    groups = plan.by_group()
     rows = ["| group | tensors | MB | share | bpw | types by bytes |", "|---|---|---|---|---|---|"]
     for g, d in groups.items():
         types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
