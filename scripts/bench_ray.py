@@ -72,6 +72,7 @@ def main() -> None:
     os.environ["GGUFMIX_CACHE"] = tempfile.mkdtemp(prefix="ggufmix-bench-ray-")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine cluster on 127.0.0.1
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; no token left in ~/.ray
     from ggufmix.io.gguf_source import open_gguf
 
     gb = args.model.stat().st_size / 1e9

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Ray turns 127.0.0.1 into the machine's outward address unless told it runs a one-machine cluster.
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray turns 127.0.0.1 into the machine's outward address unless told it runs a one-machine cluster; and
+# whether it wants a token depends on a ~/.ray/auth_token left by any earlier local ray.init: not here.
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def _env(tmp: Path) -> dict[str, str]:

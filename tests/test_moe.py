@@ -110,3 +110,43 @@ def test_every_expert_is_sampled(tmp_path: Path) -> None:
 ])
 def test_report_groups(name: str, expected: str) -> None:
     assert group(name) == expected
+
+
+def test_expert_usage_weights_the_measured_error() -> None:
+    """With per-expert counts, an expert no token reached does not count; equal counts change nothing."""
+    from ggufmix.engine import kernels
+    from ggufmix.score.base import Kernels, TensorJob
+    from ggufmix.score.quant_error import measured
+    from ggufmix.types import QuantType
+
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.standard_normal((8, 256)), 3 * rng.standard_t(2, (8, 256))]).astype(np.float32)
+    groups = np.repeat([0, 1], 8)
+    imat = rng.uniform(0.5, 2.0, (2, 256)).astype(np.float32)
+    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
+    cands = (QuantType.Q4_0, QuantType.Q8_0)
+
+    def job(r: np.ndarray, g: np.ndarray, usage: np.ndarray | None) -> TensorJob:
+        return TensorJob("blk.0.ffn_up_exps.weight", "ffn_up", 0, (256, 8, 2), cands, r, g, imat, k, usage=usage)
+
+    plain = measured(job(rows, groups, None)).errors
+    assert measured(job(rows, groups, np.array([1.0, 1.0]))).errors == plain
+    only_first = measured(job(rows, groups, np.array([2.0, 0.0]))).errors
+    assert only_first == pytest.approx(measured(job(rows[:8], groups[:8], None)).errors, rel=1e-12)
+    assert only_first != plain
+
+
+def test_usage_comes_from_the_imatrix_counts(tmp_path: Path) -> None:
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.imatrix import Imatrix
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.layout.slots import build_layout
+    from ggufmix.score.stream import _usage
+
+    src = open_gguf(write_tiny_llama(tmp_path / "moe.gguf", n_layer=1, n_expert=2, n_expert_used=1, seed=2))
+    slots = build_layout(src.arch, src.tensors.values()).by_name()
+    im = Imatrix({"blk.0.ffn_up_exps.weight": np.ones(2 * 256), "blk.0.attn_q.weight": np.ones(256)},
+                 {"blk.0.ffn_up_exps.weight": np.array([3, 1]), "blk.0.attn_q.weight": np.array([4])})
+    assert _usage(im, slots["blk.0.ffn_up_exps.weight"]).tolist() == [1.5, 0.5]
+    assert _usage(im, slots["blk.0.attn_q.weight"]) is None and _usage(None, slots["blk.0.ffn_up_exps.weight"]) is None

@@ -48,6 +48,7 @@ class TensorTask:
     strategy: str
     max_rows: int
     imatrix: np.ndarray | None = None   # (n experts or 1, ncols) per-column mean squared activation
+    usage: np.ndarray | None = None     # (n experts,) activation count of each expert over the mean count
 
 
 class Runner(Protocol):
@@ -59,7 +60,7 @@ class Runner(Protocol):
 def run_task(task: TensorTask, source: GGUFSource, kernels: Kernels) -> TensorScores:
     """Read the task's rows from ``source`` and score them with its strategy (the unit of work everywhere)."""
     spec = scorers()[task.strategy]
-    ts = spec.fn(_job(source, task.slot, kernels, task.imatrix, task.max_rows, spec.needs_rows))
+    ts = spec.fn(_job(source, task.slot, kernels, task.imatrix, task.max_rows, spec.needs_rows, task.usage))
     return TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
 
 
@@ -100,7 +101,8 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
     slots = [s for s in layout.slots if s.quantized]
     results: dict[str, TensorScores] = journal.load() if journal else {}
     todo = [s for s in slots if s.name not in results]
-    tasks = (TensorTask(str(source.path), s, strategy, max_rows, _imatrix_slice(imatrix, s)) for s in todo)
+    tasks = (TensorTask(str(source.path), s, strategy, max_rows, _imatrix_slice(imatrix, s), _usage(imatrix, s))
+             for s in todo)
     it = (runner or ThreadRunner(source, kernels, threads)).map(tasks)
     for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
                          unit="tensor", disable=not progress, leave=False):
@@ -117,6 +119,15 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
            "total_elements": layout.total_elements, "arch": layout.arch}
     return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots},
                   calibrated=spec.calibrated)
+
+
+def _usage(imatrix: Imatrix | None, slot: Slot) -> np.ndarray | None:
+    """Each expert's activation count over the mean count (llama-imatrix counts the tokens routed to each
+    expert); None for dense weights, without an imatrix, or when no expert was counted."""
+    if imatrix is None or slot.name not in imatrix or imatrix.n_mat(slot.name) < 2:
+        return None
+    counts = imatrix.counts[slot.name].astype(np.float64)
+    return counts / counts.mean() if counts.sum() > 0 else None
 
 
 def _imatrix_slice(imatrix: Imatrix | None, slot: Slot) -> np.ndarray | None:
@@ -139,7 +150,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window
 
 
 def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | None, max_rows: int,
-         needs_rows: bool) -> TensorJob:
+         needs_rows: bool, usage: np.ndarray | None = None) -> TensorJob:
     ncols = slot.shape[0]
     nrows = slot.n_elements // ncols
     idx = sample_rows(nrows, max(max_rows, n_matrices(slot.shape))) if needs_rows else np.arange(0)
@@ -151,4 +162,5 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | No
     rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
     groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
     return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
-                     groups, imat, kernels, read=lambda index: source.rows(slot.name, index))
+                     groups, imat, kernels, read=lambda index: source.rows(slot.name, index),
+                     usage=usage if imat is not None and imat.shape[0] > 1 else None)
