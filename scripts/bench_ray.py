@@ -6,15 +6,23 @@ Every row scores the whole model once with no journal to resume from (GB/s = sou
 Ray rows start a local cluster of N CPUs first and warm each worker up (start, import llama.cpp) before the
 clock starts, as a long run amortises that; the cluster is shut down after each row. Every Ray result is
 checked against the one-machine scores, to the bit. Peak RSS is what each worker process reports
-(``getrusage``), against the issue's bound of 2x the largest tensor + 300 MB.
+(``getrusage``), against the issue's bound of 2x the largest tensor + 300 MB. "CPU s" is the CPU time the
+scoring used (this process's for the one-machine rows; the workers' own, less their warm-up, for Ray):
+on a machine shared with other jobs, wall seconds x workers well above it means the workers waited for a core.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
+
+
+def cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
 
 
 def score(path: Path, strategy: str, rows: int, runner: object | None, threads: int = 1) -> tuple[float, object]:
@@ -33,30 +41,34 @@ def score(path: Path, strategy: str, rows: int, runner: object | None, threads: 
     return time.perf_counter() - t0, scores
 
 
-def warm_up(ray: object, n: int) -> None:
-    """Start ``n`` workers and load llama.cpp's library in each (one task per CPU, held together)."""
+def warm_up(ray: object, n: int) -> dict[int, float]:
+    """Start ``n`` workers and load llama.cpp's library in each (one task per CPU, held together); their pid ->
+    CPU seconds used by then."""
     @ray.remote(num_cpus=1)
-    def load() -> int:
+    def load() -> tuple[int, float]:
         from ggufmix.engine import kernels  # noqa: F401
 
         time.sleep(1.0)
-        return os.getpid()
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return os.getpid(), u.ru_utime + u.ru_stime
 
-    pids = set(ray.get([load.remote() for _ in range(n)]))
-    if len(pids) != n:
-        print(f"(warm-up reached {len(pids)} of {n} workers)")
+    warm = dict(ray.get([load.remote() for _ in range(n)]))
+    if len(warm) != n:
+        print(f"(warm-up reached {len(warm)} of {n} workers)")
+    return warm
 
 
-def ray_row(path: Path, strategy: str, rows: int, n: int) -> tuple[float, object, dict[int, int]]:
+def ray_row(path: Path, strategy: str, rows: int, n: int) -> tuple[float, object, dict[int, int], float]:
     from ggufmix.score.cluster import LOCAL, RayRunner, connect, import_ray
 
     ray = import_ray()
     connect(ray, LOCAL, n)
     try:
-        warm_up(ray, n)
+        warm = warm_up(ray, n)
         runner = RayRunner(LOCAL, n)
         sec, scores = score(path, strategy, rows, runner)
-        return sec, scores, runner.peak_rss
+        used = sum(c - warm.get(pid, 0.0) for pid, c in runner.cpu_seconds.items())
+        return sec, scores, runner.peak_rss, used
     finally:
         ray.shutdown()
 
@@ -80,20 +92,25 @@ def main() -> None:
     print(f"{args.model.name}: {gb:.3f} GB, largest tensor {largest / 1e6:.1f} MB "
           f"(RSS bound 2x + 300 MB = {(2 * largest + 300e6) / 1e6:.0f} MB), --strategy {args.strategy}, "
           f"--rows {args.rows}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start\n")
-    print(f"| {'run':<26} | {'seconds':>8} | {'GB/s':>6} | {'x 1 worker':>10} | {'peak RSS/worker MB':>18} | same scores |")
-    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 20}|{'-' * 13}|")
+    print(f"| {'run':<26} | {'seconds':>8} | {'GB/s':>6} | {'x 1 worker':>10} | {'CPU s':>6} | "
+          f"{'peak RSS/worker MB':>18} | same scores |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 8}|{'-' * 20}|{'-' * 13}|")
+    c0 = cpu()
     ref_sec, ref = score(args.model, args.strategy, args.rows, None, 1)
+    ref_cpu = cpu() - c0
     for t in [int(x) for x in args.threads.split(",") if x.strip()]:
+        c0 = cpu()
         sec, s = (ref_sec, ref) if t == 1 else score(args.model, args.strategy, args.rows, None, t)
-        print(f"| {f'one machine, {t} thread(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {'-':>10} | {'-':>18} | "
-              f"{'yes' if s.tensors == ref.tensors else 'NO':>11} |")
+        used = ref_cpu if t == 1 else cpu() - c0
+        print(f"| {f'one machine, {t} thread(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {'-':>10} | {used:6.1f} | "
+              f"{'-':>18} | {'yes' if s.tensors == ref.tensors else 'NO':>11} |")
     base = None
     for n in [int(x) for x in args.workers.split(",") if x.strip()]:
-        sec, s, rss = ray_row(args.model, args.strategy, args.rows, n)
+        sec, s, rss, used = ray_row(args.model, args.strategy, args.rows, n)
         base = base or sec
         peak = "/".join(f"{v / 1e6:.0f}" for _, v in sorted(rss.items()))
-        print(f"| {f'Ray, {n} worker(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {base / sec:10.2f} | {peak:>18} | "
-              f"{'yes' if s.tensors == ref.tensors else 'NO':>11} |")
+        print(f"| {f'Ray, {n} worker(s)':<26} | {sec:8.2f} | {gb / sec:6.3f} | {base / sec:10.2f} | {used:6.1f} | "
+              f"{peak:>18} | {'yes' if s.tensors == ref.tensors else 'NO':>11} |")
 
 
 if __name__ == "__main__":

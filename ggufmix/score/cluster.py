@@ -55,11 +55,13 @@ class RayRunner:
 
     Attributes:
         peak_rss: worker pid -> its peak resident set size in bytes, as the workers report it.
+        cpu_seconds: worker pid -> CPU seconds it had used by its last task (since the process started).
     """
 
     address: str = LOCAL
     num_cpus: int | None = None
     peak_rss: dict[int, int] = field(default_factory=dict)
+    cpu_seconds: dict[int, float] = field(default_factory=dict)
 
     def map(self, tasks: Iterator[TensorTask]) -> Iterator[tuple[str, TensorScores]]:
         """Submit ``tasks`` (at most ``TASKS_PER_CPU`` per cluster CPU in flight), yield results as they finish."""
@@ -93,13 +95,14 @@ class RayRunner:
         (ready,), _ = ray.wait(pending, num_returns=1)
         pending.remove(ready)
         try:
-            name, scores, prices, (pid, rss) = ray.get(ready)
+            name, scores, prices, (pid, rss, cpu) = ray.get(ready)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, GgufmixError):
                 raise e.cause from None
             raise
         remember(prices)
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
+        self.cpu_seconds[pid] = max(self.cpu_seconds.get(pid, 0.0), cpu)
         return name, scores
 
 
@@ -126,9 +129,9 @@ def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
 
 
 def score_tensor(task: TensorTask, expect: tuple[str, str],
-                 prices: dict[Any, float]) -> tuple[str, TensorScores, dict[Any, float], tuple[int, int]]:
+                 prices: dict[Any, float]) -> tuple[str, TensorScores, dict[Any, float], tuple[int, int, float]]:
     """The Ray task: score one tensor on this worker. Returns its scores, the type prices it used, and this
-    worker's pid and peak RSS (bytes).
+    worker's pid, peak RSS (bytes) and CPU seconds so far.
 
     Raises:
         UsageError: this worker runs another ggufmix or llama-cpp-python than the driver.
@@ -149,7 +152,8 @@ def score_tensor(task: TensorTask, expect: tuple[str, str],
     scores = run_task(task, _open(task.path), Kernels(kernels.quantize_rows, kernels.dequantize_rows))
     width = task.slot.shape[0]
     used = {k: v for k, v in known_noise().items() if k[1] == width}
-    return task.slot.name, scores, used, (os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return task.slot.name, scores, used, (os.getpid(), usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
 def _open(path: str) -> Any:
