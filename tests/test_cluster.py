@@ -187,3 +187,20 @@ def test_import_ggufmix_does_not_import_ray(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_ray_without_address_starts_and_stops_a_local_cluster(tiny_model: Path, tmp_path: Path) -> None:
+    """``--ray`` alone: ggufmix starts a cluster of --threads workers, scores (a relative path: the workers run
+    elsewhere) and shuts it down."""
+    pytest.importorskip("ray")
+    shutil.copy(tiny_model, tmp_path / "rel.gguf")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's own session folder (short: socket paths)
+    try:
+        for name, extra in (("one", ()), ("ray", ("--threads", "2", "--ray"))):
+            res = subprocess.run([sys.executable, "-m", "ggufmix", "-q", "score", "rel.gguf", "-o", f"{name}.json",
+                                  "--rows", "16", *extra], env={**_env(tmp_path), "RAY_TMPDIR": temp}, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, res.stderr
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "one.json").read_bytes()

@@ -101,8 +101,8 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
     slots = [s for s in layout.slots if s.quantized]
     results: dict[str, TensorScores] = journal.load() if journal else {}
     todo = [s for s in slots if s.name not in results]
-    tasks = (TensorTask(str(source.path), s, strategy, max_rows, _imatrix_slice(imatrix, s), _usage(imatrix, s))
-             for s in todo)
+    where = str(source.path.absolute())  # a task may run in another folder, or on another machine
+    tasks = (TensorTask(where, s, strategy, max_rows, _imatrix_slice(imatrix, s), _usage(imatrix, s)) for s in todo)
     it = (runner or ThreadRunner(source, kernels, threads)).map(tasks)
     for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
                          unit="tensor", disable=not progress, leave=False):
