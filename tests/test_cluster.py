@@ -204,3 +204,21 @@ def test_ray_without_address_starts_and_stops_a_local_cluster(tiny_model: Path, 
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+
+
+def test_a_task_error_is_one_line_naming_the_tensor(cluster: tuple[str, list[subprocess.Popen]],
+                                                    tmp_path: Path) -> None:
+    import numpy as np
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.io.gguf_source import open_gguf
+
+    path = write_tiny_llama(tmp_path / "nan.gguf", n_layer=1, seed=3)
+    at = open_gguf(path).offsets["blk.0.ffn_up.weight"]
+    data = bytearray(path.read_bytes())
+    data[at:at + 2] = np.float16(np.nan).tobytes()
+    path.write_bytes(bytes(data))
+    res = _ggufmix(tmp_path, "score", str(path), "-o", str(tmp_path / "s.json"), "--ray", cluster[0], check=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"ggufmix: error: {path}: tensor 'blk.0.ffn_up.weight' has NaN or infinite weights (row 0); the source is damaged"]

@@ -25,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ggufmix.errors import GgufmixError, InputError, MissingDependencyError, UsageError
-from ggufmix.score.stream import TensorTask
+from ggufmix.errors import EngineError, GgufmixError, InputError, MissingDependencyError, UsageError
+from ggufmix.engine import kernels
+from ggufmix.engine.llamalib import version
+from ggufmix.io.gguf_source import GGUFSource, open_gguf
+from ggufmix.score.base import Kernels
+from ggufmix.score.journal import code_digest
+from ggufmix.score.quant_error import known_noise, remember_noise
+from ggufmix.score.stream import TensorTask, run_task
 from ggufmix.scores import TensorScores
 
 logger = logging.getLogger(__name__)
@@ -74,32 +80,36 @@ class RayRunner:
                 ray.shutdown()
 
     def _run(self, ray: Any, tasks: Iterator[TensorTask]) -> Iterator[tuple[str, TensorScores]]:
-        from ggufmix.engine.llamalib import version
-        from ggufmix.score.journal import code_digest
-        from ggufmix.score.quant_error import known_noise, remember_noise
-
         remote = ray.remote(max_retries=MAX_RETRIES, num_cpus=1)(score_tensor)
         expect = (code_digest(), version())
         prices = ray.put(known_noise())
         window = max(1, TASKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
-        pending: list[Any] = []
+        pending: dict[Any, str] = {}  # task -> its tensor's name
         for task in tasks:
-            pending.append(remote.remote(task, expect, prices))
+            pending[remote.remote(task, expect, prices)] = task.slot.name
             if len(pending) >= window:
                 yield self._collect(ray, pending, remember_noise)
         while pending:
             yield self._collect(ray, pending, remember_noise)
 
-    def _collect(self, ray: Any, pending: list[Any], remember: Any) -> tuple[str, TensorScores]:
-        """Wait for any one pending task; take its type prices and its worker's peak RSS; return its scores."""
-        (ready,), _ = ray.wait(pending, num_returns=1)
-        pending.remove(ready)
+    def _collect(self, ray: Any, pending: dict[Any, str], remember: Any) -> tuple[str, TensorScores]:
+        """Wait for any one pending task; take its type prices and its worker's peak RSS; return its scores.
+
+        Raises:
+            GgufmixError: the one the task raised (a damaged tensor, another ggufmix on a node).
+            EngineError: Ray gave up on the task (its worker died more than ``MAX_RETRIES`` times ...).
+        """
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        tensor = pending.pop(ready)
         try:
             name, scores, prices, (pid, rss, cpu) = ray.get(ready)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, GgufmixError):
                 raise e.cause from None
-            raise
+            raise EngineError(f"Ray task for tensor {tensor!r} failed: {e.cause!r}") from None
+        except ray.exceptions.RayError as e:
+            raise EngineError(f"Ray task for tensor {tensor!r} failed: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
         remember(prices)
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
         self.cpu_seconds[pid] = max(self.cpu_seconds.get(pid, 0.0), cpu)
@@ -137,13 +147,6 @@ def score_tensor(task: TensorTask, expect: tuple[str, str],
         UsageError: this worker runs another ggufmix or llama-cpp-python than the driver.
         InputError: the source is not at the task's path on this node, or is damaged.
     """
-    from ggufmix.engine import kernels
-    from ggufmix.engine.llamalib import version
-    from ggufmix.score.base import Kernels
-    from ggufmix.score.journal import code_digest
-    from ggufmix.score.quant_error import known_noise, remember_noise
-    from ggufmix.score.stream import run_task
-
     here = (code_digest(), version())
     if here != expect:
         raise UsageError(f"Ray worker pid {os.getpid()} runs ggufmix code {here[0][:12]} / llama-cpp-python "
@@ -156,7 +159,7 @@ def score_tensor(task: TensorTask, expect: tuple[str, str],
     return task.slot.name, scores, used, (os.getpid(), usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
-def _open(path: str) -> Any:
+def _open(path: str) -> GGUFSource:
     """The source at ``path``, opened once per worker process (and again if the file changes)."""
     try:
         st = os.stat(path)
@@ -167,7 +170,5 @@ def _open(path: str) -> Any:
 
 
 @functools.lru_cache(maxsize=2)
-def _open_cached(path: str, size: int, mtime_ns: int) -> Any:
-    from ggufmix.io.gguf_source import open_gguf
-
+def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFSource:
     return open_gguf(path, check_data=False)
