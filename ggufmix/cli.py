@@ -19,11 +19,13 @@ from ggufmix.io.gguf_source import open_gguf
 from ggufmix.io.hf import HfOptions, copy_converted, resolve_model
 from ggufmix.io.imatrix import write_imatrix_gguf
 from ggufmix.io.text import read_text
+from ggufmix.layout.groups import group_lines
 from ggufmix.plan.budget import Budget, parse_budget
 from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.realize.build import check_output, versions
 from ggufmix.realize.overrides import recipe as tensor_type_file
 from ggufmix.score.base import scorers
+from ggufmix.score.cluster import import_ray
 from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.scores import Scores
 from ggufmix.ship import deliver as ship
@@ -51,13 +53,15 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
-                calib: Path | None = None, calib_chunks: int = 8):
+                calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None):
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
     if scorers()[strategy].activations and calib is None:
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
-    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    if ray is not None:
+        import_ray()  # a missing extra fails now, not after the conversion
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
 
 
 def _palette(types: str | None, palette: str | None, arch: str, pins=(), fit: str | None = None):  # noqa: ANN001, ANN202
@@ -86,6 +90,9 @@ _score_options = [
                                              "(lim, lieq and their measured+ hybrids)."),
     click.option("--calib-chunks", default=8, show_default=True, type=click.IntRange(1),
                  help="512-token chunks of --calib to run."),
+    click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                 help="Score each tensor as a Ray task: 'auto', a cluster ADDRESS (host:port), or no value to start "
+                      "a local cluster of --threads workers (pip install 'ggufmix[cluster]'). Give it after MODEL."),
 ]
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
@@ -152,7 +159,8 @@ _fit_options = [
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
+          budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
@@ -170,7 +178,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                                  validate_ctx=max(n_ctx, 256) if run_validate else None)
     except UsageError as e:
         raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -230,11 +238,11 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
 @_apply(_score_options + _hf_options)
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, revision: str | None,
-          outtype: str | None, llama_cpp_dir: Path | None) -> None:
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
+          revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
 
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
                       check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
@@ -267,6 +275,7 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     if recipe:
         write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
+    click.echo("\n".join(group_lines(p.by_group(), p.total_bytes)))
 
 
 @cli.command()

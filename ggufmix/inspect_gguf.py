@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 from ggufmix.io.gguf_source import open_gguf
+from ggufmix.layout.groups import by_group, group_lines
 from ggufmix.plan.budget import bpw
 from ggufmix.types import bits_per_weight
 
@@ -21,7 +22,8 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
         d["bytes"] += t.n_bytes
         d["elements"] += t.n_elements
     return {"file": str(src.path), "arch": src.arch, "file_bytes": os.path.getsize(src.path),
-            "tensors": tensors, "by_type": by_type,
+            "tensors": tensors, "by_type": by_type, "by_group": by_group((t.name, t.n_bytes, t.n_elements, t.qtype.name)
+                                                         for t in src.tensors.values()),
             "totals": {"tensors": len(tensors), "bytes": src.total_bytes, "elements": src.total_elements,
                        "bpw": round(bpw(src.total_bytes, src.total_elements), 6)}}
 
@@ -34,6 +36,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         shape = "x".join(str(x) for x in t["shape"])
         lines.append(f"{t['name']:<{w}}  {shape:<20} {t['type']:<8} {t['bytes']:>12} {t['bpw']:>7.3f}")
     tot = info["totals"]
+    lines.append("")
+    lines += group_lines(info.get("by_group", {}), tot["bytes"])
     lines.append("")
     for name, d in sorted(info["by_type"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"{name:<8} {d['tensors']:>4} tensors {d['bytes'] / 1e6:>10.2f} MB "

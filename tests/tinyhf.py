@@ -42,16 +42,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "type_vocab_size": 1, "layer_norm_eps": 1e-5, "hidden_act": "gelu", "pad_token_id": 1,
                     "num_key_value_heads": 4,  # no GQA in BERT: the converter would write the shared 2
                     "bos_token_id": 0, "eos_token_id": 2},
+    # issue 15's MoE families
+    # 4 routed experts, 2 per token; stacked by the converter into 3-D ffn_{gate,up,down}_exps
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 64,
+                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True, "tie_word_embeddings": False},
+    # DeepSeek-V2/V3 style: MLA (q/kv low-rank, kv_b split into attn_k_b/attn_v_b), a shared expert, block 0 dense
+    "deepseek_v2": {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "num_key_value_heads": 4,
+                    "q_lora_rank": 128, "kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
+                    "v_head_dim": 64, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 256, "first_k_dense_replace": 1, "topk_method": "greedy",
+                    "norm_topk_prob": False, "tie_word_embeddings": False},
 }
 _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 _DTYPES = {"bfloat16", "float16", "float32"}
 _SPM_TYPE = {"xlm_roberta": "unigram"}  # XLM-RoBERTa's converter asserts a UNIGRAM SentencePiece model
+# Families whose converter reads only a BPE tokenizer.json with a pre-tokenizer it knows by hash
+# (Qwen2MoeModel and DeepseekV2Model call _set_vocab_gpt2): they get GPT-2's, rebuilt from llama.cpp's own
+# models/ggml-vocab-gpt-2.gguf (``bpe_vocab``), 50257 tokens.
+BPE_FAMILIES = frozenset({"qwen3_moe", "deepseek_v2"})
 
 
 def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bfloat16", shards: int = 1,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, bpe_vocab: Path | None = None) -> Path:
     """Write a random ``family`` model as a Hugging Face folder.
 
     Args:
@@ -60,6 +75,8 @@ def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bf
         dtype: "bfloat16", "float16" or "float32" for every tensor (and config ``torch_dtype``).
         shards: > 1 splits the weights over ``model-0000i-of-0000n.safetensors`` plus an index.
         seed: numpy seed for the weights.
+        bpe_vocab: llama.cpp's ``ggml-vocab-gpt-2.gguf``: the tokenizer of the ``BPE_FAMILIES`` (without it they
+            get the SentencePiece one, which their converter refuses).
 
     Returns:
         The folder.
@@ -71,8 +88,13 @@ def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bf
         raise ValueError(f"family {family!r} / dtype {dtype!r}: one of {sorted(FAMILIES)} / {sorted(_DTYPES)}")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    n_vocab = write_tokenizer(out, model_type=_SPM_TYPE.get(family, "bpe"))
-    config = {**_SIZES, **FAMILIES[family], "vocab_size": n_vocab, "torch_dtype": dtype}
+    ids: dict[str, int] = {}
+    if family in BPE_FAMILIES and bpe_vocab is not None:
+        n_vocab = write_bpe_tokenizer(out, bpe_vocab)
+        ids = {"bos_token_id": n_vocab - 1, "eos_token_id": n_vocab - 1, "pad_token_id": None}
+    else:
+        n_vocab = write_tokenizer(out, model_type=_SPM_TYPE.get(family, "bpe"))
+    config = {**_SIZES, **FAMILIES[family], "vocab_size": n_vocab, "torch_dtype": dtype, **ids}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     weights = random_weights(hf_shapes(config), seed)
     write_safetensors(out, weights, dtype, shards)
@@ -153,3 +175,29 @@ def _training_text() -> list[str]:
     words = ["".join(rng.choice(letters, size=rng.integers(2, 8))) for _ in range(300)]
     lines = [" ".join(rng.choice(words, size=12)) for _ in range(400)]
     return lines + [string.printable.strip()] * 4
+
+
+def write_bpe_tokenizer(folder: Path, vocab_gguf: Path) -> int:
+    """GPT-2's byte-level BPE ``tokenizer.json`` from a llama.cpp vocab GGUF (tokens and merges); its size.
+
+    The converter recognises it by the hash of its encoding of a fixed text ("gpt-2").
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(vocab_gguf)
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    merges = list(reader.fields["tokenizer.ggml.merges"].contents())
+    end = tokens[-1]  # <|endoftext|>
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    doc = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+           "added_tokens": [{"id": len(tokens) - 1, "content": end, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": True, "special": True}],
+           "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                     "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                     "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}}
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": end, "eos_token": end, "unk_token": end,
+         "add_bos_token": False}))
+    return len(tokens)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
 from ggufmix.artifacts import read_artifact, write_artifact
 from ggufmix.errors import InputError
+from ggufmix.layout.groups import by_group
 from ggufmix.plan.budget import bpw
 from ggufmix.types import QuantType
 
@@ -61,6 +63,10 @@ class Plan:
         for e in self.entries:
             c[e.qtype.name] += e.bytes
         return dict(c.most_common())
+
+    def by_group(self) -> dict[str, dict[str, Any]]:
+        """Tensors, bytes, elements and bytes per type of each report group (experts, shared experts, attention ...)."""
+        return by_group((e.name, e.bytes, prod(e.shape), e.qtype.name) for e in self.entries)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return write_artifact(path, "plan", {

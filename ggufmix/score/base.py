@@ -39,6 +39,7 @@ class TensorJob:
     imatrix: np.ndarray | None          # (n experts, ncols) per-column mean squared activation, or None
     kernels: Kernels
     read: Callable[[np.ndarray], np.ndarray] | None = None  # any rows by index, float32 (whole-tensor stats)
+    usage: np.ndarray | None = None     # (n experts,) tokens routed to each expert over the mean, or None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class ScoreOptions:
     allow_requantize: bool = False
     calib: Path | None = None   # calibration text for strategies that rank blocks by activations (lim, lieq)
     calib_chunks: int = 8       # chunks of 512 tokens for those activations (block removal uses at most 2)
+    ray: str | None = None      # score on a Ray cluster: "local" (start one), "auto" or an address; None: here
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     prices = PriceCache(version())
     remember_noise(prices.load())
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
-                         threads=opts.threads, progress=progress, journal=journal, blocks=blocks)
+                         threads=opts.threads, progress=progress, journal=journal, blocks=blocks,
+                         runner=_runner(opts))
     journal.finish()
     prices.save(known_noise())
     if opts.imatrix is not None:
@@ -111,6 +113,15 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     if blocks is not None:
         scores.settings["calib"] = {"text": str(opts.calib), "chunks": opts.calib_chunks}
     return scores
+
+
+def _runner(opts: ScoreOptions) -> Any:
+    """Where the tensors are scored: None (threads here) or a Ray cluster (``--threads`` CPUs when local)."""
+    if opts.ray is None:
+        return None
+    from ggufmix.score.cluster import LOCAL, RayRunner
+
+    return RayRunner(opts.ray, opts.threads if opts.ray == LOCAL else None)
 
 
 def block_stats(model: Path, activations: str, n_layers: int, opts: ScoreOptions, progress: bool) -> Any:

@@ -27,7 +27,8 @@ def measured(job: TensorJob) -> TensorScore:
     power (SmolLM2-135M's blk.11.ffn_down: 90%), that measures the error against the outlier channel
     alone and calls a Q2_K tensor nearly lossless (measured: it then cost 0.01 KLD more than uniform
     bits at Q4_K_M size). ``typical`` is the mean without the top 1% of columns. Without an imatrix
-    ``a_j = 1`` and all forms agree.
+    ``a_j = 1`` and all forms agree. Rows of stacked experts are weighted by how often llama-imatrix saw
+    each expert chosen (its count over the mean count), when the imatrix has per-expert counts.
     """
     weights = _column_weights(job)
     x = job.rows.astype(np.float64)
@@ -116,9 +117,15 @@ def typical_power(weights: np.ndarray) -> np.ndarray:
 
 
 def _column_weights(job: TensorJob) -> np.ndarray:
+    """Per sampled row, its columns' activation power; for stacked experts also times the expert's share of
+    the tokens routed (``job.usage``), so that an expert few tokens reach weighs little in the tensor's error
+    and signal alike."""
     if job.imatrix is None:
         return np.ones((1, job.rows.shape[1]), dtype=np.float64)
-    return job.imatrix[job.row_groups].astype(np.float64)
+    weights = job.imatrix[job.row_groups].astype(np.float64)
+    if job.usage is not None:
+        weights *= job.usage[job.row_groups].astype(np.float64)[:, None]
+    return weights
 
 
 def _roundtrip(job: TensorJob, qtype: QuantType, sel: slice) -> np.ndarray:

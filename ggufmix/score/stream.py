@@ -5,7 +5,8 @@ import collections
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -26,15 +27,66 @@ DEFAULT_ROWS = 128
 
 
 def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
-    """Evenly spaced row indices, all rows when there are few: deterministic, covers the whole tensor."""
+    """Evenly spaced row indices, all rows when there are few: deterministic, covers the whole tensor.
+
+    The runner asks for at least one row per stacked expert: ``max_rows`` evenly spaced rows of an
+    ``E x R``-row tensor with ``max_rows == E`` land in every expert exactly once (the step is between R
+    and 2R), where 128 rows of DeepSeek-V3's 256 experts saw only every other expert."""
     if nrows <= max_rows:
         return np.arange(nrows)
     return np.unique(np.linspace(0, nrows - 1, max_rows).round().astype(np.int64))
 
 
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor's measurement as data that can travel to another machine: where the source is, which
+    tensor, how to score it, and its imatrix slice (tens of KB). Never weights: whoever runs the task
+    reads the tensor's rows from ``path`` itself."""
+
+    path: str
+    slot: Slot
+    strategy: str
+    max_rows: int
+    imatrix: np.ndarray | None = None   # (n experts or 1, ncols) per-column mean squared activation
+    usage: np.ndarray | None = None     # (n experts,) activation count of each expert over the mean count
+
+
+class Runner(Protocol):
+    """Runs tensor tasks somewhere and yields ``(name, scores)`` as they finish, in any order."""
+
+    def map(self, tasks: Iterator[TensorTask]) -> Iterator[tuple[str, TensorScores]]: ...
+
+
+def run_task(task: TensorTask, source: GGUFSource, kernels: Kernels) -> TensorScores:
+    """Read the task's rows from ``source`` and score them with its strategy (the unit of work everywhere)."""
+    spec = scorers()[task.strategy]
+    ts = spec.fn(_job(source, task.slot, kernels, task.imatrix, task.max_rows, spec.needs_rows, task.usage))
+    return TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
+
+
+@dataclass
+class ThreadRunner:
+    """Tasks on this machine's threads (the ctypes kernels release the GIL), at most 2 per thread loaded."""
+
+    source: GGUFSource
+    kernels: Kernels
+    threads: int = 2
+
+    def map(self, tasks: Iterator[TensorTask]) -> Iterator[tuple[str, TensorScores]]:
+        n = max(1, self.threads)
+        with ThreadPoolExecutor(n) as pool:
+            yield from _bounded_map(pool, lambda t: (t.slot.name, run_task(t, self.source, self.kernels)), tasks, 2 * n)
+
+
+def n_matrices(shape: tuple[int, ...]) -> int:
+    """Matrices stacked in a tensor: the experts of a 3-D ``ffn_*_exps`` (ggml order: cols, rows, experts), else 1."""
+    return int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+
+
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Imatrix | None = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
-                progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None) -> Scores:
+                progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None,
+                runner: Runner | None = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
@@ -43,19 +95,20 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         journal: where finished tensors are written as they come (resume after an interruption);
             tensors it already holds are not scored again.
         blocks: activation diagnostics for strategies that rank layers by them (lim, lieq).
+        runner: where the tensors are scored (default: ``threads`` threads here; score/cluster.py: Ray).
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
     results: dict[str, TensorScores] = journal.load() if journal else {}
     todo = [s for s in slots if s.name not in results]
-    jobs = (_job(source, s, kernels, imatrix, max_rows, spec.needs_rows) for s in todo)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        it = _bounded_map(pool, lambda j: (j.name, spec.fn(j)), jobs, 2 * max(1, threads))
-        for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
-                             unit="tensor", disable=not progress, leave=False):
-            results[name] = TensorScores(dict(ts.errors), ts.importance, dict(ts.stats))
-            if journal:
-                journal.add(name, results[name])
+    where = str(source.path.absolute())  # a task may run in another folder, or on another machine
+    tasks = (TensorTask(where, s, strategy, max_rows, _imatrix_slice(imatrix, s), _usage(imatrix, s)) for s in todo)
+    it = (runner or ThreadRunner(source, kernels, threads)).map(tasks)
+    for name, ts in tqdm(it, total=len(slots), initial=len(slots) - len(todo), desc=f"scoring ({strategy})",
+                         unit="tensor", disable=not progress, leave=False):
+        results[name] = ts
+        if journal:
+            journal.add(name, ts)
     if spec.finish is not None:
         ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks)
         done = spec.finish({n: results[n] for n in (s.name for s in slots)}, ctx)
@@ -66,6 +119,22 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
            "total_elements": layout.total_elements, "arch": layout.arch}
     return Scores(src, strategy, settings, layout, {s.name: results[s.name] for s in slots},
                   calibrated=spec.calibrated)
+
+
+def _usage(imatrix: Imatrix | None, slot: Slot) -> np.ndarray | None:
+    """Each expert's activation count over the mean count (llama-imatrix counts the tokens routed to each
+    expert); None for dense weights, without an imatrix, or when no expert was counted."""
+    if imatrix is None or slot.name not in imatrix or imatrix.n_mat(slot.name) < 2:
+        return None
+    counts = imatrix.counts[slot.name].astype(np.float64)
+    return counts / counts.mean() if counts.sum() > 0 else None
+
+
+def _imatrix_slice(imatrix: Imatrix | None, slot: Slot) -> np.ndarray | None:
+    """The slot's per-column activation power, one row per expert (None without an imatrix entry)."""
+    if imatrix is None or slot.name not in imatrix:
+        return None
+    return imatrix.values(slot.name).reshape(-1, slot.shape[0])
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:
@@ -80,20 +149,18 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window
         yield pending.popleft().result()
 
 
-def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imatrix: Imatrix | None, max_rows: int,
-         needs_rows: bool) -> TensorJob:
+def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | None, max_rows: int,
+         needs_rows: bool, usage: np.ndarray | None = None) -> TensorJob:
     ncols = slot.shape[0]
     nrows = slot.n_elements // ncols
-    idx = sample_rows(nrows, max_rows) if needs_rows else np.arange(0)
+    idx = sample_rows(nrows, max(max_rows, n_matrices(slot.shape))) if needs_rows else np.arange(0)
     rows = source.rows(slot.name, idx) if needs_rows else np.zeros((0, ncols), np.float32)
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if len(bad):
         raise InputError(f"{source.path}: tensor {slot.name!r} has NaN or infinite weights (row {int(idx[bad[0]])}); "
                          "the source is damaged")
     rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
-    imat = None
-    if imatrix is not None and slot.name in imatrix:
-        imat = imatrix.values(slot.name).reshape(-1, ncols)
     groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
     return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
-                     groups, imat, kernels, read=lambda index: source.rows(slot.name, index))
+                     groups, imat, kernels, read=lambda index: source.rows(slot.name, index),
+                     usage=usage if imat is not None and imat.shape[0] > 1 else None)

@@ -98,6 +98,17 @@ def front_matter(meta: dict[str, Any]) -> list[str]:
     return ["---", *(f"{k}: {json.dumps(v)}" for k, v in fields.items()), "---", ""]
 
 
+def group_table(plan: Plan) -> list[str]:
+    """Bytes per group (experts, shared experts, attention, embeddings ...): how MoE quants are compared."""
+    groups = plan.by_group()
+    rows = ["| group | tensors | MB | share | bpw | types by bytes |", "|---|---|---|---|---|---|"]
+    for g, d in groups.items():
+        types = ", ".join(t for t, _ in sorted(d["types"].items(), key=lambda kv: -kv[1]))
+        rows.append(f"| {g} | {d['tensors']} | {d['bytes'] / 1e6:.2f} | {100 * d['bytes'] / max(plan.total_bytes, 1):.1f}% "
+                    f"| {8 * d['bytes'] / max(d['elements'], 1):.3f} | {types} |")
+    return rows
+
+
 def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fit_lines: list[str] | None,
                quality: dict[str, Any] | None, rebuild: str, has_picture: bool,
                validation: list[str] | None = None) -> str:
@@ -122,6 +133,7 @@ def model_card(plan: Plan, meta: dict[str, Any], *, verified: dict[str, Any], fi
     for e in plan.quantized():
         roles[e.role][e.qtype.name] += 1
     lines += [f"| {r} | {', '.join(f'{t} ({n})' for t, n in sorted(ts.items()))} |" for r, ts in sorted(roles.items())]
+    lines += ["", *group_table(plan)]
     if quality:
         lines += ["", "## Quality (ggufmix eval against the source)", "",
                   f"{quality['settings']}", "", "| PPL source | PPL this file | mean KLD | p99 KLD | same top-1 |",
