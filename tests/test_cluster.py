@@ -222,3 +222,29 @@ def test_a_task_error_is_one_line_naming_the_tensor(cluster: tuple[str, list[sub
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [
         f"ggufmix: error: {path}: tensor 'blk.0.ffn_up.weight' has NaN or infinite weights (row 0); the source is damaged"]
+
+
+def test_lost_driver_resumes_from_its_journal(cluster: tuple[str, list[subprocess.Popen]], tiny_model: Path,
+                                              tmp_path: Path) -> None:
+    """The driver killed mid-run (SIGKILL: no clean-up) leaves the tensors it had received in the journal; the
+    same command again scores only the rest and writes the same scores as one machine."""
+    address, _ = cluster
+    _ggufmix(tmp_path, "score", str(tiny_model), "-o", str(tmp_path / "one.json"), "--rows", "64")
+    cmd = [sys.executable, "-m", "ggufmix", "-q", "score", str(tiny_model), "-o", str(tmp_path / "ray.json"),
+           "--rows", "64", "--ray", address]
+    driver = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal_dir = tmp_path / "cache" / "score-journal"
+    end = time.monotonic() + 300
+    while time.monotonic() < end and driver.poll() is None and _journal_lines(journal_dir) < 3:
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait(30)
+    done = _journal_lines(journal_dir)
+    assert 3 <= done < 30 and not (tmp_path / "ray.json").exists()  # tiny_model has 30 quantizable tensors
+    _ggufmix(tmp_path, "score", str(tiny_model), "-o", str(tmp_path / "ray.json"), "--rows", "64", "--ray", address)
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert _journal_lines(journal_dir) == 0  # finished: the journal is gone
+
+
+def _journal_lines(folder: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.jsonl")) if folder.is_dir() else 0
