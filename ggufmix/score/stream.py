@@ -34,7 +34,8 @@ def sample_rows(nrows: int, max_rows: int) -> np.ndarray:
 
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Imatrix | None = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
-                progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None) -> Scores:
+                progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None,
+                oracle: Any = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
@@ -43,6 +44,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         journal: where finished tensors are written as they come (resume after an interruption);
             tensors it already holds are not scored again.
         blocks: activation diagnostics for strategies that rank layers by them (lim, lieq).
+        oracle: the KLD oracle's measurements for the ``kld`` strategy (score/oracle.py).
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
@@ -57,7 +59,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
             if journal:
                 journal.add(name, results[name])
     if spec.finish is not None:
-        ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks)
+        ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks, oracle)
         done = spec.finish({n: results[n] for n in (s.name for s in slots)}, ctx)
         results = {n: TensorScores(dict(ts.errors), ts.importance, dict(ts.stats)) for n, ts in done.items()}
     settings = {"max_rows": max_rows, "imatrix": None if imatrix is None else str(getattr(imatrix, "path", "yes"))}
