@@ -75,3 +75,48 @@ def test_a_weight_the_graph_never_uses_is_refused(tiny_model: Path) -> None:
         tokens = m.tokenize(_text())
         with pytest.raises(InputError, match="not found in llama.cpp's graph"):
             m.find_weights(tokens, plan_chunks(len(tokens), CTX, 1))
+
+
+def test_kld_scores_resume_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.score import oracle
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import bits_per_weight
+
+    model = write_tiny_llama(tmp_path / "one-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text())
+    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(4.5,), threads=1, max_rows=32)
+    src = open_source(model, False)
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "clean"))
+    clean = score_source(src, opts, None, progress=False)
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cut"))
+    real, calls = oracle.Oracle.divergence, []
+
+    def cut(self):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) > 7:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(oracle.Oracle, "divergence", cut)
+    with pytest.raises(KeyboardInterrupt):
+        score_source(src, opts, None, progress=False)
+    journal = next((tmp_path / "cut" / "score-journal").glob("*.jsonl"))
+    assert len(journal.read_text().splitlines()) == 7
+    calls.clear()
+    monkeypatch.setattr(oracle.Oracle, "divergence", lambda self: (calls.append(1), real(self))[1])
+    resumed = score_source(src, opts, None, progress=False)
+    n_measured = clean.settings["oracle"]["measured"]
+    assert len(calls) == n_measured - 7 and n_measured == 2 * len(clean.tensors)
+    assert resumed.tensors == clean.tensors
+    # every tensor: the two types around 4.5 bpw measured, the others interpolated, and said so
+    ts = clean.tensors[TENSOR]
+    measured = sorted((QuantType[k.split(".", 1)[1]] for k in ts.stats if k.startswith("kld.")), key=bits_per_weight)
+    assert len(measured) == 2 and bits_per_weight(measured[0]) <= 4.5 < bits_per_weight(measured[1])
+    assert all(ts.errors[t] == ts.stats[f"kld.{t.name}"] for t in measured)
+    assert ts.errors[QuantType.Q2_K] > ts.errors[QuantType.Q6_K]
+    assert clean.settings["units"] == "kld" and clean.settings["oracle"]["interpolated"] > 0
