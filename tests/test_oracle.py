@@ -105,7 +105,7 @@ def test_kld_scores_resume_after_an_interruption(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(oracle.Oracle, "divergence", cut)
     with pytest.raises(KeyboardInterrupt):
         score_source(src, opts, None, progress=False)
-    journal = next((tmp_path / "cut" / "score-journal").glob("*.jsonl"))
+    journal = next((tmp_path / "cut" / "oracle").glob("*.jsonl"))
     assert len(journal.read_text().splitlines()) == 7
     calls.clear()
     monkeypatch.setattr(oracle.Oracle, "divergence", lambda self: (calls.append(1), real(self))[1])

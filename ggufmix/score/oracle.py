@@ -11,6 +11,7 @@ Cost: tensors x types x chunks forward passes of ``ctx`` tokens (plus one quanti
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -46,12 +47,27 @@ class OracleSettings:
 
     chunks: int = 4
     ctx: int = 512
+    start: int = 64  # first scored position of a chunk: more tokens per pass than perplexity's ctx/2
     widths: tuple[float, ...] = DEFAULT_WIDTHS
     threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not self.widths or any(w <= 0 for w in self.widths):
             raise UsageError(f"oracle: chunks {self.chunks} and widths {self.widths} must be positive")
+        if not 1 <= self.start < self.ctx - 1:
+            raise UsageError(f"oracle: the first scored position {self.start} must lie inside the {self.ctx}-token chunk")
+
+
+@dataclass(frozen=True)
+class ScoredFrom(ChunkPlan):
+    """Chunks scored from position ``start`` on (perplexity.cpp scores the second half only): the oracle
+    compares the model with itself, so early positions count too, at almost no extra cost per pass."""
+
+    start: int = 64
+
+    @property
+    def first(self) -> int:
+        return self.start
 
 
 Measurement = tuple[float, float]  # (mean KLD, share of tokens whose top-1 token is unchanged)
@@ -87,7 +103,8 @@ class Oracle:
         self.model = SwapModel(source, names, ctx=settings.ctx, n_threads=settings.threads)
         try:
             self.tokens = self.model.tokenize(text)
-            self.plan: ChunkPlan = plan_chunks(len(self.tokens), settings.ctx, settings.chunks)
+            full = plan_chunks(len(self.tokens), settings.ctx, settings.chunks)
+            self.plan: ChunkPlan = ScoredFrom(full.ctx, full.n_chunks, settings.start)
             self.model.find_weights(self.tokens, self.plan)
             t0 = time.perf_counter()
             self.base = [compress_topk(lp, self._targets(i)) for i, lp in
@@ -132,11 +149,21 @@ class Oracle:
         self.model.restore(name)
 
 
-def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path: Path | None) -> Journal:
-    """The measurements' journal, keyed by everything a measurement depends on (not by the widths)."""
+# The modules a measurement's value depends on: their digest keys the journal (not all of ggufmix's code,
+# so that a planner change does not throw away hours of measurements).
+MEASURING_CODE = ("engine/oracle.py", "engine/kernels.py", "score/oracle.py", "evaluate/basecache.py", "numerics.py")
+
+
+def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path: Path | None,
+                root: Path | None = None) -> Journal:
+    """The measurements' journal, kept across runs (``${GGUFMIX_CACHE}/oracle/``), keyed by everything a
+    measurement depends on but not by the widths: another budget reuses the pairs it shares."""
+    pkg = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join((pkg / m).read_bytes() for m in MEASURING_CODE)).hexdigest()
     return Journal({"oracle": 1, "source": fingerprint(source), "text": text_sha256(text), "chunks": settings.chunks,
-                    "ctx": settings.ctx, "imatrix": fingerprint(imatrix_path) if imatrix_path else None,
-                    "llama-cpp-python": version()}, root=None)
+                    "ctx": settings.ctx, "start": settings.start,
+                    "imatrix": fingerprint(imatrix_path) if imatrix_path else None,
+                    "llama-cpp-python": version(), "code": code}, root=root, folder="oracle", code=False)
 
 
 def measure_all(source: Path, layout: Layout, text: str, settings: OracleSettings, imatrix: Imatrix | None,
