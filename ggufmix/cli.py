@@ -130,6 +130,8 @@ _fit_options = [
 @click.option("--scores", "scores_path", type=_path, help="Reuse a scores.json instead of measuring.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
+@click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -137,7 +139,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None,
-          push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool, revision: str | None,
+          push_repo: str | None, private: bool, eval_text: Path | None, scores_path: Path | None, force: bool, no_smoke: bool,
+          search_minutes: float, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -165,7 +168,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     arch = str(open_gguf(model, check_data=False).metadata.get("general.architecture", "unknown"))
     kw = {"types": _palette(types, palette, arch), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
-          "scores": _load_scores(scores_path)}
+          "scores": _load_scores(scores_path), "search_minutes": search_minutes}
     staging = staging_dir(bundle, force) if bundle else None
     out = staging / "model.gguf" if staging else output
     try:

@@ -7,7 +7,7 @@ their activations, runs llama.cpp on the calibration text first. Nothing here wr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class ScoreOptions:
     calib: Path | None = None   # calibration text for strategies that rank blocks by activations (lim, lieq)
     calib_chunks: int = 8       # chunks of 512 tokens for those activations (block removal uses at most 2)
     widths: tuple[float, ...] = ()  # kld: bits per weight whose nearest types the oracle measures (() = default)
+    oracle: Any = None              # kld: score.oracle.OracleSettings; None: calib_chunks x 512 tokens
 
 
 @dataclass(frozen=True)
@@ -124,17 +125,20 @@ def oracle_measurements(src: GGUFSource, layout: Any, opts: ScoreOptions, imatri
         return None, {}
     if opts.calib is None:
         raise UsageError(f"--strategy {opts.strategy} measures KLD on calibration text: give --calib TEXT")
-    from ggufmix.score.oracle import DEFAULT_WIDTHS, OracleSettings, journal_for, measure_all
+    from ggufmix.score.oracle import OracleSettings, journal_for, measure_all
 
     text = read_text(opts.calib)
-    settings = OracleSettings(chunks=opts.calib_chunks, widths=opts.widths or DEFAULT_WIDTHS)
+    settings = opts.oracle or OracleSettings(chunks=opts.calib_chunks)
+    settings = replace(settings, widths=opts.widths or settings.widths)
     got = measure_all(src.path, layout, text, settings, imatrix, journal_for(src.path, text, settings, opts.imatrix),
                       progress)
     n = sum(len(v) for v in got.values())
     total = sum(len(s.candidates) for s in layout.slots if s.quantized)
-    note = "" if opts.widths else f"no budget given: measured the types around {', '.join(map(str, DEFAULT_WIDTHS))} bpw"
+    note = "" if opts.widths else f"no budget given: measured the types around {', '.join(map(str, settings.widths))} bpw"
     return got, {"units": "kld", "oracle": {"widths": list(settings.widths), "chunks": settings.chunks,
-                                            "ctx": settings.ctx, "measured": n, "interpolated": total - n,
+                                            "ctx": settings.ctx, "start": settings.start,
+                                            "max_types": settings.max_types,
+                                            "measured": n, "interpolated": total - n,
                                             "note": note}}
 
 

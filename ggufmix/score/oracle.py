@@ -31,7 +31,7 @@ from ggufmix.io.text import text_sha256
 from ggufmix.layout.slots import Layout, Slot
 from ggufmix.score.journal import Journal, fingerprint
 from ggufmix.scores import TensorScores
-from ggufmix.types import QuantType, bits_per_weight
+from ggufmix.types import QuantType, bits_per_weight, block_size
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,13 @@ class OracleSettings:
     start: int = 64  # first scored position of a chunk: more tokens per pass than perplexity's ctx/2
     widths: tuple[float, ...] = DEFAULT_WIDTHS
     threads: int | None = None
+    max_types: int = MAX_TYPES  # measured types per tensor at most (2..4)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not self.widths or any(w <= 0 for w in self.widths):
             raise UsageError(f"oracle: chunks {self.chunks} and widths {self.widths} must be positive")
+        if not 1 <= self.max_types <= 8:
+            raise UsageError(f"oracle: {self.max_types} measured types per tensor; give 1..8")
         if not 1 <= self.start < self.ctx - 1:
             raise UsageError(f"oracle: the first scored position {self.start} must lie inside the {self.ctx}-token chunk")
 
@@ -73,21 +76,25 @@ class ScoredFrom(ChunkPlan):
 Measurement = tuple[float, float]  # (mean KLD, share of tokens whose top-1 token is unchanged)
 
 
-def types_to_measure(slot: Slot, widths: Sequence[float], has_imatrix: bool) -> list[QuantType]:
+def types_to_measure(slot: Slot, widths: Sequence[float], has_imatrix: bool,
+                     max_types: int = MAX_TYPES) -> list[QuantType]:
     """Per width, the candidate just at/below it and the one just above (by bits per weight), at most
-    MAX_TYPES in all (those nearest the widths' mean kept). Types that need an imatrix are left out without one."""
+    ``max_types`` in all (those nearest the widths' mean kept). Types that need an imatrix are left out without one."""
     from ggufmix.engine.kernels import ggml
 
     cands = sorted((t for t in slot.candidates
                     if has_imatrix or not ggml().ggml_quantize_requires_imatrix(int(t))),
                    key=lambda t: (bits_per_weight(t), int(t)))
     picked: set[QuantType] = set()
-    for w in widths:
+    for w in widths:  # of types as wide, the one with the bigger block (Q5_K over Q5_0): it quantizes better
         below = [t for t in cands if bits_per_weight(t) <= w]
         above = [t for t in cands if bits_per_weight(t) > w]
-        picked.update(([below[-1]] if below else []) + ([above[0]] if above else []))
+        if below:
+            picked.add(max(below, key=lambda t: (bits_per_weight(t), block_size(t), -int(t))))
+        if above:
+            picked.add(min(above, key=lambda t: (bits_per_weight(t), -block_size(t), int(t))))
     mean = sum(widths) / len(widths)
-    keep = sorted(picked, key=lambda t: (abs(bits_per_weight(t) - mean), int(t)))[:MAX_TYPES]
+    keep = sorted(picked, key=lambda t: (abs(bits_per_weight(t) - mean), int(t)))[:max_types]
     return sorted(keep, key=lambda t: (bits_per_weight(t), int(t)))
 
 
@@ -149,9 +156,11 @@ class Oracle:
         self.model.restore(name)
 
 
-# The modules a measurement's value depends on: their digest keys the journal (not all of ggufmix's code,
-# so that a planner change does not throw away hours of measurements).
-MEASURING_CODE = ("engine/oracle.py", "engine/kernels.py", "score/oracle.py", "evaluate/basecache.py", "numerics.py")
+# The modules whose arithmetic a measurement's value depends on: their digest keys the journal (not all of
+# ggufmix's code, so that a planner change does not throw away hours of measurements). MEASUREMENT_VERSION
+# stands for this module's own part (what is swapped, which tokens are scored): bump it when that changes.
+MEASURING_CODE = ("engine/oracle.py", "engine/kernels.py", "evaluate/basecache.py", "numerics.py")
+MEASUREMENT_VERSION = 1
 
 
 def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path: Path | None,
@@ -160,7 +169,7 @@ def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path:
     measurement depends on but not by the widths: another budget reuses the pairs it shares."""
     pkg = Path(__file__).resolve().parent.parent
     code = hashlib.sha256(b"".join((pkg / m).read_bytes() for m in MEASURING_CODE)).hexdigest()
-    return Journal({"oracle": 1, "source": fingerprint(source), "text": text_sha256(text), "chunks": settings.chunks,
+    return Journal({"oracle": MEASUREMENT_VERSION, "source": fingerprint(source), "text": text_sha256(text), "chunks": settings.chunks,
                     "ctx": settings.ctx, "start": settings.start,
                     "imatrix": fingerprint(imatrix_path) if imatrix_path else None,
                     "llama-cpp-python": version(), "code": code}, root=root, folder="oracle", code=False)
@@ -171,8 +180,8 @@ def measure_all(source: Path, layout: Layout, text: str, settings: OracleSetting
     """Every quantizable tensor at its ``types_to_measure``; journaled pairs are not measured again."""
     slots = [s for s in layout.slots if s.quantized]
     done = _load(journal)
-    todo = [(s.name, t) for s in slots for t in types_to_measure(s, settings.widths, imatrix is not None)
-            if t not in done.get(s.name, {})]
+    wanted = {s.name: types_to_measure(s, settings.widths, imatrix is not None, settings.max_types) for s in slots}
+    todo = [(n, t) for n, ts in wanted.items() for t in ts if t not in done.get(n, {})]
     if todo:
         with Oracle(source, layout, text, settings, imatrix) as oracle:
             logger.info("oracle: %d measurements to make, %d kept; %.1f s per pass of %d x %d tokens",
@@ -185,7 +194,6 @@ def measure_all(source: Path, layout: Layout, text: str, settings: OracleSetting
                 oracle.restore(name)
                 done.setdefault(name, {})[qtype] = m
                 journal.add(f"{name}#{qtype.name}", TensorScores({qtype: m[0]}, 1.0, {"top1": m[1]}))
-    wanted = {s.name: types_to_measure(s, settings.widths, imatrix is not None) for s in slots}
     return {n: {t: done[n][t] for t in ts} for n, ts in wanted.items()}
 
 
