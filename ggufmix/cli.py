@@ -28,7 +28,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
-                calib: Path | None = None, calib_chunks: int = 8):
+                calib: Path | None = None, calib_chunks: int = 8, oracle: str | None = None):
     from ggufmix.score.base import scorers
     from ggufmix.score.measure import ScoreOptions
 
@@ -36,7 +36,10 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
     if scorers()[strategy].activations and calib is None:
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
-    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    from ggufmix.score.oracle import parse_oracle
+
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks,
+                        oracle=parse_oracle(oracle) if oracle else None)
 
 
 def _palette(types: str | None, palette: str | None, arch: str):  # noqa: ANN202
@@ -69,6 +72,8 @@ _score_options = [
                                              "(lim, lieq and their measured+ hybrids)."),
     click.option("--calib-chunks", default=8, show_default=True, type=click.IntRange(1),
                  help="512-token chunks of --calib to run."),
+    click.option("--oracle", help="--strategy kld: chunks=N,ctx=N,start=N,types=N,threads=N of the KLD oracle "
+                                  "(unset: chunks 4, ctx 512, start 64, types 4, all threads; no --oracle: chunks = --calib-chunks)."),
 ]
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
@@ -135,7 +140,8 @@ _fit_options = [
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, budget: str | None,
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, oracle: str | None,
+          budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None,
@@ -164,7 +170,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         from ggufmix.ship.push import check_repo_id
 
         check_repo_id(push_repo)  # before hours of work, not after
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, oracle)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     arch = str(open_gguf(model, check_data=False).metadata.get("general.architecture", "unknown"))
     kw = {"types": _palette(types, palette, arch), "pins": [parse_pin(p) for p in pins], "smoke": not no_smoke,
@@ -281,13 +287,14 @@ def _quality(model: Path, out: Path, text: Path, progress: bool) -> dict:
 @_apply(_score_options + _hf_options)
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, revision: str | None,
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, oracle: str | None,
+          revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
     from ggufmix.score.base import scorers
     from ggufmix.score.measure import load_imatrix, open_source, score_source
 
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, oracle)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
                       check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
@@ -421,19 +428,24 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--chunks", type=int, help="Evaluation chunks (default: all the text holds).")
 @click.option("--exact", is_flag=True, help="Full-vocabulary KLD (the base runs again for every file).")
 @click.option("-o", "--output", type=_path, default=Path("bench"), show_default=True, help="Output folder.")
+@click.option("--oracle", help="kld: the oracle's chunks=N,ctx=N,start=N,types=N,threads=N (see build --oracle).")
+@click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="kld: refine each plan end to end this long.")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
-          output: Path) -> None:
+          output: Path, oracle: str | None, search_minutes: float) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
     from ggufmix.bench.bench import BenchConfig, run_bench
+    from ggufmix.score.oracle import parse_oracle
 
     try:
         bpws = tuple(float(b) for b in budgets.replace("bpw", "").split(",") if b.strip())
     except ValueError:
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
-                      n_ctx, chunks, exact, ctx.obj["progress"], _names(modes))
+                      n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
+                      parse_oracle(oracle) if oracle else None, search_minutes)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

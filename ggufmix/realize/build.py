@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ggufmix import __version__
@@ -60,10 +60,23 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     """
     check_output(out, [source], force)
     t0 = time.perf_counter()
+    if scores is None:
+        opts = with_budget_width(opts, source, budget)
     measured = measure(source, opts, scores=scores, progress=progress)
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
                             progress=progress, seconds=seconds, search_minutes=search_minutes)
+
+
+def with_budget_width(opts: ScoreOptions, source: Path, budget: Budget) -> ScoreOptions:
+    """``kld`` measures the types nearest the budget's width: give the oracle that width (bits per weight)."""
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.score.base import scorers
+
+    if opts.widths or budget.is_rule or scorers()[opts.strategy].activations != "oracle":
+        return opts
+    n = open_gguf(source, check_data=False).total_elements
+    return replace(opts, widths=(round(budget.to_bytes(n) * 8 / n, 3),))
 
 
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,

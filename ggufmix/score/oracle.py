@@ -73,6 +73,22 @@ class ScoredFrom(ChunkPlan):
         return self.start
 
 
+def parse_oracle(text: str) -> OracleSettings:
+    """``chunks=2,ctx=128,start=16,types=2,threads=1`` (any subset) -> OracleSettings.
+
+    Raises:
+        UsageError: an unknown key or a value that is not a positive integer.
+    """
+    fields = {"chunks": "chunks", "ctx": "ctx", "start": "start", "types": "max_types", "threads": "threads"}
+    kw: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in fields or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--oracle {text!r}: expected KEY=N with KEY one of {', '.join(fields)}, got {part!r}")
+        kw[fields[key]] = int(value)
+    return OracleSettings(**kw)
+
+
 Measurement = tuple[float, float]  # (mean KLD, share of tokens whose top-1 token is unchanged)
 
 
