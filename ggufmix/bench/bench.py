@@ -216,14 +216,18 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
 def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
     planner change would otherwise leave stale files in the folder): its recipe against a fresh plan."""
+    from ggufmix.errors import InputError
+    from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
     from ggufmix.realize.overrides import recipe
     from ggufmix.scores import Scores
 
     kept = out.with_suffix(".recipe.txt")
     try:
+        if "refine" in Plan.load(out.with_suffix(".plan.json")).settings:
+            return False  # an end-to-end search moved it off the solver's plan on purpose
         return kept.read_text() != recipe(make_plan(Scores.load(scores), budget))
-    except (OSError, BudgetError):
+    except (OSError, BudgetError, InputError):
         return True
 
 
