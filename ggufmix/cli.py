@@ -26,6 +26,7 @@ from ggufmix.realize.build import check_output, versions
 from ggufmix.realize.overrides import recipe as tensor_type_file
 from ggufmix.score.base import scorers
 from ggufmix.score.cluster import import_ray
+from ggufmix.score.oracle import parse_oracle
 from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.scores import Scores
 from ggufmix.ship import deliver as ship
@@ -53,7 +54,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
-                calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None):
+                calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None,
+                oracle: str | None = None):
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
@@ -61,7 +63,8 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
     if ray is not None:
         import_ray()  # a missing extra fails now, not after the conversion
-    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray,
+                        oracle=parse_oracle(oracle) if oracle else None)
 
 
 def _palette(types: str | None, palette: str | None, arch: str, pins=(), fit: str | None = None):  # noqa: ANN001, ANN202
@@ -93,6 +96,8 @@ _score_options = [
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
                  help="Score each tensor as a Ray task: 'auto', a cluster ADDRESS (host:port), or no value to start "
                       "a local cluster of --threads workers (pip install 'ggufmix[cluster]'). Give it after MODEL."),
+    click.option("--oracle", help="--strategy kld: chunks=N,ctx=N,start=N,types=N,threads=N of the KLD oracle "
+                                  "(unset: chunks 4, ctx 512, start 64, types 4, all threads; no --oracle: chunks = --calib-chunks)."),
 ]
 _plan_options = [
     click.option("--budget", help="Target: 3.0bpw, 90MB, 85MiB, 1.2GB ... (tensor data)."),
@@ -156,15 +161,19 @@ _fit_options = [
 @click.option("--no-smoke", is_flag=True, help="Skip the generation smoke test.")
 @click.option("--validate", "run_validate", is_flag=True,
               help="Run `ggufmix validate` on the result (every ggml device, against MODEL); exit 4 if a device fails.")
+@click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
+          oracle: str | None,
           budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...],
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
-          scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, revision: str | None,
+          scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
+          revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -178,12 +187,12 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                                  validate_ctx=max(n_ctx, 256) if run_validate else None)
     except UsageError as e:
         raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
     recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown")), pin_list, fit),
-                         pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke)
+                         pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke, search_minutes)
     target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
     done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
     _print_delivered(done)
@@ -239,10 +248,10 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
-          revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
+          oracle: str | None, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
 
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
                       check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
@@ -375,10 +384,13 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--chunks", type=int, help="Evaluation chunks (default: all the text holds).")
 @click.option("--exact", is_flag=True, help="Full-vocabulary KLD (the base runs again for every file).")
 @click.option("-o", "--output", type=_path, default=Path("bench"), show_default=True, help="Output folder.")
+@click.option("--oracle", help="kld: the oracle's chunks=N,ctx=N,start=N,types=N,threads=N (see build --oracle).")
+@click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="kld: refine each plan end to end this long.")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
-          output: Path) -> None:
+          output: Path, oracle: str | None, search_minutes: float) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
 
     try:
@@ -386,7 +398,8 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
     except ValueError:
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
-                      n_ctx, chunks, exact, ctx.obj["progress"], _names(modes))
+                      n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
+                      parse_oracle(oracle) if oracle else None, search_minutes)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

@@ -11,6 +11,12 @@ i.e. KLD per unit of the scorer's noise-to-signal ratio. The result is written i
 ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its provenance.
 
     python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8]
+
+Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld``), no probe files: each
+group's gain is the sum of its tensors' measured KLDs over the sum of their noise-to-signal ratios at the
+same types (the measured scorer's, kept in the kld scores' stats):
+
+    python scripts/calibrate_gains.py --from-scores scores-kld-imatrix.json [--dry-run]
 """
 from __future__ import annotations
 
@@ -38,8 +44,9 @@ logger = logging.getLogger("calibrate")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("source", type=Path)
-    ap.add_argument("text", type=Path)
+    ap.add_argument("source", type=Path, nargs="?")
+    ap.add_argument("text", type=Path, nargs="?")
+    ap.add_argument("--from-scores", type=Path, help="kld scores.json: fit the gains from the oracle's measurements.")
     ap.add_argument("--imatrix", type=Path)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
@@ -47,6 +54,10 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="Print the gains, do not write role_gains.json.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.from_scores:
+        return _from_oracle(args)
+    if args.source is None or args.text is None:
+        ap.error("give SOURCE and TEXT, or --from-scores")
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     src = open_source(args.source, False)
@@ -69,6 +80,42 @@ def main() -> None:
     print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
     if not args.dry_run:
         _write(gains, args, src.path.name)
+
+
+def oracle_gains(scores) -> dict[str, tuple[float, int]]:  # noqa: ANN001
+    """role@depth -> (sum of measured KLD / sum of NSR at the measured types, measurements)."""
+    kld: dict[str, float] = defaultdict(float)
+    nsr: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    layout = scores.layout
+    for s in layout.slots:
+        ts = scores.tensors.get(s.name)
+        if ts is None:
+            continue
+        key = gain_key(s, layout.n_layers, layout.tied_embeddings)
+        for k, v in ts.stats.items():
+            if k.startswith("kld.") and f"nsr.{k[4:]}" in ts.stats:
+                kld[key] += v
+                nsr[key] += ts.stats[f"nsr.{k[4:]}"]
+                count[key] += 1
+    return {k: (max(kld[k], 1e-9) / max(nsr[k], 1e-12), count[k]) for k in sorted(kld)}
+
+
+def _from_oracle(args: argparse.Namespace) -> None:
+    from ggufmix.scores import Scores
+
+    scores = Scores.load(args.from_scores)
+    if scores.settings.get("units") != "kld":
+        raise SystemExit(f"{args.from_scores}: not kld scores (ggufmix score --strategy kld)")
+    fitted = oracle_gains(scores)
+    for key, (g, n) in fitted.items():
+        print(f"{key:<24} {n:>4} measurements  gain {g:.5f}")
+    if not args.dry_run:
+        args.imatrix = Path(scores.settings["imatrix"]) if scores.settings.get("imatrix") else None
+        args.text, args.chunks, args.ctx = Path(scores.settings["calib"]["text"]), scores.settings["oracle"]["chunks"], \
+            scores.settings["oracle"]["ctx"]
+        _write({k: g for k, (g, _) in fitted.items()}, args, Path(scores.source["path"]).name,
+               f"from the KLD oracle's measurements ({args.from_scores.name}, start {scores.settings['oracle']['start']})")
 
 
 def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -94,14 +141,15 @@ def _probe(scores, source: Path, imatrix, group: set[str], out: Path) -> Path:  
     return out
 
 
-def _write(gains: dict[str, float], args: argparse.Namespace, model: str) -> None:
+def _write(gains: dict[str, float], args: argparse.Namespace, model: str,
+           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}") -> None:
     doc = json.loads(GAINS.read_text())
     table = "imatrix" if args.imatrix else "plain"
     doc[table] = {k: round(v, 6) for k, v in gains.items()}
     doc.setdefault("provenance_by_table", {})[table] = (
         f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
         + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
-        + f"; probe {PROBE.name} vs floor {FLOOR.name}")
+        + f"; {how}")
     GAINS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GAINS} [{table}]")
 

@@ -47,6 +47,8 @@ class BenchConfig:
     exact: bool = False
     progress: bool = True
     modes: tuple[str, ...] = ("none", "imatrix")
+    oracle: Any = None          # kld: score.oracle.OracleSettings (its widths: the targets' bpw)
+    search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -102,8 +104,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         targets = [(f"{b:g}bpw", Budget(b, "bpw")) for b in cfg.budgets]
         targets += [(f.target, Budget(_tensor_bytes(f.path), "b")) for f in stock]
         files += stock
+        widths = tuple(sorted({_width(cfg.source, b) for _, b in targets}))
         for strategy in cfg.strategies:
-            scores = _scores(cfg, strategy, mode, imatrix)
+            scores = _scores(cfg, strategy, mode, imatrix, widths)
             files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget)
                                   for label, budget in targets) if f is not None]
     done = {f.path: row for f in files if (row := _cached_row(cfg, text, f)) is not None}
@@ -114,6 +117,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         done[f.path] = _row(f, q)
         _save_row(cfg, text, f, done[f.path])
     results = _results(cfg, [done[f.path] | {"build_s": _seconds(f)} for f in files], report)
+    results["score_s"] = _score_seconds(cfg)
     _write_outputs(cfg, results)
     return results
 
@@ -159,7 +163,14 @@ def _stock(cfg: BenchConfig, mix: str, mode: str, imatrix: Path | None) -> Bench
     return BenchFile(out, STOCK, mode, mix, seconds)
 
 
-def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) -> Path:
+def _width(source: Path, budget: Budget) -> float:
+    from ggufmix.io.gguf_source import open_gguf
+
+    n = open_gguf(source, check_data=False).total_elements
+    return round(budget.to_bytes(n) * 8 / n, 3)
+
+
+def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, widths: tuple[float, ...]) -> Path:
     from ggufmix.score.measure import (
         ScoreOptions,
         load_imatrix,
@@ -170,8 +181,10 @@ def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None) ->
     out = cfg.out / f"scores-{strategy}-{mode}.json"
     if not out.exists():
         src = open_source(cfg.source, False)
-        opts = ScoreOptions(strategy, imatrix, calib=cfg.calib)
+        opts = ScoreOptions(strategy, imatrix, calib=cfg.calib, widths=widths, oracle=cfg.oracle)
+        t0 = time.perf_counter()
         score_source(src, opts, load_imatrix(imatrix, src), cfg.progress).save(out)
+        out.with_suffix(".seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return out
 
 
@@ -189,8 +202,10 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     if not out.exists():
         t0 = time.perf_counter()
         try:
-            build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores=Scores.load(scores), smoke=False,
-                  progress=False)
+            loaded = Scores.load(scores)
+            search = cfg.search_minutes if loaded.settings.get("units") == "kld" else 0.0
+            build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores=loaded, smoke=False,
+                  progress=cfg.progress, search_minutes=search)
         except BudgetError as e:
             logger.warning("%s at %s skipped: %s", strategy, label, e)
             return None
@@ -201,15 +216,30 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
 def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
     planner change would otherwise leave stale files in the folder): its recipe against a fresh plan."""
+    from ggufmix.errors import InputError
+    from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
     from ggufmix.realize.overrides import recipe
     from ggufmix.scores import Scores
 
     kept = out.with_suffix(".recipe.txt")
     try:
+        if "refine" in Plan.load(out.with_suffix(".plan.json")).settings:
+            return False  # an end-to-end search moved it off the solver's plan on purpose
         return kept.read_text() != recipe(make_plan(Scores.load(scores), budget))
-    except (OSError, BudgetError):
+    except (OSError, BudgetError, InputError):
         return True
+
+
+def _score_seconds(cfg: BenchConfig) -> dict[str, float | None]:
+    """Wall seconds each scores file took to make (``<strategy>-<mode>`` -> s; None: made elsewhere)."""
+    out: dict[str, float | None] = {}
+    for p in sorted(cfg.out.glob("scores-*.json")):
+        try:
+            out[p.stem[len("scores-"):]] = float(p.with_suffix(".seconds").read_text())
+        except (OSError, ValueError):
+            out[p.stem[len("scores-"):]] = None
+    return out
 
 
 def _tensor_bytes(path: Path) -> int:

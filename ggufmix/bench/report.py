@@ -65,6 +65,9 @@ def markdown(results: dict[str, Any]) -> str:
              _HEADER, "|" + "---|" * 10, *(_row(r) for r in rows), ""]
     for mode in sorted({r["imatrix"] for r in rows if r["kind"] != "stock"}):
         lines += [f"## Mean KLD by strategy (imatrix: {mode})", "", *_pivot(rows, mode), ""]
+    if results.get("score_s"):
+        lines += ["## Scoring wall time", "", "| scores | seconds |", "|---|---|",
+                  *(f"| {k} | {'-' if v is None else f'{v:.0f}'} |" for k, v in results["score_s"].items()), ""]
     vs = versus_stock(results["rows"])
     if vs:
         lines += ["## At each stock mix's size", "",

@@ -94,7 +94,8 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
               gains: dict[str, float] | None = None) -> Plan:
     """Solve the budget over the scored candidates.
 
-    The solver minimises the sum over tensors of weight x importance x error. The weight is the role/depth
+    The solver minimises the sum over tensors of weight x importance x error. For ``kld`` (scores whose
+    settings say ``units: kld``) the weight is 1: the error is already the end-to-end KLD. Otherwise it is the role/depth
     gain (role_gains.json) for strategies whose errors are in its units (``measured`` and the hybrids);
     for the others (``uniform``, the pure paper strategies) and for an empty ``gains`` it is the tensor's
     share of the quantized weights, so that equal importances give every tensor the same bits per weight
@@ -112,8 +113,11 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     slots = [s for s in scores.layout.slots if s.quantized]
     n_layers = scores.layout.n_layers
     quantized_elements = sum(s.n_elements for s in slots)
+    end_to_end = scores.settings.get("units") == "kld"  # the oracle's KLDs are the objective itself
 
     def weight(s: Slot) -> float:
+        if end_to_end:
+            return 1.0
         if gains:
             return lookup_gain(gains, gain_key(s, n_layers, scores.layout.tied_embeddings))
         return s.n_elements / quantized_elements
@@ -132,7 +136,7 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
     settings = {"types": None if types is None else [t.name for t in types],
                 "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains,
-                "weights": "role gains" if gains else "elements"}
+                "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements"}
     plan = _assemble(scores, str(budget), target, chosen, options, settings)
     slack = bpw(target - plan.total_bytes, total_elements)
     if slack > TOLERANCE_BPW:

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ggufmix import __version__
@@ -51,28 +51,50 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 
 def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = ScoreOptions(),
           types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = (), scores: Scores | None = None,
-          force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True) -> BuildResult:
-    """The three stages in memory: measure (or take ``scores``), plan ``budget``, realize the file.
+          force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True,
+          search_minutes: float = 0.0) -> BuildResult:
+    """The three stages in memory: measure (or take ``scores``), plan ``budget`` (for ``kld`` scores with
+    ``search_minutes``, refined end to end by the oracle: search/refine.py), realize the file.
 
     Nothing appears at ``out`` unless every check passed.
     """
     check_output(out, [source], force)
     t0 = time.perf_counter()
+    if scores is None:
+        opts = with_budget_width(opts, source, budget)
     measured = measure(source, opts, scores=scores, progress=progress)
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
-                            progress=progress, seconds=seconds)
+                            progress=progress, seconds=seconds, search_minutes=search_minutes)
+
+
+def with_budget_width(opts: ScoreOptions, source: Path, budget: Budget) -> ScoreOptions:
+    """``kld`` measures the types nearest the budget's width: give the oracle that width (bits per weight)."""
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.score.base import scorers
+
+    if opts.widths or budget.is_rule or scorers()[opts.strategy].activations != "oracle":
+        return opts
+    n = open_gguf(source, check_data=False).total_elements
+    return replace(opts, widths=(round(budget.to_bytes(n) * 8 / n, 3),))
 
 
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,
                      pins: Sequence[Pin] = (), smoke: bool = True, nthread: int = 0, progress: bool = True,
-                     seconds: dict[str, float] | None = None) -> BuildResult:
+                     seconds: dict[str, float] | None = None, search_minutes: float = 0.0) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins).with_versions(versions())
     t["plan"] = time.perf_counter() - t0
+    if search_minutes > 0:
+        from ggufmix.search.refine import refine
+
+        t0 = time.perf_counter()
+        plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
+                      progress=progress).plan
+        t["refine"] = time.perf_counter() - t0
     verified, text = quantize_plan(measured.source.path, out, plan, measured.imatrix, smoke=smoke, nthread=nthread,
                                    progress=progress, seconds=t)
     sidecars(out, plan, verified, t, text)

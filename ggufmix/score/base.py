@@ -87,6 +87,8 @@ class ModelContext:
     n_layers: int
     metadata: Mapping[str, Any]
     blocks: BlockStats | None = None
+    # The KLD oracle's end-to-end measurements, tensor -> type -> (mean KLD, top-1 agreement), when asked for.
+    oracle: Mapping[str, Mapping[QuantType, tuple[float, float]]] | None = None
 
 
 FinishFn = Callable[[Mapping[str, Any], ModelContext], dict[str, TensorScore]]
@@ -100,7 +102,8 @@ class ScorerSpec:
     description: str
     calibrated: bool = True  # its errors are in the units role_gains.json was measured in (NSR)
     finish: FinishFn | None = None  # model-level step after every tensor was scored (layer rankings)
-    activations: str = ""           # "": weights only; "blocks": distances/erank; "ablation": + ppl_drop
+    activations: str = ""           # "": weights only; "blocks": distances/erank; "ablation": + ppl_drop;
+                                    # "oracle": end-to-end KLD per (tensor, type) (score/oracle.py)
     reads_weights: bool = True      # False: metadata only (works on a GGUF whose data is missing)
 
 
@@ -125,7 +128,7 @@ def register(name: str, *, needs_rows: bool = True, description: str = "", calib
 
 
 # Modules whose import registers the built-in scorers (imported on first lookup, not at ``import ggufmix``).
-BUILTIN_MODULES = ("ggufmix.score.quant_error", "ggufmix.score.layerwise")
+BUILTIN_MODULES = ("ggufmix.score.quant_error", "ggufmix.score.layerwise", "ggufmix.score.kld")
 
 
 def scorers() -> Mapping[str, ScorerSpec]:

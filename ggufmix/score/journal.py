@@ -48,10 +48,15 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def keyed_path(folder: str, key: dict[str, Any], root: Path | None = None, suffix: str = ".json") -> Path:
-    """``${GGUFMIX_CACHE}/<folder>/<hash of key, ggufmix's version and code digest><suffix>`` (or under ``root``)."""
-    digest = hashlib.sha256(json.dumps({**key, "ggufmix": __version__, "code": code_digest()},
-                                       sort_keys=True).encode()).hexdigest()
+def keyed_path(folder: str, key: dict[str, Any], root: Path | None = None, suffix: str = ".json",
+               code: bool = True) -> Path:
+    """``${GGUFMIX_CACHE}/<folder>/<hash of key, ggufmix's version and code digest><suffix>`` (or under ``root``).
+
+    ``code=False``: the key carries its own digest of the code it depends on (the KLD oracle's measurements
+    take hours and do not change when the planner does).
+    """
+    extra = {"ggufmix": __version__, "code": code_digest()} if code else {}
+    digest = hashlib.sha256(json.dumps({**key, **extra}, sort_keys=True).encode()).hexdigest()
     return (root or cache_root() / folder) / f"{digest[:32]}{suffix}"
 
 
@@ -70,8 +75,9 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
 class Journal:
     """Append-only record of finished tensors for one (source, settings) key."""
 
-    def __init__(self, key: dict[str, Any], root: Path | None = None) -> None:
-        self.path = keyed_path("score-journal", key, root, ".jsonl")
+    def __init__(self, key: dict[str, Any], root: Path | None = None, folder: str = "score-journal",
+                 code: bool = True) -> None:
+        self.path = keyed_path(folder, key, root, ".jsonl", code)
 
     def load(self) -> dict[str, TensorScores]:
         """Tensors already scored (empty when there is no journal)."""

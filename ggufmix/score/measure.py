@@ -7,7 +7,7 @@ their activations, runs llama.cpp on the calibration text first. Nothing here wr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class ScoreOptions:
     calib: Path | None = None   # calibration text for strategies that rank blocks by activations (lim, lieq)
     calib_chunks: int = 8       # chunks of 512 tokens for those activations (block removal uses at most 2)
     ray: str | None = None      # score on a Ray cluster: "local" (start one), "auto" or an address; None: here
+    widths: tuple[float, ...] = ()  # kld: bits per weight whose nearest types the oracle measures (() = default)
+    oracle: Any = None              # kld: score.oracle.OracleSettings; None: calib_chunks x 512 tokens
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix.names if imatrix else ()))
     spec = scorers()[opts.strategy]
     blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
+    oracle, oracle_settings = oracle_measurements(src, layout, opts, imatrix, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
@@ -105,13 +108,15 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     remember_noise(prices.load())
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
                          threads=opts.threads, progress=progress, journal=journal, blocks=blocks,
-                         runner=_runner(opts))
+                         runner=_runner(opts), oracle=oracle)
     journal.finish()
     prices.save(known_noise())
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
-    if blocks is not None:
+    if blocks is not None or oracle is not None:
         scores.settings["calib"] = {"text": str(opts.calib), "chunks": opts.calib_chunks}
+    if oracle is not None:
+        scores.settings.update(oracle_settings)
     return scores
 
 
@@ -122,6 +127,30 @@ def _runner(opts: ScoreOptions) -> Any:
     from ggufmix.score.cluster import LOCAL, RayRunner
 
     return RayRunner(opts.ray, opts.threads if opts.ray == LOCAL else None)
+
+
+def oracle_measurements(src: GGUFSource, layout: Any, opts: ScoreOptions, imatrix: Imatrix | None,
+                        progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The KLD oracle's measurements when the strategy asks for them (``kld``), and what to record of them."""
+    if scorers()[opts.strategy].activations != "oracle":
+        return None, {}
+    if opts.calib is None:
+        raise UsageError(f"--strategy {opts.strategy} measures KLD on calibration text: give --calib TEXT")
+    from ggufmix.score.oracle import OracleSettings, journal_for, measure_all
+
+    text = read_text(opts.calib)
+    settings = opts.oracle or OracleSettings(chunks=opts.calib_chunks)
+    settings = replace(settings, widths=opts.widths or settings.widths)
+    got = measure_all(src.path, layout, text, settings, imatrix, journal_for(src.path, text, settings, opts.imatrix),
+                      progress)
+    n = sum(len(v) for v in got.values())
+    total = sum(len(s.candidates) for s in layout.slots if s.quantized)
+    note = "" if opts.widths else f"no budget given: measured the types around {', '.join(map(str, settings.widths))} bpw"
+    return got, {"units": "kld", "oracle": {"widths": list(settings.widths), "chunks": settings.chunks,
+                                            "ctx": settings.ctx, "start": settings.start,
+                                            "max_types": settings.max_types,
+                                            "measured": n, "interpolated": total - n,
+                                            "note": note}}
 
 
 def block_stats(model: Path, activations: str, n_layers: int, opts: ScoreOptions, progress: bool) -> Any:

@@ -86,7 +86,7 @@ def n_matrices(shape: tuple[int, ...]) -> int:
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Imatrix | None = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
                 progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None,
-                runner: Runner | None = None) -> Scores:
+                runner: Runner | None = None, oracle: Any = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
@@ -96,6 +96,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
             tensors it already holds are not scored again.
         blocks: activation diagnostics for strategies that rank layers by them (lim, lieq).
         runner: where the tensors are scored (default: ``threads`` threads here; score/cluster.py: Ray).
+        oracle: the KLD oracle's measurements for the ``kld`` strategy (score/oracle.py).
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
@@ -110,7 +111,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         if journal:
             journal.add(name, ts)
     if spec.finish is not None:
-        ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks)
+        ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks, oracle)
         done = spec.finish({n: results[n] for n in (s.name for s in slots)}, ctx)
         results = {n: TensorScores(dict(ts.errors), ts.importance, dict(ts.stats)) for n, ts in done.items()}
     settings = {"max_rows": max_rows, "imatrix": None if imatrix is None else str(getattr(imatrix, "path", "yes"))}

@@ -58,6 +58,7 @@ class Recipe:
     pins: Sequence[Pin] = ()
     scores: Scores | None = None
     smoke: bool = True
+    search_minutes: float = 0.0  # --strategy kld: refine the plan end to end this long (search/refine.py)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
 
 def _build_to(model: Path, out: Path, meta: dict[str, Any], target: Budget | FitSettings, force: bool,
               opts: ScoreOptions, recipe: Recipe, progress: bool) -> tuple[BuildResult, list[str] | None]:
-    kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores}
+    kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores,
+          "search_minutes": recipe.search_minutes}
     if isinstance(target, Budget):
         return build(model, out, target, opts=opts, force=force, progress=progress, **kw), None
     res, report, measured = build_to_fit(model, out, meta, target, opts=opts, force=force, progress=progress, **kw)

@@ -1,0 +1,1 @@
+"""End-to-end search over plans with the KLD oracle (the ``kld`` strategy's refine step)."""

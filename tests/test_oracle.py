@@ -1,0 +1,122 @@
+"""The KLD oracle against real llama.cpp on tiny models: the in-place swap against a real file, resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from ggufmix.engine.logits import plan_chunks
+from ggufmix.engine.oracle import SwapModel, from_float32, to_float32
+from ggufmix.engine.quantize import quantize_file
+from ggufmix.types import QuantType
+
+CTX = 64
+TENSOR = "blk.1.ffn_down.weight"
+
+
+def _text() -> str:
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex the jolly "
+             "boxing judges and ten pack my box with five dozen liquor jugs").split()
+    rng = np.random.default_rng(0)
+    return " ".join(rng.choice(words, 3000))
+
+
+def _kld(p: np.ndarray, q: np.ndarray) -> float:
+    return float((np.exp(p) * (p - q)).sum(axis=1).mean())
+
+
+def _weights(path: Path) -> list[str]:
+    return [t.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1]
+
+
+def test_bf16_and_f16_round_trip() -> None:
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    for t in (QuantType.F32, QuantType.F16, QuantType.BF16):
+        y = to_float32(from_float32(x, t), t)
+        assert np.abs(y - x).max() <= (0 if t == QuantType.F32 else 2 ** -7) * np.abs(x).max()
+    # BF16 rounds to nearest even, as ggml does: 1 + 2^-8 (a tie) stays 1, 1 + 3 * 2^-8 goes up
+    ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8], np.float32)
+    assert to_float32(from_float32(ties, QuantType.BF16), QuantType.BF16).tolist() == [1.0, 1 + 2 ** -6]
+
+
+def test_swap_matches_a_real_file_with_that_one_override(tiny_model: Path, tmp_path: Path) -> None:
+    real = tmp_path / "one.gguf"
+    quantize_file(tiny_model, real, ftype=7, overrides=[(r"^blk\.1\.ffn_down\.weight$", QuantType.Q4_K),
+                                                          (".*", QuantType.F16)], progress=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(real).tensors if len(t.shape) > 1}
+    assert types[TENSOR] == "Q4_K" and {v for k, v in types.items() if k != TENSOR} == {"F16"}
+    with SwapModel(tiny_model, _weights(tiny_model), ctx=CTX, n_threads=2) as m:
+        tokens = m.tokenize(_text())
+        plan = plan_chunks(len(tokens), CTX, 3)
+        m.find_weights(tokens, plan)
+        base = np.concatenate([lp.copy() for lp in m.iter_chunks(tokens, plan)])
+        m.swap_quantized(TENSOR, QuantType.Q4_K)
+        swapped = np.concatenate([lp.copy() for lp in m.iter_chunks(tokens, plan)])
+        m.restore(TENSOR)
+        restored = np.concatenate([lp.copy() for lp in m.iter_chunks(tokens, plan)])
+    with SwapModel(real, [], ctx=CTX, n_threads=2) as r:
+        built = np.concatenate([lp.copy() for lp in r.iter_chunks(tokens, plan)])
+    assert np.array_equal(restored, base)
+    effect = _kld(base, built)
+    assert effect > 1e-4  # Q4_K on one tensor does move the output
+    # same logits within float tolerance: what is left is llama.cpp's Q8_K rounding of the activations
+    # in the real file's Q4_K matmul (the swap multiplies F16 weights with F16-rounded activations)
+    assert np.abs(swapped - built).max() < 0.35 * np.abs(base - built).max()
+    assert _kld(built, swapped) < 0.1 * effect
+    assert abs(_kld(base, swapped) - effect) < 0.15 * effect
+
+
+def test_a_weight_the_graph_never_uses_is_refused(tiny_model: Path) -> None:
+    from ggufmix.errors import InputError
+
+    with SwapModel(tiny_model, ["blk.9.attn_q.weight"], ctx=CTX, n_threads=2) as m:
+        tokens = m.tokenize(_text())
+        with pytest.raises(InputError, match="not found in llama.cpp's graph"):
+            m.find_weights(tokens, plan_chunks(len(tokens), CTX, 1))
+
+
+def test_kld_scores_resume_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.score import oracle
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import bits_per_weight
+
+    model = write_tiny_llama(tmp_path / "one-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text())
+    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(4.5,), threads=1, max_rows=32)
+    src = open_source(model, False)
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "clean"))
+    clean = score_source(src, opts, None, progress=False)
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cut"))
+    real, calls = oracle.Oracle.divergence, []
+
+    def cut(self):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) > 7:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(oracle.Oracle, "divergence", cut)
+    with pytest.raises(KeyboardInterrupt):
+        score_source(src, opts, None, progress=False)
+    journal = next((tmp_path / "cut" / "oracle").glob("*.jsonl"))
+    assert len(journal.read_text().splitlines()) == 7
+    calls.clear()
+    monkeypatch.setattr(oracle.Oracle, "divergence", lambda self: (calls.append(1), real(self))[1])
+    resumed = score_source(src, opts, None, progress=False)
+    n_measured = clean.settings["oracle"]["measured"]
+    assert len(calls) == n_measured - 7 and n_measured == 2 * len(clean.tensors)
+    assert resumed.tensors == clean.tensors
+    # every tensor: the two types around 4.5 bpw measured, the others interpolated, and said so
+    ts = clean.tensors[TENSOR]
+    measured = sorted((QuantType[k.split(".", 1)[1]] for k in ts.stats if k.startswith("kld.")), key=bits_per_weight)
+    assert len(measured) == 2 and bits_per_weight(measured[0]) <= 4.5 < bits_per_weight(measured[1])
+    assert all(ts.errors[t] == ts.stats[f"kld.{t.name}"] for t in measured)
+    assert ts.errors[QuantType.Q2_K] > ts.errors[QuantType.Q6_K]
+    assert clean.settings["units"] == "kld" and clean.settings["oracle"]["interpolated"] > 0
