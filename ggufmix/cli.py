@@ -274,7 +274,7 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
     if fit is not None:
         report = fit_report(Path(scores.source["path"]), None, _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full))
         click.echo("\n".join(report.lines()))
-        target = Budget(max(report.weights_bytes, 1), "b")
+        target = Budget(max(report.weights_bytes, 1), "b", at_most=True)
     else:
         target = parse_budget(budget)
     pins_ = [parse_pin(x) for x in pins]

@@ -121,3 +121,17 @@ def test_palette_ollama_by_architecture(tiny_model: Path, tmp_path: Path) -> Non
     res = CliRunner().invoke(cli, ["plan", str(scores), "--budget", "5bpw", "-o", str(tmp_path / "x.json"),
                                    "--palette", "ollama", "--types", "IQ4_XS,IQ3_S"])
     assert res.exit_code != 0 and "none of them is in --palette ollama" in str(res.exception or res.output)
+
+
+def test_fit_on_a_device_bigger_than_the_model_gives_its_largest_file(tiny_model: Path, tmp_path: Path) -> None:
+    """--fit is a ceiling: a 16 GB Mac and a 3 MB model give the best file the palette makes, not an error,
+    while the same size as --budget (a target) is still refused with the feasible range."""
+    scores = tmp_path / "s.json"
+    r = CliRunner()
+    assert r.invoke(cli, ["-q", "score", str(tiny_model), "-o", str(scores), "--rows", "16"]).exit_code == 0
+    res = r.invoke(cli, ["plan", str(scores), "--fit", "mac-16gb", "--ctx", "256", "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert {t["type"] for t in plan["tensors"]} == {"Q8_0", "F32"}, plan["totals"]  # the palette's largest, norms F32
+    res = r.invoke(cli, ["plan", str(scores), "--budget", "16GB", "-o", str(tmp_path / "q.json")])
+    assert res.exit_code != 0 and "not achievable" in str(res.exception)

@@ -13,10 +13,12 @@ _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)\s*$", re
 @dataclass(frozen=True)
 class Budget:
     """``bpw``: all tensor bytes x 8 / all elements (llama.cpp); ``rule``: no size, the strategy's own
-    decision rule (EWQ's tiers); otherwise bytes of all tensor data."""
+    decision rule (EWQ's tiers); otherwise bytes of all tensor data. ``at_most``: a ceiling (a device's memory,
+    ``--fit``) rather than a target: a model whose largest file is smaller gets its largest file."""
 
     value: float
     unit: str
+    at_most: bool = False
 
     def __post_init__(self) -> None:
         if self.value <= 0 or self.unit not in {"bpw", "rule", *_UNITS}:

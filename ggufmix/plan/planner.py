@@ -130,6 +130,8 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     fixed = scores.layout.fixed_bytes
     target = budget.to_bytes(total_elements)
     lo, hi = feasible_range(items)
+    if budget.at_most:
+        target = min(target, hi + fixed)
     if not lo + fixed <= target <= hi + fixed:
         raise BudgetError(_range_message(budget, target, lo + fixed, hi + fixed, total_elements))
     sol = solve(items, target - fixed)

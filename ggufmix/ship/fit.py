@@ -91,7 +91,7 @@ def build_to_fit(source: Path, out: Path, meta: dict[str, Any], fit: FitSettings
             raise BudgetError(f"{fit.device.name}: {fit.device.usable_bytes / 2**20:.1f} MiB leave nothing for "
                               f"the weights at n_ctx {fit.n_ctx} (KV {report.kv_bytes / 2**20:.1f} MiB, compute "
                               f"{report.compute_bytes / 2**20:.1f} MiB); lower --ctx or --ubatch")
-        res = plan_and_realize(measured, out, Budget(report.weights_bytes, "b"), progress=progress, **realize_kw)
+        res = plan_and_realize(measured, out, Budget(report.weights_bytes, "b", at_most=True), progress=progress, **realize_kw)
         total = measure_buffers(out, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv,
                                 swa_full=fit.swa_full).total
         over = total - fit.device.usable_bytes
