@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 
@@ -111,6 +111,30 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     if gains is None:
         gains = load_gains(scores.settings.get("imatrix") is not None) if scores.calibrated else {}
     slots = [s for s in scores.layout.slots if s.quantized]
+    weight = _weighting(scores, slots, gains)
+    options = {s.name: _options(s, scores, types, pins, weight(s)) for s in slots}
+    _check_pins_used(pins, options)
+    groups = _groups([s.name for s in slots], ties)
+    items = [_merge(key, [options[n] for n in names]) for key, names in groups.items()]
+    total_elements = scores.layout.total_elements
+    fixed = scores.layout.fixed_bytes
+    target = _target(budget, total_elements, fixed, feasible_range(items))
+    sol = solve(items, target - fixed)
+    chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
+    end_to_end = scores.settings.get("units") == "kld"
+    settings = {"types": None if types is None else [t.name for t in types],
+                "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains,
+                "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements"}
+    plan = _assemble(scores, str(budget), target, chosen, options, settings)
+    slack = bpw(target - plan.total_bytes, total_elements)
+    if slack > TOLERANCE_BPW:
+        logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
+                       slack, TOLERANCE_BPW)
+    return plan
+
+
+def _weighting(scores: Scores, slots: Sequence[Slot], gains: dict[str, float]) -> Callable[[Slot], float]:
+    """Each tensor's weight in the objective (see :func:`make_plan`)."""
     n_layers = scores.layout.n_layers
     quantized_elements = sum(s.n_elements for s in slots)
     end_to_end = scores.settings.get("units") == "kld"  # the oracle's KLDs are the objective itself
@@ -121,30 +145,22 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         if gains:
             return lookup_gain(gains, gain_key(s, n_layers, scores.layout.tied_embeddings))
         return s.n_elements / quantized_elements
+    return weight
 
-    options = {s.name: _options(s, scores, types, pins, weight(s)) for s in slots}
-    _check_pins_used(pins, options)
-    groups = _groups([s.name for s in slots], ties)
-    items = [_merge(key, [options[n] for n in names]) for key, names in groups.items()]
-    total_elements = scores.layout.total_elements
-    fixed = scores.layout.fixed_bytes
+
+def _target(budget: Budget, total_elements: int, fixed: int, feasible: tuple[int, int]) -> int:
+    """The budget in bytes of all tensor data; a ceiling (``at_most``) above the largest file is that file.
+
+    Raises:
+        BudgetError: outside the feasible range (the message gives it).
+    """
+    lo, hi = (fixed + b for b in feasible)
     target = budget.to_bytes(total_elements)
-    lo, hi = feasible_range(items)
     if budget.at_most:
-        target = min(target, hi + fixed)
-    if not lo + fixed <= target <= hi + fixed:
-        raise BudgetError(_range_message(budget, target, lo + fixed, hi + fixed, total_elements))
-    sol = solve(items, target - fixed)
-    chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
-    settings = {"types": None if types is None else [t.name for t in types],
-                "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains,
-                "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements"}
-    plan = _assemble(scores, str(budget), target, chosen, options, settings)
-    slack = bpw(target - plan.total_bytes, total_elements)
-    if slack > TOLERANCE_BPW:
-        logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
-                       slack, TOLERANCE_BPW)
-    return plan
+        target = min(target, hi)
+    if not lo <= target <= hi:
+        raise BudgetError(_range_message(budget, target, lo, hi, total_elements))
+    return target
 
 
 def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
