@@ -76,12 +76,13 @@ def layers(plan_path: Path, path: Path) -> None:
     roles, types, kind, cost = _type_grid([t for t in entries if t["layer"] is not None])
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 1.0, max(len(types), 2)))[: len(types)]
     n_layers = kind.shape[0]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2.5 + 1.5 * len(roles), 2.2 + 0.22 * n_layers), sharey=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2 + 1.1 * len(roles), 1.8 + 0.17 * n_layers), sharey=True,
+                                 layout="constrained")
     a1.imshow(kind, aspect="auto", cmap=ListedColormap(colours), norm=BoundaryNorm(np.arange(len(types) + 1) - 0.5,
                                                                                   max(len(types), 1)))
     for (i, j), k in np.ndenumerate(kind):
         if not np.isnan(k):
-            a1.text(j, i, types[int(k)], ha="center", va="center", fontsize=5.5,
+            a1.text(j, i, types[int(k)], ha="center", va="center", fontsize=5,
                     color="white" if k < (len(types) - 1) / 2 else "black")
     im2 = a2.imshow(cost, aspect="auto", cmap="magma")
     for ax, title in ((a1, "type (colour by bits per weight)"), (a2, "log10 solver cost (gain x error) at that type")):
@@ -90,7 +91,7 @@ def layers(plan_path: Path, path: Path) -> None:
     a1.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
     a1.set_ylabel("block")
     fig.legend(handles=[Patch(color=c, label=f"{n} ({bits_per_weight(parse_type(n)):.2f} bpw)")
-                        for n, c in zip(types, colours)], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.04),
+                        for n, c in zip(types, colours)], fontsize=7, loc="outside lower center",
                ncol=min(len(types), 6), frameon=False)
     fig.colorbar(im2, ax=a2, fraction=0.04)
     others = ", ".join(f"{t['name']} {t['type']}" for t in entries if t["layer"] is None)
