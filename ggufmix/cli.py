@@ -25,7 +25,7 @@ from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.realize.build import check_output, versions
 from ggufmix.realize.overrides import recipe as tensor_type_file
 from ggufmix.score.base import scorers
-from ggufmix.score.cluster import import_ray
+from ggufmix.score.cluster import check_ray
 from ggufmix.score.oracle import parse_oracle
 from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.scores import Scores
@@ -62,7 +62,7 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
     if scorers()[strategy].activations and calib is None:
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
     if ray is not None:
-        import_ray()  # a missing extra fails now, not after the conversion
+        check_ray(ray)  # a missing extra or an unreachable cluster fails now, not after the conversion
     return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray,
                         oracle=parse_oracle(oracle) if oracle else None)
 

@@ -248,3 +248,13 @@ def test_lost_driver_resumes_from_its_journal(cluster: tuple[str, list[subproces
 
 def _journal_lines(folder: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in folder.glob("*.jsonl")) if folder.is_dir() else 0
+
+
+def test_unreachable_cluster_is_one_line_at_once(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    port = _free_port()  # nothing listens there
+    res = _ggufmix(tmp_path, "score", str(tiny_model), "-o", str(tmp_path / "s.json"), "--ray", f"127.0.0.1:{port}",
+                   check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"ggufmix: error: --ray 127.0.0.1:{port}: no Ray cluster answers there "
+                                               "(Connection refused); start one with `ray start --head`"]

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import resource
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,18 @@ def import_ray() -> Any:
     except ImportError:
         raise MissingDependencyError("--ray needs Ray: pip install 'ggufmix[cluster]'") from None
     return ray
+
+
+def check_ray(address: str) -> None:
+    """Fail now, before any work, when ``--ray address`` cannot work: Ray missing, or no cluster at the address.
+
+    Raises:
+        MissingDependencyError: ray is not installed.
+        UsageError: a malformed address, or nothing answers there.
+    """
+    import_ray()
+    if address not in (LOCAL, "auto"):
+        _check_reachable(address)
 
 
 @dataclass
@@ -127,6 +140,8 @@ def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
     env = {"py_modules": [str(Path(__file__).resolve().parents[1])]}
     kw: dict[str, Any] = {"runtime_env": env, "include_dashboard": False, "log_to_driver": False,
                           "logging_level": logging.WARNING}
+    if address not in (LOCAL, "auto"):
+        _check_reachable(address)
     try:
         if address == LOCAL:
             ray.init(num_cpus=num_cpus, **kw)
@@ -136,6 +151,22 @@ def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
         raise UsageError(f"--ray {address}: no Ray cluster there ({e}); start one with `ray start --head`") from None
     logger.info("ray: %s", ray.cluster_resources())
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A TCP connection to the head's GCS port (``ray.init`` would retry an unreachable one for minutes).
+
+    Raises:
+        UsageError: not HOST:PORT, or nothing answers there.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray {address}: expected auto, HOST:PORT, or no value (a local cluster)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); "
+                         "start one with `ray start --head`") from None
 
 
 def score_tensor(task: TensorTask, expect: tuple[str, str],
