@@ -146,7 +146,7 @@ def oracle_measurements(src: GGUFSource, layout: Any, opts: ScoreOptions, imatri
     n = sum(len(v) for v in got.values())
     total = sum(len(s.candidates) for s in layout.slots if s.quantized)
     note = "" if opts.widths else f"no budget given: measured the types around {', '.join(map(str, settings.widths))} bpw"
-    return got, {"units": "kld", "oracle": {"widths": list(settings.widths), "chunks": settings.chunks,
+    return got, {"units": "kld", "calib": {"text": str(opts.calib), "chunks": settings.chunks}, "oracle": {"widths": list(settings.widths), "chunks": settings.chunks,
                                             "ctx": settings.ctx, "start": settings.start,
                                             "max_types": settings.max_types,
                                             "measured": n, "interpolated": total - n,
