@@ -98,12 +98,16 @@ class RayRunner:
         prices = ray.put(known_noise())
         window = max(1, TASKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
         pending: dict[Any, str] = {}  # task -> its tensor's name
-        for task in tasks:
-            pending[remote.remote(task, expect, prices)] = task.slot.name
-            if len(pending) >= window:
+        try:
+            for task in tasks:
+                pending[remote.remote(task, expect, prices)] = task.slot.name
+                if len(pending) >= window:
+                    yield self._collect(ray, pending, remember_noise)
+            while pending:
                 yield self._collect(ray, pending, remember_noise)
-        while pending:
-            yield self._collect(ray, pending, remember_noise)
+        except BaseException:
+            _settle(ray, list(pending))
+            raise
 
     def _collect(self, ray: Any, pending: dict[Any, str], remember: Any) -> tuple[str, TensorScores]:
         """Wait for any one pending task; take its type prices and its worker's peak RSS; return its scores.
@@ -127,6 +131,14 @@ class RayRunner:
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
         self.cpu_seconds[pid] = max(self.cpu_seconds.get(pid, 0.0), cpu)
         return name, scores
+
+
+def _settle(ray: Any, refs: list[Any], timeout: float = 10.0) -> None:
+    """Cancel the tasks still in flight and wait for them to stop before the driver leaves: a task that ends after
+    ``ray.shutdown`` makes Ray's core worker print its own error line beside ggufmix's one-line error."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 
 def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
