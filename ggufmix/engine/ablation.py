@@ -8,8 +8,6 @@ were not there. One model load, one forward pass per block and chunk.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -33,14 +31,6 @@ from ggufmix.errors import EngineError, GgufmixError
 from ggufmix.numerics import log_softmax, target_nll
 
 logger = logging.getLogger(__name__)
-
-
-@functools.cache
-def _lib() -> ctypes.CDLL:
-    lib = _ggml()
-    lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_set.restype = None
-    return lib
 
 
 class _Identity:
@@ -74,7 +64,7 @@ class _Identity:
             return False
 
     def _swap(self, addr: int, block: int | None) -> None:
-        lib = _lib()
+        lib = _ggml()
         n = lib.ggml_nbytes(addr)
         if block == self.target - 1:
             self._input = np.empty(n, np.uint8)

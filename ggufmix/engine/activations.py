@@ -321,10 +321,11 @@ def _check_finite(name: str, acc: np.ndarray) -> None:
 
 @functools.cache
 def _ggml() -> ctypes.CDLL:
-    """libggml-base (shared with ``kernels``) plus what the callback needs; checks the op ids we mirror."""
+    """libggml-base (shared with ``kernels``) plus what the callback and the in-place weight swaps need; checks the op ids we mirror."""
     lib = kernels.ggml()
     c = ctypes
     for fname, args, res in (("ggml_backend_tensor_get", [c.c_void_p, c.c_void_p, c.c_size_t, c.c_size_t], None),
+                             ("ggml_backend_tensor_set", [c.c_void_p, c.c_void_p, c.c_size_t, c.c_size_t], None),
                              ("ggml_nbytes", [c.c_void_p], c.c_size_t),
                              ("ggml_op_name", [c.c_int], c.c_char_p),
                              ("ggml_type_name", [c.c_int], c.c_char_p)):

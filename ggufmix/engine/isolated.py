@@ -18,7 +18,9 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ggufmix.errors import EngineError
 
@@ -122,9 +124,15 @@ def _smoke(path: Path, label: str) -> dict[str, object]:
 def main(argv: list[str]) -> int:
     """Child entry point: ``TASK PATH LABEL``; one JSON line on stdout."""
     task, path, label = argv
+    return reply(lambda: {"vocab": _vocab, "smoke": _smoke}[task](Path(path), label), EngineError)
+
+
+def reply(compute: Callable[[], dict[str, Any]], refusal: type[Exception]) -> int:
+    """A child's answer to ``run_child``: ``compute()``'s document, or ``{"error": ...}`` when llama.cpp refused
+    (``refusal``), as one JSON line on stdout."""
     try:
-        doc = {"vocab": _vocab, "smoke": _smoke}[task](Path(path), label)
-    except EngineError as e:
+        doc = compute()
+    except refusal as e:
         doc = {"error": str(e)}
     sys.stdout.write(json.dumps(doc) + "\n")
     sys.stdout.flush()

@@ -16,8 +16,6 @@ activations on the dequantized weight. tests/test_oracle.py bounds that differen
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 from collections.abc import Collection, Iterator
@@ -40,14 +38,6 @@ from ggufmix.types import QuantType
 logger = logging.getLogger(__name__)
 
 _FLOAT = {0: QuantType.F32, 1: QuantType.F16, 30: QuantType.BF16}  # ggml type ids of the float sources
-
-
-@functools.cache
-def _lib() -> ctypes.CDLL:
-    lib = _ggml()
-    lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_set.restype = None
-    return lib
 
 
 @dataclass(frozen=True)
@@ -92,7 +82,7 @@ class _Finder:
             raise InputError(f"{name!r} is ggml type {s.type} in llama.cpp; the oracle needs an F32/F16/BF16 source")
         ncols = int(s.ne[0])
         nrows = int(s.ne[1] * s.ne[2] * s.ne[3])
-        self.found[name] = WeightRef(addr, qtype, nrows, ncols, int(_lib().ggml_nbytes(addr)))
+        self.found[name] = WeightRef(addr, qtype, nrows, ncols, int(_ggml().ggml_nbytes(addr)))
 
 
 def to_float32(raw: np.ndarray, qtype: QuantType) -> np.ndarray:
@@ -217,7 +207,7 @@ class SwapModel:
         """The weight's current values as float32 (nrows, ncols)."""
         ref = self.refs[name]
         raw = np.empty(ref.nbytes, np.uint8)
-        _lib().ggml_backend_tensor_get(ref.addr, raw.ctypes.data, 0, ref.nbytes)
+        _ggml().ggml_backend_tensor_get(ref.addr, raw.ctypes.data, 0, ref.nbytes)
         return to_float32(raw, ref.qtype).reshape(ref.nrows, ref.ncols)
 
     def write(self, name: str, values: np.ndarray) -> None:
@@ -226,19 +216,19 @@ class SwapModel:
         ref = self.refs[name]
         if name not in self._saved:
             raw = np.empty(ref.nbytes, np.uint8)
-            _lib().ggml_backend_tensor_get(ref.addr, raw.ctypes.data, 0, ref.nbytes)
+            _ggml().ggml_backend_tensor_get(ref.addr, raw.ctypes.data, 0, ref.nbytes)
             self._saved[name] = raw
         data = from_float32(values, ref.qtype)
         if data.size != ref.nbytes:
             raise EngineError(f"{name!r}: {data.size} bytes for a {ref.nbytes}-byte weight")
-        _lib().ggml_backend_tensor_set(ref.addr, data.ctypes.data, 0, ref.nbytes)
+        _ggml().ggml_backend_tensor_set(ref.addr, data.ctypes.data, 0, ref.nbytes)
 
     def restore(self, name: str | None = None) -> None:
         """Put back the original data of ``name`` (every swapped weight when None)."""
         for n in [name] if name is not None else list(self._saved):
             raw = self._saved.pop(n, None)
             if raw is not None:
-                _lib().ggml_backend_tensor_set(self.refs[n].addr, raw.ctypes.data, 0, raw.size)
+                _ggml().ggml_backend_tensor_set(self.refs[n].addr, raw.ctypes.data, 0, raw.size)
 
     def original(self, name: str) -> np.ndarray:
         """The weight's source values (float32), whether or not it is swapped now."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from ggufmix.engine.backends import Device
 from ggufmix.engine.buffers import parse_buffers
-from ggufmix.engine.isolated import run_child
+from ggufmix.engine.isolated import reply, run_child
 from ggufmix.engine.llamalib import _LISTENERS, last_error, llama
 from ggufmix.errors import EngineError, GgufmixError
 
@@ -205,13 +205,7 @@ def _run(spec: RunSpec) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """Child entry point: ``SPEC.json``; one JSON line on stdout (``{"error": ...}`` when llama.cpp refused)."""
     spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
-    try:
-        doc = _run(spec)
-    except GgufmixError as e:
-        doc = {"error": str(e)}
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
-    return 0
+    return reply(lambda: _run(spec), GgufmixError)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ggufmix.engine.llamalib import version
 from ggufmix.engine.logits import ChunkPlan, plan_chunks
 from ggufmix.engine.oracle import SwapModel, check_memory
 from ggufmix.errors import UsageError
-from ggufmix.evaluate.basecache import TopKRows, compress_topk, token_stats_topk
+from ggufmix.evaluate.basecache import compress_topk, token_stats_topk
 from ggufmix.imatrix import Imatrix
 from ggufmix.io.text import text_sha256
 from ggufmix.layout.slots import Layout, Slot
