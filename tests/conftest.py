@@ -22,3 +22,22 @@ def odd_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 320 (not a multiple of 256, like SmolLM2's 576): only 32/64-block types fit most tensors."""
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "odd.f16.gguf", n_layer=2, n_embd=320,
                             n_ff=512, n_head=4, n_head_kv=2, n_vocab=512, seed=2, tied=True)
+
+
+@pytest.fixture(scope="session")
+def converter():  # noqa: ANN201 - ggufmix.io.llamacpp_src.Converter, imported here: the HF tests need it only
+    """The real converter for the installed llama-cpp-python (downloaded on the first run only)."""
+    from ggufmix.io.llamacpp_src import locate_converter
+
+    return locate_converter()
+
+
+@pytest.fixture
+def converter_cache(tmp_path: Path, converter, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: ANN001
+    """A fresh GGUFMIX_CACHE that already holds the converter, as it would after first use."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    if not converter.version.startswith("checkout:"):
+        (root / converter.root.name).symlink_to(converter.root)
+    monkeypatch.setenv("GGUFMIX_CACHE", str(root))
+    return root

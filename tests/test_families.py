@@ -15,7 +15,6 @@ for _mod in ("torch", "transformers", "sentencepiece"):  # the converter's own d
     pytest.importorskip(_mod)
 
 from ggufmix.cli import cli  # noqa: E402
-from ggufmix.io.llamacpp_src import Converter, locate_converter  # noqa: E402
 from tinyhf import write_tiny_hf  # noqa: E402
 
 # family -> (GGUF architecture llama.cpp's converter writes, validate's mode)
@@ -36,24 +35,11 @@ IN_CI = {"llama", "gemma3", "xlm_roberta"}
 TYPES = "Q5_0,Q5_1,Q3_K,IQ4_NL,Q2_K"
 
 
-@pytest.fixture(scope="session")
-def converter() -> Converter:
-    return locate_converter()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, converter: Converter, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    root.mkdir()
-    if not converter.version.startswith("checkout:"):
-        (root / converter.root.name).symlink_to(converter.root)
-    monkeypatch.setenv("GGUFMIX_CACHE", str(root))
-    return root
 
 
 @pytest.mark.parametrize("family,expect", [pytest.param(f, v, id=f, marks=() if f in IN_CI else pytest.mark.slow)
                                            for f, v in FAMILY_ARCH.items()])
-def test_family_converts_builds_and_validates(family: str, expect: tuple[str, str], cache: Path, tmp_path: Path) -> None:
+def test_family_converts_builds_and_validates(family: str, expect: tuple[str, str], converter_cache: Path, tmp_path: Path) -> None:
     arch, mode = expect
     folder = write_tiny_hf(tmp_path / family, family, seed=3)
     out = tmp_path / f"{family}.gguf"

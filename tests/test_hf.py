@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from ggufmix.cli import cli
 from ggufmix.errors import GgufmixError
 from ggufmix.io import hf, llamacpp_src
-from ggufmix.io.llamacpp_src import Converter, locate_converter
+from ggufmix.io.llamacpp_src import locate_converter
 
 for _mod in ("torch", "transformers", "sentencepiece"):  # the converter's own dependencies (extra "hf")
     pytest.importorskip(_mod)
@@ -31,21 +31,6 @@ from tinyhf import FAMILIES, write_tiny_hf  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def converter() -> Converter:
-    """The real converter for the installed llama-cpp-python (downloaded on the first run only)."""
-    return locate_converter()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, converter: Converter, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh GGUFMIX_CACHE that already holds the converter, as it would after first use."""
-    root = tmp_path / "cache"
-    root.mkdir()
-    if not converter.version.startswith("checkout:"):
-        (root / converter.root.name).symlink_to(converter.root)
-    monkeypatch.setenv("GGUFMIX_CACHE", str(root))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +45,7 @@ def _build(model: str | Path, out: Path, *extra: str) -> object:
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("gemma3", "gemma3")])
-def test_build_from_folder(family: str, arch: str, hf_models: dict[str, Path], cache: Path, tmp_path: Path) -> None:
+def test_build_from_folder(family: str, arch: str, hf_models: dict[str, Path], converter_cache: Path, tmp_path: Path) -> None:
     """A folder converts (bf16: the checkpoint is bfloat16), builds to budget, and llama.cpp generates from it."""
     out = tmp_path / "out.gguf"
     res = _build(hf_models[family], out)
@@ -68,13 +53,13 @@ def test_build_from_folder(family: str, arch: str, hf_models: dict[str, Path], c
     assert "smoke test:" in res.output and "tensors verified" in res.output
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == arch
-    converted = list((cache / "converted").glob("*.gguf"))
+    converted = list((converter_cache / "converted").glob("*.gguf"))
     assert len(converted) == 1 and "-bf16-" in converted[0].name
     types = {t.tensor_type for t in gguf.GGUFReader(converted[0]).tensors if len(t.shape) > 1}
     assert types == {gguf.GGMLQuantizationType.BF16}
 
 
-def test_second_build_reuses_conversion(hf_models: dict[str, Path], cache: Path, tmp_path: Path,
+def test_second_build_reuses_conversion(hf_models: dict[str, Path], converter_cache: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = hf.run_converter
@@ -84,10 +69,10 @@ def test_second_build_reuses_conversion(hf_models: dict[str, Path], cache: Path,
     assert len(calls) == 1
     assert _build(hf_models["llama"], tmp_path / "c.gguf", "--no-smoke", "--outtype", "f16").exit_code == 0
     assert len(calls) == 2  # another outtype is another conversion
-    assert sorted(p.name.split("-")[1] for p in (cache / "converted").glob("*.gguf")) == ["bf16", "f16"]
+    assert sorted(p.name.split("-")[1] for p in (converter_cache / "converted").glob("*.gguf")) == ["bf16", "f16"]
 
 
-def test_sharded_checkpoint_converts_like_one_file(cache: Path, tmp_path: Path) -> None:
+def test_sharded_checkpoint_converts_like_one_file(converter_cache: Path, tmp_path: Path) -> None:
     one = write_tiny_hf(tmp_path / "one", "qwen2", seed=5)
     three = write_tiny_hf(tmp_path / "three", "qwen2", seed=5, shards=3)
     assert (three / "model.safetensors.index.json").is_file() and len(list(three.glob("*.safetensors"))) == 3
@@ -106,7 +91,7 @@ def _one_line_error(args: list[str], code: int, *needles: str) -> str:
     return msg
 
 
-def test_pickle_only_folder_is_refused(cache: Path, tmp_path: Path) -> None:
+def test_pickle_only_folder_is_refused(converter_cache: Path, tmp_path: Path) -> None:
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
@@ -114,10 +99,10 @@ def test_pickle_only_folder_is_refused(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.gguf"
     _one_line_error(["-q", "build", str(folder), "-o", str(out), "--budget", "4bpw"], 2,
                     str(folder), "pickle", "safetensors")
-    assert not out.exists() and not (cache / "converted").exists()
+    assert not out.exists() and not (converter_cache / "converted").exists()
 
 
-def test_pickles_beside_safetensors_are_hidden_from_the_converter(cache: Path, tmp_path: Path) -> None:
+def test_pickles_beside_safetensors_are_hidden_from_the_converter(converter_cache: Path, tmp_path: Path) -> None:
     """A fine-tune's training_args.bin is common; the converter gets a view without it (and converts)."""
     folder = write_tiny_hf(tmp_path / "finetune", "llama", seed=4)
     (folder / "training_args.bin").write_bytes(b"\x80\x04not really a pickle")
@@ -132,7 +117,7 @@ def test_pickles_beside_safetensors_are_hidden_from_the_converter(cache: Path, t
     assert gguf.GGUFReader(res.output.split()[-1]).fields["general.name"].contents().lower() == "finetune"
 
 
-def test_missing_shard_and_missing_config(hf_models: dict[str, Path], cache: Path, tmp_path: Path) -> None:
+def test_missing_shard_and_missing_config(hf_models: dict[str, Path], converter_cache: Path, tmp_path: Path) -> None:
     folder = write_tiny_hf(tmp_path / "sharded", "llama", shards=2)
     (folder / "model-00002-of-00002.safetensors").unlink()
     _one_line_error(["-q", "convert", str(folder)], 2, "model-00002-of-00002.safetensors", "index")
@@ -142,10 +127,10 @@ def test_missing_shard_and_missing_config(hf_models: dict[str, Path], cache: Pat
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
     _one_line_error(["-q", "convert", str(cut)], 2, str(cut / "model.safetensors"), "truncated")
-    assert not (cache / "converted").exists()
+    assert not (converter_cache / "converted").exists()
 
 
-def test_custom_code_is_refused(cache: Path, tmp_path: Path) -> None:
+def test_custom_code_is_refused(converter_cache: Path, tmp_path: Path) -> None:
     folder = write_tiny_hf(tmp_path / "custom", "llama")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "modeling_x.XConfig"}}))
@@ -172,12 +157,12 @@ def _ggufmix(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
                           env={**os.environ, **env})
 
 
-def test_hub_id_from_offline_cache(cache: Path, tmp_path: Path) -> None:
+def test_hub_id_from_offline_cache(converter_cache: Path, tmp_path: Path) -> None:
     """The real huggingface_hub resolves owner/name and --revision from HF_HOME with HF_HUB_OFFLINE=1."""
     hub = tmp_path / "hf_home" / "hub"
     _hub_snapshot(hub, "tiny-org/tiny-llama", "main", "a" * 40, write_tiny_hf(tmp_path / "m", "llama", seed=1))
     _hub_snapshot(hub, "tiny-org/tiny-llama", "v2", "b" * 40, write_tiny_hf(tmp_path / "v2", "llama", seed=2))
-    env = {"HF_HOME": str(hub.parent), "HF_HUB_OFFLINE": "1", "GGUFMIX_CACHE": str(cache)}
+    env = {"HF_HOME": str(hub.parent), "HF_HUB_OFFLINE": "1", "GGUFMIX_CACHE": str(converter_cache)}
     main = _ggufmix("-q", "convert", "tiny-org/tiny-llama", env=env)
     v2 = _ggufmix("-q", "convert", "tiny-org/tiny-llama", "--revision", "v2", env=env)
     assert main.returncode == 0 and v2.returncode == 0, main.stderr + v2.stderr
@@ -195,7 +180,7 @@ def test_hub_id_from_offline_cache(cache: Path, tmp_path: Path) -> None:
     assert "tiny-org/not-there" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_missing_converter_dependency_is_one_line(hf_models: dict[str, Path], cache: Path, tmp_path: Path,
+def test_missing_converter_dependency_is_one_line(hf_models: dict[str, Path], converter_cache: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The real converter, in a Python where sentencepiece cannot be imported, names what to install."""
     site = tmp_path / "site"
@@ -210,17 +195,17 @@ def test_missing_converter_dependency_is_one_line(hf_models: dict[str, Path], ca
     monkeypatch.setenv("PYTHONPATH", str(site))
     msg = _one_line_error(["-q", "convert", str(hf_models["llama"])], 6, "sentencepiece", "pip install 'ggufmix[hf]'")
     assert str(hf_models["llama"]) in msg
-    assert not list((cache / "converted").iterdir())  # no half-written conversion
+    assert not list((converter_cache / "converted").iterdir())  # no half-written conversion
 
 
-def test_missing_torch_is_caught_before_running(hf_models: dict[str, Path], cache: Path,
+def test_missing_torch_is_caught_before_running(hf_models: dict[str, Path], converter_cache: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     real = llamacpp_src.importlib.util.find_spec
     monkeypatch.setattr(llamacpp_src.importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
     _one_line_error(["-q", "convert", str(hf_models["qwen2"])], 6, "torch", "pip install 'ggufmix[hf]'")
 
 
-def test_converter_failure_is_one_line(hf_models: dict[str, Path], cache: Path, tmp_path: Path) -> None:
+def test_converter_failure_is_one_line(hf_models: dict[str, Path], converter_cache: Path, tmp_path: Path) -> None:
     fake = tmp_path / "llama.cpp"
     fake.mkdir()
     (fake / "convert_hf_to_gguf.py").write_text(
@@ -229,7 +214,7 @@ def test_converter_failure_is_one_line(hf_models: dict[str, Path], cache: Path, 
     msg = _one_line_error(["-q", "convert", str(hf_models["llama"]), "--llama-cpp-dir", str(fake)], 4,
                           "FancyForCausalLM is not supported", "exit 1")
     assert str(hf_models["llama"]) in msg
-    assert not [p for p in (cache / "converted").iterdir()]
+    assert not [p for p in (converter_cache / "converted").iterdir()]
     _one_line_error(["-q", "convert", str(hf_models["llama"]), "--llama-cpp-dir", str(tmp_path)], 2,
                     "convert_hf_to_gguf.py", "--llama-cpp-dir")
 

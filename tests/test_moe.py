@@ -38,21 +38,9 @@ def gpt2_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / VOCAB
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from ggufmix.io.llamacpp_src import locate_converter
-
-    conv = locate_converter()
-    root = tmp_path / "cache"
-    root.mkdir()
-    if not conv.version.startswith("checkout:"):
-        (root / conv.root.name).symlink_to(conv.root)
-    monkeypatch.setenv("GGUFMIX_CACHE", str(root))
-    return root
-
 
 @pytest.mark.parametrize("family,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("deepseek_v2", "deepseek2")])
-def test_moe_folder_builds_and_generates(family: str, arch: str, gpt2_vocab: Path, cache: Path,
+def test_moe_folder_builds_and_generates(family: str, arch: str, gpt2_vocab: Path, converter_cache: Path,
                                          tmp_path: Path) -> None:
     from tinyhf import write_tiny_hf
 
