@@ -32,7 +32,7 @@ from ggufmix.scores import Scores
 from ggufmix.ship import deliver as ship
 from ggufmix.ship.devices import resolve_fit
 from ggufmix.ship.fit import FitSettings, fit_report
-from ggufmix.ship.palettes import check_within, named_palette
+from ggufmix.ship.palettes import palette_types
 from ggufmix.ship.validate import failure, validate_file
 from ggufmix.ship.validate import format_table as validate_table
 from ggufmix.types import parse_type
@@ -68,19 +68,14 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
 
 
 def _palette(types: str | None, palette: str | None, arch: str, pins=(), fit: str | None = None):  # noqa: ANN001, ANN202
-    """--types and --palette NAME (for the model's architecture; a --fit device's own palette when not given) as the
-    planner's types; None = its default. Pins and --types outside the palette are refused."""
+    """--types and --palette NAME (a --fit device's own palette when not given) as the planner's types."""
     chosen = None if not types else tuple(parse_type(t) for t in types.split(",") if t.strip())
     if palette is None and fit is not None:
         palette = resolve_fit(fit).palette
-    if palette is None:
-        return chosen
-    allowed, why = named_palette(palette, arch)
-    click.echo(f"palette {palette}: {why}")
-    if chosen is not None and not any(t in allowed for t in chosen):
-        raise UsageError(f"--types {types}: none of them is in --palette {palette} ({why})")
-    check_within(palette, allowed, why, types=chosen, pins=pins)
-    return chosen or allowed
+    planned, why = palette_types(chosen, palette, arch, pins)
+    if why:
+        click.echo(f"palette {palette}: {why}")
+    return planned
 
 
 _score_options = [

@@ -60,6 +60,23 @@ def check_within(palette: str, allowed: Sequence[QuantType], why: str, *, types:
         raise UsageError(f"{', '.join(outside)}: not in --palette {palette} ({why})")
 
 
+def palette_types(chosen: Sequence[QuantType] | None, palette: str | None, arch: str,
+                  pins: Sequence[Any] = ()) -> tuple[Sequence[QuantType] | None, str]:
+    """The planner's types for ``--types`` (``chosen``) within ``--palette`` for architecture ``arch``, and the
+    palette's reason ("" without one); None = the planner's default types.
+
+    Raises:
+        UsageError: the palette is unknown, or a type of ``--types`` or ``--pin`` is outside it.
+    """
+    if palette is None:
+        return chosen, ""
+    allowed, why = named_palette(palette, arch)
+    if chosen is not None and not any(t in allowed for t in chosen):
+        raise UsageError(f"--types {','.join(t.name for t in chosen)}: none of them is in --palette {palette} ({why})")
+    check_within(palette, allowed, why, types=chosen, pins=pins)
+    return chosen or allowed, why
+
+
 @functools.cache
 def _ollama() -> dict[str, Any]:
     return dict(json.loads(resources.files("ggufmix.data").joinpath("ollama.json").read_text()))
