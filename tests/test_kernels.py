@@ -5,6 +5,7 @@ import pytest
 from gguf.quants import dequantize
 
 from ggufmix.engine.kernels import dequantize_rows, quantize_rows
+from ggufmix.errors import EngineError
 from ggufmix.types import DEFAULT_TYPES, QuantType
 
 RNG = np.random.default_rng(0)
@@ -37,3 +38,35 @@ def test_imatrix_steers_the_quantizer() -> None:
     steered = dequantize_rows(quantize_rows(ROWS, QuantType.Q4_K, w), QuantType.Q4_K, 512)
     werr = lambda d: float(np.sum(w * (d - ROWS) ** 2))  # noqa: E731
     assert werr(steered) < werr(plain)
+
+
+def test_a_loader_runs_once_when_threads_race_for_it() -> None:
+    """The scorers' threads reach llama.cpp's loaders together on the first tensors; two loads at once
+    corrupted the heap now and then (test_fuzz_build's signal-6 builds). ``loaded_once`` lets one thread load
+    while the others wait for its result."""
+    import threading
+    import time
+
+    from ggufmix.engine.llamalib import loaded_once
+
+    calls: list[int] = []
+
+    @loaded_once
+    def slow_load() -> object:
+        calls.append(1)
+        time.sleep(0.05)  # plain functools.cache lets every waiting thread in during this window
+        return object()
+
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(slow_load())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(g) for g in got}) == 1
+
+
+def test_quantize_rows_refuses_rows_that_are_not_whole_blocks() -> None:
+    """ggml writes whole blocks whatever the buffer: a row narrower than the type's block must never reach it."""
+    with pytest.raises(EngineError, match="Q4_K does not fit rows of 64"):
+        quantize_rows(np.ones((64, 64), np.float32), QuantType.Q4_K)

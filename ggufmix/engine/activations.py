@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,7 @@ import numpy as np
 
 from ggufmix.engine import kernels
 from ggufmix.engine.isolated import check_loads
-from ggufmix.engine.llamalib import last_error, llama
+from ggufmix.engine.llamalib import last_error, llama, loaded_once
 from ggufmix.errors import EngineError, GgufmixError, InputError, UsageError
 from ggufmix.imatrix import Imatrix
 from ggufmix.numerics import effective_rank
@@ -319,7 +318,7 @@ def _check_finite(name: str, acc: np.ndarray) -> None:
 # llama.cpp plumbing
 
 
-@functools.cache
+@loaded_once
 def _ggml() -> ctypes.CDLL:
     """libggml-base (shared with ``kernels``) plus what the callback and the in-place weight swaps need; checks the op ids we mirror."""
     lib = kernels.ggml()

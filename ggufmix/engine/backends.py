@@ -8,11 +8,10 @@ never guessed from library names; ``ggml_backend_load_all`` runs first so dynami
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 from dataclasses import dataclass
 
-from ggufmix.engine.llamalib import lib_dir
+from ggufmix.engine.llamalib import lib_dir, loaded_once
 from ggufmix.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class Device:
                 "memory_free": self.memory_free, "memory_total": self.memory_total}
 
 
-@functools.cache
+@loaded_once
 def _ggml() -> ctypes.CDLL:
     folder = lib_dir()
     path = folder / "libggml.so"

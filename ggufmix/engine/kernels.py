@@ -6,14 +6,13 @@ included); ``dequantize_rows`` runs the type's ``to_float`` trait.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 
 import numpy as np
 
-from ggufmix.engine.llamalib import lib_dir
+from ggufmix.engine.llamalib import lib_dir, loaded_once
 from ggufmix.errors import EngineError
-from ggufmix.types import QuantType, row_bytes
+from ggufmix.types import QuantType, block_size, fits, row_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
-@functools.cache
+@loaded_once
 def ggml() -> ctypes.CDLL:
     """libggml-base with the signatures ggufmix uses."""
     path = next(iter(sorted(lib_dir().glob("libggml-base.*"))), None)
@@ -68,6 +67,8 @@ def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None
     """
     x = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, ncols = x.shape
+    if not fits(qtype, ncols):  # ggml would still write whole blocks past the buffer: heap corruption
+        raise EngineError(f"{qtype.name} does not fit rows of {ncols} (blocks of {block_size(qtype)})")
     if imatrix is None and ggml().ggml_quantize_requires_imatrix(int(qtype)):
         raise EngineError(f"{qtype.name} needs an importance matrix (ggml aborts without one)")
     out = np.empty((nrows, row_bytes(qtype, ncols)), dtype=np.uint8)

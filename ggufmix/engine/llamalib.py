@@ -6,9 +6,11 @@ import ctypes
 import functools
 import logging
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from ggufmix.errors import EngineError
 
@@ -18,9 +20,29 @@ _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=200)
 _LISTENERS: list[Callable[[str], None]] = []
 _CALLBACK: list[object] = []  # the ctypes callback must stay referenced: a collected one segfaults
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+_LOADING = threading.RLock()
+T = TypeVar("T")
 
 
-@functools.cache
+def loaded_once(load: Callable[[], T]) -> Callable[[], T]:
+    """``load`` run once per process, under one lock shared by every loader of llama.cpp's libraries.
+
+    The scorers' threads reach the loaders at the same moment on the first tensors: ``functools.cache`` alone
+    let two threads import llama_cpp, run ``llama_backend_init``, install the log callback and dlopen libggml
+    together, which corrupted the heap now and then (glibc aborts: "unaligned tcache chunk", found by
+    tests/test_fuzz_build.py, about one build in fifteen).
+    """
+    cached = functools.cache(load)
+
+    @functools.wraps(load)
+    def once() -> T:
+        with _LOADING:
+            return cached()
+
+    return once
+
+
+@loaded_once
 def llama() -> ModuleType:
     """The llama_cpp module, with llama.cpp's log sent to ``logging`` (DEBUG) instead of stderr."""
     try:
