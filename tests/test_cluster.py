@@ -1,5 +1,5 @@
 """``--ray``: every tensor scored as a Ray task on a real local cluster gives the same scores and file as one
-machine, also when a worker is killed mid-run; without Ray installed, ``--ray`` is a one-line error.
+machine, also when a worker is killed mid-run (and the KLD oracle's actors likewise); without Ray installed, ``--ray`` is a one-line error.
 
 The cluster is a real one: ``ray start --head --block --num-cpus 2`` bound to 127.0.0.1 with its own temp
 folder, in its own process group, stopped by killing that group (never ``ray stop``, which stops every Ray
@@ -160,15 +160,42 @@ def test_killed_worker_is_retried(cluster: tuple[str, list[subprocess.Popen]], t
     assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "one.json").read_bytes()
 
 
-def _busy_worker(node_pids: list[int], run: subprocess.Popen, timeout: float = 300) -> int:
-    """The pid of a Ray worker of this cluster while it runs a scoring task (its title names the task)."""
+def _busy_worker(node_pids: list[int], run: subprocess.Popen, timeout: float = 300, task: str = "score_tensor") -> int:
+    """The pid of a Ray worker of this cluster while it runs ``task`` (its title names the task)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and run.poll() is None:
         for pid in (p for n in node_pids for p in _descendants(n)):
-            if _title(pid).startswith("ray::score_tensor"):
+            if _title(pid).startswith(f"ray::{task}"):
                 return pid
         time.sleep(0.05)
-    raise AssertionError(f"no worker ran score_tensor (driver exit {run.poll()}: {run.stderr and run.stderr.read()})")
+    raise AssertionError(f"no worker ran {task} (driver exit {run.poll()}: {run.stderr and run.stderr.read()})")
+
+
+def test_kld_oracle_on_ray_equals_one_machine_with_a_worker_killed(cluster: tuple[str, list[subprocess.Popen]],
+                                                                   tmp_path: Path) -> None:
+    """``--strategy kld --ray``: one oracle actor per cluster CPU, each with the source loaded once, measures its
+    share of the (tensor, type) pairs. One actor killed while it measures is restarted (it loads the source
+    again) and its pairs run again: the scores equal one machine's to the byte."""
+    import numpy as np
+    from tinymodel import write_tiny_llama
+
+    address, nodes = cluster
+    model = write_tiny_llama(tmp_path / "kld.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex the jolly judges".split()
+    (tmp_path / "calib.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 3000)))
+    args = ["score", str(model), "--strategy", "kld", "--calib", str(tmp_path / "calib.txt"), "--calib-chunks", "1",
+            "--oracle", "chunks=1,ctx=128"]
+    _ggufmix(tmp_path, *args, "-o", str(tmp_path / "one.json"))
+    shutil.rmtree(tmp_path / "cache")  # nothing measured may be reused: the cluster measures every pair itself
+    run = subprocess.Popen([sys.executable, "-m", "ggufmix", "-q", *args, "-o", str(tmp_path / "ray.json"),
+                            "--ray", address], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    victim = _busy_worker([n.pid for n in nodes], run, task="OracleWorker.measure")
+    os.kill(victim, signal.SIGKILL)
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    assert not Path(f"/proc/{victim}").exists()
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "one.json").read_bytes()
 
 
 def test_ray_without_ray_installed_is_one_line(tiny_model: Path, tmp_path: Path) -> None:

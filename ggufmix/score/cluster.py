@@ -9,6 +9,9 @@ weights. The driver writes each result to the journal as it arrives (a lost driv
 and Ray resubmits the task of a lost worker (``max_retries``). Scores are the same to the bit as the
 single-machine run: the same rows go through the same deterministic code, only elsewhere.
 
+``--strategy kld`` sends the KLD oracle's (tensor, type) pairs instead: one :class:`OracleWorker` actor per
+cluster CPU holds the source loaded in llama.cpp and measures its share (score/oracle.measure_all).
+
 Ray is an optional extra (``pip install 'ggufmix[cluster]'``) imported only here, only when ``--ray``
 is given. The driver ships its own ggufmix to the cluster (Ray ``runtime_env`` ``py_modules``), and every
 task checks that the worker runs the same ggufmix code and llama-cpp-python as the driver, so a node with
@@ -22,7 +25,7 @@ import os
 import resource
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,57 @@ class RayRunner:
             _settle(ray, list(pending))
             raise
 
+    def measure_pairs(self, job: Any, todo: list[tuple[str, Any]]) -> Iterator[tuple[str, Any, tuple[float, float]]]:
+        """The KLD oracle's (tensor, type) pairs on the cluster: one :class:`OracleWorker` actor per cluster CPU,
+        each with the source loaded once, at most ``TASKS_PER_CPU`` pairs in flight per actor; a killed actor is
+        restarted (it loads the source again) and its pairs run again. Yields (tensor, type, measurement)."""
+        ray = import_ray()
+        started = connect(ray, self.address, self.num_cpus)
+        try:
+            yield from self._measure(ray, job, todo)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _measure(self, ray: Any, job: Any, todo: list[tuple[str, Any]]) -> Iterator[tuple[str, Any, tuple[float, float]]]:
+        actor = ray.remote(num_cpus=1, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)(OracleWorker)
+        n = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1))))
+        expect = (code_digest(), version())
+        shared = ray.put(replace(job, settings=replace(job.settings, threads=1)))  # one CPU per actor
+        actors = [actor.remote(shared, expect) for _ in range(n)]
+        queue = list(todo)
+        pending: dict[Any, tuple[int, tuple[str, Any]]] = {}  # task -> (its actor, its pair)
+        load = [0] * n
+        try:
+            while queue or pending:
+                for i in range(n):
+                    while queue and load[i] < TASKS_PER_CPU:
+                        pair = queue.pop(0)
+                        pending[actors[i].measure.remote(*pair)] = (i, pair)
+                        load[i] += 1
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                i, (name, qtype) = pending.pop(ready)
+                load[i] -= 1
+                yield name, qtype, self._result(ray, ready, f"oracle task for tensor {name!r} at {qtype.name}")
+        except BaseException:
+            _settle(ray, list(pending))
+            raise
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+    @staticmethod
+    def _result(ray: Any, ref: Any, what: str) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, GgufmixError):
+                raise e.cause from None
+            raise EngineError(f"{what} failed: {e.cause!r}") from None
+        except ray.exceptions.RayError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise EngineError(f"{what} failed: {type(e).__name__}: {msg}") from None
+
     def _collect(self, ray: Any, pending: dict[Any, str], remember: Any) -> tuple[str, TensorScores]:
         """Wait for any one pending task; take its type prices and its worker's peak RSS; return its scores.
 
@@ -118,15 +172,7 @@ class RayRunner:
         """
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         tensor = pending.pop(ready)
-        try:
-            name, scores, prices, (pid, rss, cpu) = ray.get(ready)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, GgufmixError):
-                raise e.cause from None
-            raise EngineError(f"Ray task for tensor {tensor!r} failed: {e.cause!r}") from None
-        except ray.exceptions.RayError as e:
-            raise EngineError(f"Ray task for tensor {tensor!r} failed: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        name, scores, prices, (pid, rss, cpu) = self._result(ray, ready, f"Ray task for tensor {tensor!r}")
         remember(prices)
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
         self.cpu_seconds[pid] = max(self.cpu_seconds.get(pid, 0.0), cpu)
@@ -190,16 +236,36 @@ def score_tensor(task: TensorTask, expect: tuple[str, str],
         UsageError: this worker runs another ggufmix or llama-cpp-python than the driver.
         InputError: the source is not at the task's path on this node, or is damaged.
     """
-    here = (code_digest(), version())
-    if here != expect:
-        raise UsageError(f"Ray worker pid {os.getpid()} runs ggufmix code {here[0][:12]} / llama-cpp-python "
-                         f"{here[1]}, the driver {expect[0][:12]} / {expect[1]}: install the same on every node")
+    _check_same_code(expect)
     remember_noise(prices)
     scores = run_task(task, _open(task.path), Kernels(kernels.quantize_rows, kernels.dequantize_rows))
     width = task.slot.shape[0]
     used = {k: v for k, v in known_noise().items() if k[1] == width}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return task.slot.name, scores, used, (os.getpid(), usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+
+
+class OracleWorker:
+    """A Ray actor holding one KLD oracle (score/oracle.Oracle): the source loaded in llama.cpp and its kept
+    base rows, built once when the actor starts (and again when Ray restarts a killed one).
+
+    Raises:
+        UsageError: this worker runs another ggufmix or llama-cpp-python than the driver.
+    """
+
+    def __init__(self, job: Any, expect: tuple[str, str]) -> None:
+        _check_same_code(expect)
+        self._oracle = job.open()
+
+    def measure(self, name: str, qtype: Any) -> tuple[float, float]:
+        return self._oracle.measure(name, qtype)
+
+
+def _check_same_code(expect: tuple[str, str]) -> None:
+    here = (code_digest(), version())
+    if here != expect:
+        raise UsageError(f"Ray worker pid {os.getpid()} runs ggufmix code {here[0][:12]} / llama-cpp-python "
+                         f"{here[1]}, the driver {expect[0][:12]} / {expect[1]}: install the same on every node")
 
 
 def _open(path: str) -> GGUFSource:

@@ -142,7 +142,7 @@ def oracle_measurements(src: GGUFSource, layout: Any, opts: ScoreOptions, imatri
     settings = opts.oracle or OracleSettings(chunks=opts.calib_chunks)
     settings = replace(settings, widths=opts.widths or settings.widths)
     got = measure_all(src.path, layout, text, settings, imatrix, journal_for(src.path, text, settings, opts.imatrix),
-                      progress)
+                      progress, runner=_runner(opts))
     n = sum(len(v) for v in got.values())
     total = sum(len(s.candidates) for s in layout.slots if s.quantized)
     note = "" if opts.widths else f"no budget given: measured the types around {', '.join(map(str, settings.widths))} bpw"

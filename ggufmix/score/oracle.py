@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -171,6 +172,14 @@ class Oracle:
     def restore(self, name: str | None = None) -> None:
         self.model.restore(name)
 
+    def measure(self, name: str, qtype: QuantType) -> Measurement:
+        """KLD and top-1 agreement with only ``name`` at ``qtype``; the tensor is restored afterwards."""
+        self.swap(name, qtype)
+        try:
+            return self.divergence()
+        finally:
+            self.restore(name)
+
 
 # The modules whose arithmetic a measurement's value depends on: their digest keys the journal (not all of
 # ggufmix's code, so that a planner change does not throw away hours of measurements). MEASUREMENT_VERSION
@@ -191,26 +200,56 @@ def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path:
                     "llama-cpp-python": version(), "code": code}, root=root, folder="oracle", code=False)
 
 
+@dataclass(frozen=True)
+class OracleJob:
+    """What every oracle needs to load: the source, its layout, the calibration text, the settings, the imatrix
+    (picklable: a Ray actor builds its own :class:`Oracle` from it)."""
+
+    source: Path
+    layout: Layout
+    text: str
+    settings: OracleSettings
+    imatrix: Imatrix | None
+
+    def open(self) -> Oracle:
+        return Oracle(self.source, self.layout, self.text, self.settings, self.imatrix)
+
+
+Pair = tuple[str, QuantType]
+
+
 def measure_all(source: Path, layout: Layout, text: str, settings: OracleSettings, imatrix: Imatrix | None,
-                journal: Journal, progress: bool = True) -> dict[str, dict[QuantType, Measurement]]:
-    """Every quantizable tensor at its ``types_to_measure``; journaled pairs are not measured again."""
+                journal: Journal, progress: bool = True,
+                runner: Any = None) -> dict[str, dict[QuantType, Measurement]]:
+    """Every quantizable tensor at its ``types_to_measure``; journaled pairs are not measured again.
+
+    Args:
+        runner: where the measurements run: None (one oracle here) or score/cluster.RayRunner (one oracle per
+            cluster CPU, each measuring its share of the pairs).
+    """
     slots = [s for s in layout.slots if s.quantized]
     done = _load(journal)
     wanted = {s.name: types_to_measure(s, settings.widths, imatrix is not None, settings.max_types) for s in slots}
     todo = [(n, t) for n, ts in wanted.items() for t in ts if t not in done.get(n, {})]
     if todo:
-        with Oracle(source, layout, text, settings, imatrix) as oracle:
-            logger.info("oracle: %d measurements to make, %d kept; %.1f s per pass of %d x %d tokens",
-                        len(todo), sum(map(len, done.values())), oracle.seconds_per_pass, settings.chunks,
-                        settings.ctx)
-            for name, qtype in tqdm(todo, desc="oracle (tensor x type)", unit="pass", disable=not progress,
-                                    smoothing=0.1):
-                oracle.swap(name, qtype)
-                m = oracle.divergence()
-                oracle.restore(name)
-                done.setdefault(name, {})[qtype] = m
-                journal.add(f"{name}#{qtype.name}", TensorScores({qtype: m[0]}, 1.0, {"top1": m[1]}))
+        job = OracleJob(source, layout, text, settings, imatrix)
+        pairs = measure_here(job, todo) if runner is None else runner.measure_pairs(job, todo)
+        bar = tqdm(total=len(todo), desc="oracle (tensor x type)", unit="pass", disable=not progress, smoothing=0.1)
+        for name, qtype, m in pairs:
+            done.setdefault(name, {})[qtype] = m
+            journal.add(f"{name}#{qtype.name}", TensorScores({qtype: m[0]}, 1.0, {"top1": m[1]}))
+            bar.update()
+        bar.close()
     return {n: {t: done[n][t] for t in ts} for n, ts in wanted.items()}
+
+
+def measure_here(job: OracleJob, todo: Sequence[Pair]) -> Iterator[tuple[str, QuantType, Measurement]]:
+    """The pairs measured one after another by one oracle in this process."""
+    with job.open() as oracle:
+        logger.info("oracle: %d measurements to make; %.1f s per pass of %d x %d tokens", len(todo),
+                    oracle.seconds_per_pass, job.settings.chunks, job.settings.ctx)
+        for name, qtype in todo:
+            yield name, qtype, oracle.measure(name, qtype)
 
 
 def _load(journal: Journal) -> dict[str, dict[QuantType, Measurement]]:
