@@ -1,9 +1,12 @@
 """Device enumeration through ggml's backend registry on the real installed llama.cpp (no fakes)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ggufmix.engine.backends import list_devices, select_devices
+from ggufmix.engine.isolated import run_child
 from ggufmix.errors import EngineError
 
 
@@ -81,3 +84,16 @@ def test_broken_file_is_one_failed_row_and_exit_4(tiny_model: Path, tmp_path: Pa
     assert doc["format"] == "ggufmix.validate" and len(doc["rows"]) == 1
     row = doc["rows"][0]
     assert row["ok"] is False and row["error"] and "FAILED" in res.output
+
+
+def test_child_processes_load_llama_cpp_before_the_module_imports_numpy(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a CUDA machine whose numpy (2.5, scipy-openblas) was loaded before libllama, llama.cpp's BPE tokenizer
+    # segfaulted inside std::regex while loading any model: every validate row crashed. The children that
+    # load models (validate, smoke test) must find llama_cpp loaded before their own imports run.
+    (tmp_path / "order_probe.py").write_text(
+        "import json, sys\n"
+        "print(json.dumps({'llama_cpp_loaded_first': 'llama_cpp' in sys.modules, 'argv': sys.argv[1:]}))\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    doc = run_child("order_probe", ["a", "b c"], "probe", "probing")
+    assert doc == {"llama_cpp_loaded_first": True, "argv": ["a", "b c"]}

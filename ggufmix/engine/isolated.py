@@ -52,6 +52,20 @@ def _run(task: str, path: Path, label: str) -> dict[str, object]:
 _HINT = "; the file's metadata is damaged or not supported by this llama.cpp"
 
 
+# The child loads llama.cpp's libraries before anything imports numpy, then runs MODULE as ``python -m`` would.
+# With the numpy wheel of some images (2.5 with scipy-openblas, seen on a CUDA machine) loaded first, libllama's
+# std::regex resolved into libggml-cuda and the BPE tokenizer segfaulted while loading the vocabulary.
+_CHILD_BOOT = """\
+import runpy, sys
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:
+    pass  # the module reports it in one line
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_child(module: str, args: list[str], label: str, doing: str, timeout: float | None = None,
               hint: str = _HINT) -> dict[str, object]:
     """``python -m MODULE ARGS`` in a child process; the one JSON object it prints last on stdout.
@@ -68,7 +82,7 @@ def run_child(module: str, args: list[str], label: str, doing: str, timeout: flo
         EngineError: the child crashed (the signal and llama.cpp's last line), timed out, printed no JSON, or
             reported an error.
     """
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, "-c", _CHILD_BOOT, module, *args]
     env = os.environ | {"GGML_NO_BACKTRACE": "1"}  # ggml_abort would otherwise attach gdb for a backtrace
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False, env=env, timeout=timeout)
