@@ -23,6 +23,7 @@ from ggufmix.io.text import read_text, text_sha256
 from ggufmix.layout.slots import build_layout
 from ggufmix.score.base import BlockStats, Kernels, scorers
 from ggufmix.score.journal import BlockStatsCache, Journal, PriceCache, fingerprint
+from ggufmix.score import quant_error
 from ggufmix.score.quant_error import known_noise, remember_noise
 from ggufmix.score.stream import DEFAULT_ROWS, score_model
 from ggufmix.scores import Scores
@@ -103,6 +104,7 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     oracle, oracle_settings = oracle_measurements(src, layout, opts, imatrix, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
+                       "window": quant_error.WINDOW_VALUES,
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
     prices = PriceCache(version())
     remember_noise(prices.load())
