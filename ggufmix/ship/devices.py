@@ -7,7 +7,8 @@
   ``n_ctx`` padded to 256 (``llama_context``: ``GGML_PAD(n_ctx, 256)``) and ``n_embd_k_gqa`` is
   ``key_length x head_count_kv`` of that layer (``key_length`` defaults to ``n_embd / n_head``).
 - Compute and output buffers depend on llama.cpp's graph allocator; they are measured by loading the
-  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.buffers`), not guessed.
+  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.buffers`), not guessed; for
+  a header-only GGUF, by llama.cpp's ``no_alloc`` mode on the header (the same allocator, no weights).
 
 Sliding-window layers (Gemma 2/3, Cohere 2, gpt-oss ...) mirror ``llama_kv_cache_iswa``: unless ``swa_full``,
 their cache holds ``min(n_ctx, sliding_window + n_ubatch)`` cells padded to 256; which layers slide comes from
@@ -174,6 +175,7 @@ class FitReport:
     output_bytes: int
     reserve_bytes: int
     kv_note: str = ""  # how sliding-window layers were counted, when the model has them
+    buffers_by: str = "measured by llama.cpp"  # or "sized by llama.cpp, no weights" (a header-only GGUF)
 
     @property
     def weights_bytes(self) -> int:
@@ -183,8 +185,8 @@ class FitReport:
         mib = 1 << 20
         rows = [(f"usable memory ({self.device.name}: {self.device.note})", self.device.usable_bytes),
                 (f"- KV cache ({self.n_ctx} tokens, {self.kv_type}{self.kv_note})", -self.kv_bytes),
-                (f"- compute buffer (n_ubatch {self.n_ubatch}, measured by llama.cpp)", -self.compute_bytes),
-                ("- output buffer (measured by llama.cpp)", -self.output_bytes),
+                (f"- compute buffer (n_ubatch {self.n_ubatch}, {self.buffers_by})", -self.compute_bytes),
+                (f"- output buffer ({self.buffers_by})", -self.output_bytes),
                 ("- reserve (repacked weights, allocator slack)", -self.reserve_bytes),
                 ("= weights budget", self.weights_bytes)]
         return [f"{name:<68} {b / mib:>10.2f} MiB" for name, b in rows]
