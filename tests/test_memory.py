@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tinymodel import header_only_copy
+
 from ggufmix.engine.buffers import measure_buffers, parse_buffers, simulate_buffers
 from ggufmix.errors import EngineError, UsageError
 from ggufmix.io.gguf_source import open_gguf
@@ -92,14 +94,6 @@ def test_fit_arithmetic_and_errors() -> None:
         resolve_fit("4bpw")
     with pytest.raises(UsageError, match="KV cache takes"):
         kv_type("q2_k")
-
-
-def header_only_copy(path: Path, out: Path) -> Path:
-    """``path`` cut at the start of its tensor data: what scripts/header_models.py writes for big models."""
-    from ggufmix.io.gguf_index import read_index
-
-    out.write_bytes(path.read_bytes()[:read_index(path).data_offset])
-    return out
 
 
 @pytest.mark.parametrize(("model", "n_ctx", "n_ubatch", "kv"), [("tiny_model", 512, 64, "f16"),
