@@ -28,7 +28,8 @@ Shapes = dict[str, tuple[int, ...]]
 CONFIGS: dict[str, dict[str, Any]] = {
     # deepseek-ai/DeepSeek-V3 config.json (the keys the converter reads). Its 62nd layer (MTP,
     # num_nextn_predict_layers 1) is dropped by the converter (DeepseekV2Model.skip_mtp).
-    "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+    "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                    "hidden_size": 7168, "intermediate_size": 18432,
                     "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
                     "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
                     "rope_theta": 10000, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
@@ -40,14 +41,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
                     "tie_word_embeddings": False},
     # Qwen/Qwen3-235B-A22B config.json: 94 layers, 128 experts (8 active), GQA 64/4, head_dim 128.
-    "qwen3-235b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096, "intermediate_size": 12288,
+    "qwen3-235b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                   "hidden_size": 4096, "intermediate_size": 12288,
                    "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
                    "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
                    "rope_theta": 1000000.0, "num_experts": 128, "num_experts_per_tok": 8,
                    "moe_intermediate_size": 1536, "decoder_sparse_step": 1, "mlp_only_layers": [],
                    "norm_topk_prob": True, "tie_word_embeddings": False},
     # meta-llama/Llama-3.1-405B config.json: 126 layers, GQA 128/8, llama3 rope scaling.
-    "llama-405b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248,
+    "llama-405b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "hidden_size": 16384, "intermediate_size": 53248,
                    "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
                    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
                    "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
