@@ -55,7 +55,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
                 calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None,
-                oracle: str | None = None):
+                oracle: str | None = None, assume_imatrix: bool = False):
 
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
@@ -64,7 +64,7 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
     if ray is not None:
         check_ray(ray)  # a missing extra or an unreachable cluster fails now, not after the conversion
     return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray,
-                        oracle=parse_oracle(oracle) if oracle else None)
+                        oracle=parse_oracle(oracle) if oracle else None, assume_imatrix=assume_imatrix)
 
 
 def _palette(types: str | None, palette: str | None, arch: str, pins=(), fit: str | None = None):  # noqa: ANN001, ANN202
@@ -240,13 +240,19 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
 @click.argument("model", type=_path)
 @click.option("-o", "--output", type=_path, required=True, help="scores.json to write.")
 @_apply(_score_options + _hf_options)
+@click.option("--assume-imatrix", is_flag=True,
+              help="Also score the types llama.cpp writes only with an importance matrix (IQ1_S, IQ1_M, IQ2_XXS, "
+                   "IQ2_XS ...; planning 1.8 bpw needs them) before you have one (uniform, fastewq); building such a "
+                   "plan then needs --imatrix.")
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
-          oracle: str | None, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None) -> None:
+          oracle: str | None, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None,
+          assume_imatrix: bool) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""
 
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle,
+                       assume_imatrix)
     src = open_source(_gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"]), allow_requantize,
                       check_data=scorers()[strategy].reads_weights)
     scores = score_source(src, opts, load_imatrix(imatrix, src), ctx.obj["progress"])
@@ -280,6 +286,11 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
         write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
     click.echo("\n".join(group_lines(p.by_group(), p.total_bytes)))
+    need = p.needing_imatrix()
+    if need and scores.settings.get("imatrix") is None:
+        kinds = ", ".join(sorted({e.qtype.name for e in need}))
+        click.echo(f"needs an imatrix: {len(need)} tensors at {kinds} (scored with --assume-imatrix); "
+                   "build with --imatrix FILE")
 
 
 @cli.command()

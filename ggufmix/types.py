@@ -100,6 +100,9 @@ def _sizes(qtype: int) -> tuple[int, int]:
 # Every type the planner may pick by default, cheapest first.
 DEFAULT_TYPES: tuple[QuantType, ...] = tuple(
     sorted(set(LADDER_256) | set(LADDER_32), key=lambda t: (bits_per_weight(t), int(t))))
+# The 1-bit types (1.5625 and 1.75 bpw), which llama.cpp writes only with an imatrix: candidates when scoring
+# on the promise of one (score --assume-imatrix), so that a 671B model's plan can go below 2 bpw.
+ONE_BIT_TYPES: tuple[QuantType, ...] = (QuantType.IQ1_S, QuantType.IQ1_M)
 
 
 def mix_name(ftype: int) -> str:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,25 @@ def converter_cache(tmp_path: Path, converter, monkeypatch: pytest.MonkeyPatch) 
         (root / converter.root.name).symlink_to(converter.root)
     monkeypatch.setenv("GGUFMIX_CACHE", str(root))
     return root
+
+
+VOCAB = "ggml-vocab-gpt-2.gguf"
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's own GPT-2 vocabulary file (tokens + merges), from a checkout or llama-cpp-python's source package:
+    the tokenizer of tinyhf's BPE families (the MoE and header-model tests)."""
+    pytest.importorskip("transformers")
+    from ggufmix.io.llamacpp_src import SDIST_SUBDIR, download_sdist, llama_cpp_python_version, locate_converter
+
+    conv = locate_converter()
+    if (conv.root / "models" / VOCAB).is_file():
+        return conv.root / "models" / VOCAB
+    tmp = tmp_path_factory.mktemp("sdist")
+    sdist = download_sdist(llama_cpp_python_version(), tmp)
+    with tarfile.open(sdist, "r:gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(f"{SDIST_SUBDIR}/models/{VOCAB}"))
+        member.name = VOCAB
+        tar.extractall(tmp, members=[member], filter="data")
+    return tmp / VOCAB

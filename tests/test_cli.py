@@ -127,6 +127,35 @@ def test_imatrix_build_eval_chain(tiny_model: Path, tmp_path: Path) -> None:
     assert rep["settings"]["kld_mode"] == "exact" and rep["quants"][0]["divergence"]["kld_mean"]["value"] > 0
 
 
+def test_assume_imatrix_plans_1_8_bpw_and_build_needs_the_imatrix(tiny_model: Path, tmp_path: Path) -> None:
+    """Planning before the imatrix exists: `score --assume-imatrix` on the header alone lets `plan` reach 1.8 bpw
+    (refused without it, as before); `build` refuses that plan without --imatrix in one line, and writes it with one."""
+    from tinymodel import header_only_copy
+
+    header = header_only_copy(tiny_model, tmp_path / "header.gguf")
+    plain, assumed = tmp_path / "plain.json", tmp_path / "assumed.json"
+    assert _run("score", str(header), "--strategy", "uniform", "-o", str(plain)).returncode == 0
+    assert _run("score", str(header), "--strategy", "uniform", "--assume-imatrix", "-o", str(assumed)).returncode == 0
+    res = _run("plan", str(plain), "--budget", "1.8bpw", "-o", str(tmp_path / "p.json"))
+    assert res.returncode != 0 and "is not achievable for this model" in res.stderr
+    res = _run("plan", str(assumed), "--budget", "1.8bpw", "-o", str(tmp_path / "p.json"))
+    assert res.returncode == 0, res.stderr
+    assert "needs an imatrix:" in res.stdout and json.loads((tmp_path / "p.json").read_text())["totals"]["bpw"] <= 1.8
+    out = tmp_path / "o.gguf"
+    build = ["build", str(tiny_model), "-o", str(out), "--budget", "1.8bpw", "--scores", str(assumed), "--no-smoke"]
+    res = _run(*build)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1 and "--imatrix" in lines[0] and not out.exists(), res.stderr
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
+    im = tmp_path / "im.gguf"
+    assert _run("imatrix", str(tiny_model), "--text", str(text), "-o", str(im), "--ctx", "64", "--chunks", "2").returncode == 0
+    res = _run(*build, "--imatrix", str(im))
+    assert res.returncode == 0, res.stderr
+    types = {t["type"] for t in json.loads(_run("inspect", str(out), "--json").stdout)["tensors"]}
+    assert types & {"IQ1_S", "IQ1_M"}, types
+
+
 def test_kill_during_quantize_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
     """SIGTERM while llama.cpp writes the temporary file: no output, no temporary file, exit 130."""
     import signal

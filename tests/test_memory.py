@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from ggufmix.engine.buffers import measure_buffers, parse_buffers
+from tinymodel import header_only_copy
+
+from ggufmix.engine.buffers import measure_buffers, parse_buffers, simulate_buffers
 from ggufmix.errors import EngineError, UsageError
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.ship.devices import FitReport, ModelShape, kv_cache_bytes, kv_type, n_cells, resolve_fit
+from ggufmix.ship.fit import FitSettings, fit_report
 
 HALF_LOGGED_DIGIT = 0.005 * (1 << 20) + 1  # llama.cpp prints MiB with two decimals (6.375 -> "6.38")
 
@@ -91,3 +94,32 @@ def test_fit_arithmetic_and_errors() -> None:
         resolve_fit("4bpw")
     with pytest.raises(UsageError, match="KV cache takes"):
         kv_type("q2_k")
+
+
+@pytest.mark.parametrize(("model", "n_ctx", "n_ubatch", "kv"), [("tiny_model", 512, 64, "f16"),
+                                                                ("tiny_model", 3000, 512, "q8_0"),
+                                                                ("odd_model", 700, 128, "f16")])
+def test_header_only_buffers_are_llama_cpps(model: str, n_ctx: int, n_ubatch: int, kv: str, tmp_path: Path,
+                                            request: pytest.FixtureRequest) -> None:
+    """llama.cpp's no_alloc sizing of the header alone gives the compute and output buffers it allocates when it
+    loads the whole model (to the 0.01 MiB it logs), and the header-only file is what --fit then uses."""
+    path = request.getfixturevalue(model)
+    header = header_only_copy(path, tmp_path / "header.gguf")
+    assert open_gguf(header, check_data=False).header_only and not open_gguf(path).header_only
+    with pytest.raises(EngineError):
+        measure_buffers(header, n_ctx=n_ctx, n_ubatch=n_ubatch, kv_type=kv)  # llama.cpp refuses the file itself
+    real = measure_buffers(path, n_ctx=n_ctx, n_ubatch=n_ubatch, kv_type=kv)
+    sized = simulate_buffers(header, n_ctx=n_ctx, n_ubatch=n_ubatch, kv_type=kv)
+    assert (sized.compute, sized.output) == (real.compute, real.output) and sized.compute > 0
+    assert sized.model == sized.kv == 0  # no_alloc allocates neither: the KV cache is ggufmix's arithmetic
+    report = fit_report(header, None, FitSettings(resolve_fit("1GB"), n_ctx, n_ubatch, kv))
+    assert (report.compute_bytes, report.output_bytes) == (real.compute, real.output)
+    assert "no weights" in report.lines()[2]
+
+
+def test_header_only_sliding_window_buffers(gemma3: Path, tmp_path: Path) -> None:
+    header = header_only_copy(gemma3, tmp_path / "header.gguf")
+    for swa_full in (False, True):
+        real = measure_buffers(gemma3, n_ctx=2048, n_ubatch=64, swa_full=swa_full)
+        sized = simulate_buffers(header, n_ctx=2048, n_ubatch=64, swa_full=swa_full)
+        assert (sized.compute, sized.output) == (real.compute, real.output)

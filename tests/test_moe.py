@@ -6,7 +6,6 @@ bytes per group (experts, shared experts, routers, attention, dense ffn, embeddi
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import gguf
@@ -16,27 +15,6 @@ from click.testing import CliRunner
 
 from ggufmix.cli import cli
 from ggufmix.layout.groups import group
-
-VOCAB = "ggml-vocab-gpt-2.gguf"
-
-
-@pytest.fixture(scope="session")
-def gpt2_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama.cpp's own GPT-2 vocabulary file (tokens + merges), from a checkout or llama-cpp-python's source package."""
-    pytest.importorskip("transformers")
-    from ggufmix.io.llamacpp_src import SDIST_SUBDIR, download_sdist, llama_cpp_python_version, locate_converter
-
-    conv = locate_converter()
-    if (conv.root / "models" / VOCAB).is_file():
-        return conv.root / "models" / VOCAB
-    tmp = tmp_path_factory.mktemp("sdist")
-    sdist = download_sdist(llama_cpp_python_version(), tmp)
-    with tarfile.open(sdist, "r:gz") as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(f"{SDIST_SUBDIR}/models/{VOCAB}"))
-        member.name = VOCAB
-        tar.extractall(tmp, members=[member], filter="data")
-    return tmp / VOCAB
-
 
 
 @pytest.mark.parametrize("family,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("deepseek_v2", "deepseek2")])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from ggufmix.errors import BudgetError
 from ggufmix.plan.planner import depth_bucket, load_gains, lookup_gain
 
 
@@ -68,3 +69,43 @@ def test_pure_paper_plans_move_bits_by_block_importance_alone(tiny_model, strate
                          for e in plan.quantized() if e.name.endswith(f"{role}.weight") and e.name.startswith("blk."))
         assert len({i for i, _ in entries}) > 1
         assert [b for _, b in entries] == sorted(b for _, b in entries), (role, entries)
+
+
+def test_assumed_imatrix_candidates_mirror_llama_cpp(tiny_model) -> None:  # noqa: ANN001
+    """--assume-imatrix: the blk.* tensors (what llama-imatrix records) may take every imatrix-only type and the
+    1-bit ones; token_embd/output only those llama.cpp writes without an imatrix (IQ1_M, IQ2_S, IQ3_XXS: exempt
+    from tensor_requires_imatrix, and ggml's kernel needs none); the plan lists what the build needs one for."""
+    from ggufmix.errors import UsageError
+    from ggufmix.layout.rules import requires_imatrix
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.realize.build import check_imatrix
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import QuantType
+
+    src = open_source(tiny_model, False)
+    plain = score_source(src, ScoreOptions("uniform"), None, progress=False)
+    assumed = score_source(src, ScoreOptions("uniform", assume_imatrix=True), None, progress=False)
+    assert assumed.settings["assume_imatrix"] is True and "assume_imatrix" not in plain.settings
+    one_bit = {QuantType.IQ1_S, QuantType.IQ1_M}
+    for slot in assumed.layout.slots:
+        if not slot.quantized:
+            continue
+        plain_types, types = set(plain.layout.by_name()[slot.name].candidates), set(slot.candidates)
+        assert not plain_types & one_bit and not any(requires_imatrix(slot.name, t) for t in plain_types)
+        if slot.name.startswith("blk."):
+            assert types == plain_types | one_bit | {QuantType.IQ2_XXS, QuantType.IQ2_XS, QuantType.IQ2_S,
+                                                     QuantType.IQ3_XXS}, slot.name
+        else:
+            assert types - plain_types == {QuantType.IQ1_M}, slot.name  # IQ2_S, IQ3_XXS: allowed there already
+    plan = make_plan(assumed, Budget(1.8, "bpw"))
+    assert plan.bpw <= 1.8 and {e.qtype for e in plan.quantized()} & one_bit
+    need = plan.needing_imatrix()
+    assert need and all(e.name.startswith("blk.") for e in need)
+    assert plan.needing_imatrix([e.name for e in need]) == []
+    with pytest.raises(UsageError, match="--imatrix"):
+        check_imatrix(plan, None)
+    with pytest.raises(UsageError, match="--assume-imatrix"):
+        ScoreOptions("measured", assume_imatrix=True)
+    with pytest.raises(BudgetError, match="not achievable"):
+        make_plan(plain, Budget(1.8, "bpw"))

@@ -53,6 +53,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "v_head_dim": 64, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
                     "moe_intermediate_size": 256, "first_k_dense_replace": 1, "topk_method": "greedy",
                     "norm_topk_prob": False, "tie_word_embeddings": False},
+    # DeepSeek-V3 on top of that: sigmoid routing with a score-correction bias (exp_probs_b), expert groups,
+    # routed scaling, YaRN rope scaling (deepseek-ai/DeepSeek-V3 config.json's keys, tiny numbers)
+    "deepseek_v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_key_value_heads": 4,
+                    "q_lora_rank": 128, "kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
+                    "v_head_dim": 64, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 256, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True, "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32,
+                    "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+                    "tie_word_embeddings": False},
+    # Llama 3.1: llama3 rope scaling, which the converter writes as a rope_freqs tensor
+    "llama31": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+                "max_position_embeddings": 16384,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192}},
 }
 _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
@@ -62,7 +77,7 @@ _SPM_TYPE = {"xlm_roberta": "unigram"}  # XLM-RoBERTa's converter asserts a UNIG
 # Families whose converter reads only a BPE tokenizer.json with a pre-tokenizer it knows by hash
 # (Qwen2MoeModel and DeepseekV2Model call _set_vocab_gpt2): they get GPT-2's, rebuilt from llama.cpp's own
 # models/ggml-vocab-gpt-2.gguf (``bpe_vocab``), 50257 tokens.
-BPE_FAMILIES = frozenset({"qwen3_moe", "deepseek_v2"})
+BPE_FAMILIES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3"})
 
 
 def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bfloat16", shards: int = 1,

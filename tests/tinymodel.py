@@ -255,3 +255,11 @@ def write_tiny_gemma3(path: str | Path, *, n_layer: int = 6, n_embd: int = 256, 
         _add_weight(writer, name, _random_weight(rng, name, shape), "f16")
     _finish(writer)
     return p
+
+
+def header_only_copy(path: str | Path, out: str | Path) -> Path:
+    """``path`` cut where its tensor data starts: a header-only GGUF, as scripts/header_models.py writes for big models."""
+    from ggufmix.io.gguf_index import read_index
+
+    Path(out).write_bytes(Path(path).read_bytes()[:read_index(Path(path)).data_offset])
+    return Path(out)

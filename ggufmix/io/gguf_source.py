@@ -114,6 +114,16 @@ class GGUFSource:
     def total_elements(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
 
+    @property
+    def data_end(self) -> int:
+        """The file offset where the last tensor's data ends."""
+        return max((self.offsets[n] + t.n_bytes for n, t in self.tensors.items()), default=0)
+
+    @property
+    def header_only(self) -> bool:
+        """The file stops before its tensors' data (``scripts/header_models.py``; opened with ``check_data=False``)."""
+        return self.path.stat().st_size < self.data_end
+
 
 def read_rows(path: Path, offset: int, rb: int, rows: np.ndarray, name: str) -> bytearray:
     """The raw bytes of ``rows`` (each ``rb`` bytes) of the tensor at ``offset`` in ``path``, one read per run.

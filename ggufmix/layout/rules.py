@@ -72,6 +72,12 @@ KERNEL_NEEDS_IMATRIX: frozenset[QuantType] = frozenset({QuantType.IQ2_XXS, Quant
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
+def collected_by_imatrix(name: str) -> bool:
+    """Mirrors llama-imatrix's filter (tools/imatrix/imatrix.cpp, ``IMatrixCollector::collect_imatrix``): it records
+    the ``blk.*`` weights only (``output.weight`` too with ``--process-output``, which is off by default)."""
+    return name.startswith("blk.")
+
+
 def allows_quantization(name: str, n_dims: int, arch: str = "", quantize_output: bool = True) -> bool:
     """Mirrors ``tensor_allows_quantization()``: only 2-D/3-D ``*weight`` tensors outside the keep lists."""
     if n_dims < 2 or not name.endswith("weight"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from ggufmix.artifacts import read_artifact, write_artifact
 from ggufmix.errors import InputError
 from ggufmix.layout.groups import by_group
+from ggufmix.layout.rules import requires_imatrix
 from ggufmix.plan.budget import bpw
 from ggufmix.types import QuantType
 
@@ -56,6 +58,11 @@ class Plan:
 
     def quantized(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.quantized]
+
+    def needing_imatrix(self, have: Collection[str] = ()) -> list[PlanEntry]:
+        """Tensors planned at a type llama.cpp writes only with an importance matrix (``rules.requires_imatrix``)
+        and missing from ``have`` (the imatrix's tensor names): scores made with ``--assume-imatrix`` allow them."""
+        return [e for e in self.quantized() if e.name not in have and requires_imatrix(e.name, e.qtype)]
 
     def type_histogram(self) -> dict[str, int]:
         """Bytes per chosen type, largest first."""

@@ -112,6 +112,7 @@ def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, 
     """
     from ggufmix.engine.quantize import quantize_file
 
+    check_imatrix(plan, imatrix)
     t = seconds if seconds is not None else {}
     free = shutil.disk_usage(out.parent).free
     if free < plan.total_bytes + (16 << 20):
@@ -132,6 +133,21 @@ def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, 
     finally:
         tmp.unlink(missing_ok=True)
     return verified, text
+
+
+def check_imatrix(plan: Plan, imatrix: Imatrix | None) -> None:
+    """Refuse a plan with types llama.cpp writes only with an imatrix (planned from ``--assume-imatrix`` scores)
+    when the build has none for those tensors: llama.cpp would refuse them, or ggml abort.
+
+    Raises:
+        UsageError: names the first such tensor and the count.
+    """
+    missing = plan.needing_imatrix(imatrix.names if imatrix is not None else ())
+    if missing:
+        e = missing[0]
+        raise UsageError(f"{e.name!r} (and {len(missing) - 1} more) planned as {e.qtype.name}, which llama.cpp writes "
+                         "only with an importance matrix (the scores assumed one: --assume-imatrix); give --imatrix "
+                         "FILE (ggufmix imatrix MODEL --text CALIB -o FILE)")
 
 
 def sidecars(out: Path, plan: Plan, verified: Verified, seconds: dict[str, float], smoke: str | None) -> None:

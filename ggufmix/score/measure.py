@@ -20,6 +20,7 @@ from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import GGUFSource, open_gguf
 from ggufmix.io.imatrix import check_against, read_imatrix
 from ggufmix.io.text import read_text, text_sha256
+from ggufmix.layout.rules import collected_by_imatrix
 from ggufmix.layout.slots import build_layout
 from ggufmix.score.base import BlockStats, Kernels, scorers
 from ggufmix.score.journal import BlockStatsCache, Journal, PriceCache, fingerprint
@@ -27,7 +28,7 @@ from ggufmix.score import quant_error
 from ggufmix.score.quant_error import known_noise, remember_noise
 from ggufmix.score.stream import DEFAULT_ROWS, score_model
 from ggufmix.scores import Scores
-from ggufmix.types import DEFAULT_TYPES, FLOAT_TYPES
+from ggufmix.types import DEFAULT_TYPES, FLOAT_TYPES, ONE_BIT_TYPES, QuantType, bits_per_weight
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,20 @@ class ScoreOptions:
     ray: str | None = None      # score on a Ray cluster: "local" (start one), "auto" or an address; None: here
     widths: tuple[float, ...] = ()  # kld: bits per weight whose nearest types the oracle measures (() = default)
     oracle: Any = None              # kld: score.oracle.OracleSettings; None: calib_chunks x 512 tokens
+    assume_imatrix: bool = False    # price the imatrix-only types too, on the promise the build gets an imatrix
+
+    def __post_init__(self) -> None:
+        """Raises: UsageError: ``assume_imatrix`` with an imatrix, or with a strategy that quantizes the weights
+        (it needs the imatrix itself to price those types)."""
+        if not self.assume_imatrix:
+            return
+        if self.imatrix is not None:
+            raise UsageError("--assume-imatrix stands in for an imatrix you do not have yet; with --imatrix, leave it out")
+        if scorers()[self.strategy].reads_weights:
+            header_only = ", ".join(n for n, s in sorted(scorers().items()) if not s.reads_weights)
+            raise UsageError(f"--assume-imatrix: --strategy {self.strategy} quantizes the weights and needs the imatrix "
+                             "itself (ggufmix imatrix MODEL --text CALIB -o FILE, then --imatrix FILE); it works with "
+                             f"{header_only}")
 
 
 @dataclass(frozen=True)
@@ -98,14 +113,16 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
 
     Finished tensors go to a journal as they come, so an interrupted run resumes (score/journal.py).
     """
-    layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES, imatrix_names=set(imatrix.names if imatrix else ()))
+    types, may_need_imatrix = candidate_types(src, opts, imatrix)
+    layout = build_layout(src.arch, src.tensors.values(), types, imatrix_names=may_need_imatrix)
     spec = scorers()[opts.strategy]
     blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
     oracle, oracle_settings = oracle_measurements(src, layout, opts, imatrix, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
                        "window": quant_error.WINDOW_VALUES,
-                       "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version()})
+                       "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version(),
+                       **({"assume_imatrix": True} if opts.assume_imatrix else {})})
     prices = PriceCache(version())
     remember_noise(prices.load())
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
@@ -115,11 +132,22 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     prices.save(known_noise())
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
+    if opts.assume_imatrix:
+        scores.settings["assume_imatrix"] = True  # plan/build read it: the imatrix-only types need one at build
     if blocks is not None or oracle is not None:
         scores.settings["calib"] = {"text": str(opts.calib), "chunks": opts.calib_chunks}
     if oracle is not None:
         scores.settings.update(oracle_settings)
     return scores
+
+
+def candidate_types(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None) -> tuple[tuple[QuantType, ...], set[str]]:
+    """The types to score, and the tensors that may take those llama.cpp writes only with an imatrix: the ones the
+    imatrix has; with ``assume_imatrix``, the ones llama-imatrix will record (``blk.*``), and the 1-bit types join."""
+    if not opts.assume_imatrix:
+        return DEFAULT_TYPES, set(imatrix.names if imatrix else ())
+    types = tuple(sorted(DEFAULT_TYPES + ONE_BIT_TYPES, key=lambda t: (bits_per_weight(t), int(t))))
+    return types, {n for n in src.tensors if collected_by_imatrix(n)}
 
 
 def _runner(opts: ScoreOptions) -> Any:

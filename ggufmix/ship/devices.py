@@ -5,9 +5,13 @@
 - KV cache: mirrors ``llama_kv_cache`` (src/llama-kv-cache.cpp): per layer, ``n_cells`` x
   (``n_embd_k_gqa`` K elements + ``n_embd_v_gqa`` V elements) in the cache types, where ``n_cells`` is
   ``n_ctx`` padded to 256 (``llama_context``: ``GGML_PAD(n_ctx, 256)``) and ``n_embd_k_gqa`` is
-  ``key_length x head_count_kv`` of that layer (``key_length`` defaults to ``n_embd / n_head``).
+  ``key_length x head_count_kv`` of that layer (``key_length`` defaults to ``n_embd / n_head``). MLA
+  (DeepSeek-V2/V3, Kimi K2 ...: the header has ``attention.key_length_mla`` and ``value_length_mla``) caches
+  the compressed latent only: K of ``key_length`` = kv_lora_rank + rope dims (576 for DeepSeek-V3) x
+  ``head_count_kv`` (1, the converter writes MLA as MQA) and no V at all (``llama_kv_cache``: ``has_v = !is_mla``).
 - Compute and output buffers depend on llama.cpp's graph allocator; they are measured by loading the
-  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.buffers`), not guessed.
+  model in llama.cpp at the same ``n_ctx`` / ``n_ubatch`` (:mod:`ggufmix.engine.buffers`), not guessed; for
+  a header-only GGUF, by llama.cpp's ``no_alloc`` mode on the header (the same allocator, no weights).
 
 Sliding-window layers (Gemma 2/3, Cohere 2, gpt-oss ...) mirror ``llama_kv_cache_iswa``: unless ``swa_full``,
 their cache holds ``min(n_ctx, sliding_window + n_ubatch)`` cells padded to 256; which layers slide comes from
@@ -52,6 +56,7 @@ class ModelShape:
     n_ctx_train: int
     sliding_window: int | None
     swa_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding-window cache (empty: none does)
+    mla: bool = False                  # multi-head latent attention: a K cache of the latent, no V cache
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> ModelShape:
@@ -72,8 +77,9 @@ class ModelShape:
         swa = meta.get(f"{arch}.attention.sliding_window")
         n_swa = int(swa) if isinstance(swa, int) and swa > 0 else None
         layers = swa_layers(arch, n_layer, meta.get(f"{arch}.attention.sliding_window_pattern")) if n_swa else ()
+        mla = all(int(meta.get(f"{arch}.attention.{k}_length_mla", 0) or 0) > 0 for k in ("key", "value"))
         return cls(arch, n_layer, n_embd, n_head, per_layer, k_len, v_len, int(key("context_length", 0)), n_swa,
-                   layers)
+                   layers, mla)
 
     @property
     def swa_unknown(self) -> bool:
@@ -122,7 +128,9 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: QuantType = QuantType.
         swa_cells = -(-min(cells, shape.sliding_window + n_ubatch) // SWA_PAD) * SWA_PAD
     total = 0
     for il, kv in enumerate(shape.head_count_kv):
-        per_cell = row_bytes(type_k, shape.key_length * kv) + row_bytes(type_v, shape.value_length * kv)
+        per_cell = row_bytes(type_k, shape.key_length * kv)
+        if not shape.mla:
+            per_cell += row_bytes(type_v, shape.value_length * kv)
         total += per_cell * (swa_cells if shape.swa_layers and shape.swa_layers[il] else cells)
     return total
 
@@ -174,6 +182,7 @@ class FitReport:
     output_bytes: int
     reserve_bytes: int
     kv_note: str = ""  # how sliding-window layers were counted, when the model has them
+    buffers_by: str = "measured by llama.cpp"  # or "sized by llama.cpp, no weights" (a header-only GGUF)
 
     @property
     def weights_bytes(self) -> int:
@@ -183,8 +192,8 @@ class FitReport:
         mib = 1 << 20
         rows = [(f"usable memory ({self.device.name}: {self.device.note})", self.device.usable_bytes),
                 (f"- KV cache ({self.n_ctx} tokens, {self.kv_type}{self.kv_note})", -self.kv_bytes),
-                (f"- compute buffer (n_ubatch {self.n_ubatch}, measured by llama.cpp)", -self.compute_bytes),
-                ("- output buffer (measured by llama.cpp)", -self.output_bytes),
+                (f"- compute buffer (n_ubatch {self.n_ubatch}, {self.buffers_by})", -self.compute_bytes),
+                (f"- output buffer ({self.buffers_by})", -self.output_bytes),
                 ("- reserve (repacked weights, allocator slack)", -self.reserve_bytes),
                 ("= weights budget", self.weights_bytes)]
         return [f"{name:<68} {b / mib:>10.2f} MiB" for name, b in rows]

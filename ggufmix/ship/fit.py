@@ -1,12 +1,14 @@
 """``build --fit`` and ``--bundle``: a budget from a device's memory, checked by llama.cpp, and a shareable folder.
 
 ``--fit`` assumes llama.cpp runs without mmap (``--no-mmap``; the bundle's Modelfile says ``use_mmap
-false``): then its buffers hold each weight once. Arithmetic: usable memory - KV cache (computed, ship/devices.py) - compute and output buffers
-(measured by loading the source in llama.cpp at the same n_ctx / n_ubatch) - a reserve = the weight
-budget. After the build, the output is loaded in llama.cpp at those settings; if its buffers (model +
-KV + compute + output, from llama.cpp's log) exceed the usable memory (repacked weights are the usual
-reason: llama.cpp copies Q4_0/IQ4_NL/Q4_K tensors into interleaved CPU layouts), the weight budget
-shrinks by the overshoot and the plan is rebuilt from the scores in memory, up to three times.
+false``): then its buffers hold each weight once. Arithmetic: usable memory - KV cache (computed,
+ship/devices.py) - compute and output buffers (measured by loading the source in llama.cpp at the same
+n_ctx / n_ubatch; for a header-only GGUF, sized by llama.cpp's allocator without weights:
+engine/buffers.py ``simulate_buffers``) - a reserve = the weight budget. After the build, the output is
+loaded in llama.cpp at those settings; if its buffers (model + KV + compute + output, from llama.cpp's log)
+exceed the usable memory (repacked weights are the usual reason: llama.cpp copies Q4_0/IQ4_NL/Q4_K tensors
+into interleaved CPU layouts), the weight budget shrinks by the overshoot and the plan is rebuilt from the
+scores in memory, up to three times.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ggufmix.engine.buffers import measure_buffers
+from ggufmix.engine.buffers import measure_buffers, simulate_buffers
 from ggufmix.errors import BudgetError, UsageError
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.plan.budget import Budget
@@ -44,17 +46,18 @@ class FitSettings:
 
 
 def fit_report(source: Path, meta: dict[str, Any] | None, fit: FitSettings, reserve: int | None = None) -> FitReport:
-    """The arithmetic of ``--fit`` (the compute/output buffers measured on ``source`` by llama.cpp); ``meta`` is
-    ``source``'s header (read here when None)."""
-    if meta is None:
-        meta = open_gguf(source, check_data=False).metadata
-    shape = ModelShape.from_metadata(meta)
+    """The arithmetic of ``--fit``: the compute/output buffers measured on ``source`` by llama.cpp, or for a
+    header-only GGUF sized by llama.cpp's ``no_alloc`` mode on its header (:func:`simulate_buffers`); ``meta``
+    is ``source``'s header (read here when None)."""
+    src = open_gguf(source, check_data=False)
+    shape = ModelShape.from_metadata(src.metadata if meta is None else meta)
     kv = kv_cache_bytes(shape, fit.n_ctx, kv_type(fit.kv), kv_type(fit.kv), n_ubatch=fit.n_ubatch,
                         swa_full=fit.swa_full)
-    measured = measure_buffers(source, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv, swa_full=fit.swa_full)
+    how = simulate_buffers if src.header_only else measure_buffers
+    measured = how(source, n_ctx=fit.n_ctx, n_ubatch=fit.n_ubatch, kv_type=fit.kv, swa_full=fit.swa_full)
     reserve = int(fit.device.usable_bytes * RESERVE_SHARE) if reserve is None else reserve
     return FitReport(fit.device, fit.n_ctx, fit.n_ubatch, fit.kv, kv, measured.compute, measured.output, reserve,
-                     _kv_note(shape, fit))
+                     _kv_note(shape, fit), "sized by llama.cpp, no weights" if src.header_only else "measured by llama.cpp")
 
 
 def _kv_note(shape: ModelShape, fit: FitSettings) -> str:
