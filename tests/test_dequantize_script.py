@@ -7,30 +7,20 @@ dequantize_row_* functions in ggml-quants.c.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import gguf
 import numpy as np
 import pytest
+from scriptload import load_script
 from gguf import GGMLQuantizationType as QT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "dequantize_gguf.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dequantize_gguf_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
-dq = load_script()
+dq = load_script("dequantize_gguf.py")
 
 
 def f16_bytes(values: np.ndarray) -> np.ndarray:

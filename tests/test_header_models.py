@@ -5,14 +5,13 @@ that folder; and llama.cpp must size the generated header's buffers as it sizes 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from scriptload import load_script
 
 from ggufmix.engine.buffers import measure_buffers, simulate_buffers
 from ggufmix.io.gguf_index import read_index
@@ -20,17 +19,9 @@ from ggufmix.io.gguf_source import open_gguf
 from ggufmix.ship.devices import ModelShape, kv_cache_bytes
 from ggufmix.types import QuantType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "header_models.py"
 HALF_LOGGED_DIGIT = 0.005 * (1 << 20) + 1  # llama.cpp prints MiB with two decimals
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("header_models_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -45,7 +36,7 @@ def arch_keys(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return load_script()
+    return load_script("header_models.py")
 
 
 @pytest.mark.parametrize("family", ["llama31", "qwen3_moe", "deepseek_v2", "deepseek_v3"])
