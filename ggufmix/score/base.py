@@ -23,6 +23,8 @@ class Kernels:
 
     quantize: QuantizeFn
     dequantize: DequantizeFn
+    # F16 values (uint16 or float16) into a float32 array of the same size; None: numpy converts (~8x slower)
+    f16_to_f32: Callable[[np.ndarray, np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class TensorJob:
     imatrix: np.ndarray | None          # (n experts, ncols) per-column mean squared activation, or None
     kernels: Kernels
     read: Callable[[np.ndarray], np.ndarray] | None = None  # any rows by index, float32 (whole-tensor stats)
+    # F16 tensors: rows start:stop as stored (float16), read into the caller's buffer (out); None for other types
+    read_f16: Callable[[int, int, np.ndarray], np.ndarray] | None = None
     usage: np.ndarray | None = None     # (n experts,) tokens routed to each expert over the mean, or None
 
 

@@ -18,6 +18,7 @@ from ggufmix.layout.slots import Layout, Slot
 from ggufmix.score.base import BlockStats, Kernels, ModelContext, TensorJob, scorers
 from ggufmix.score.journal import Journal
 from ggufmix.scores import Scores, TensorScores
+from ggufmix.types import QuantType
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | No
                          "the source is damaged")
     rows_per_group = slot.shape[1] if len(slot.shape) > 1 else 1
     groups = (idx // rows_per_group) if imat is not None and imat.shape[0] > 1 else np.zeros(len(idx), np.int64)
+    f16 = source.tensors[slot.name].qtype == QuantType.F16
     return TensorJob(slot.name, slot.role, slot.layer, slot.shape, tuple(slot.candidates), rows,
                      groups, imat, kernels, read=lambda index: source.rows(slot.name, index),
-                     usage=usage if imat is not None and imat.shape[0] > 1 else None)
+                     usage=usage if imat is not None and imat.shape[0] > 1 else None,
+                     read_f16=(lambda start, stop, out: source.read_into(slot.name, start, stop, out)) if f16 else None)
