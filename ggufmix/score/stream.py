@@ -1,10 +1,9 @@
 """Stream a model tensor by tensor through a scorer: load sampled rows, score, drop."""
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -140,15 +139,19 @@ def _imatrix_slice(imatrix: Imatrix | None, slot: Slot) -> np.ndarray | None:
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:
-    """``pool.map`` that keeps at most ``window`` items loaded: Executor.map consumes its whole input
-    at once, which held every tensor's sampled rows in memory before the first was scored."""
-    pending: collections.deque = collections.deque()
+    """``fn`` over ``items`` on ``pool`` with at most ``window`` items in flight, results as they finish.
+
+    Executor.map consumes its whole input at once, which held every tensor's sampled rows in memory before
+    the first was scored. Results come in the order they finish, not the order given: waiting for the oldest
+    left the other threads idle behind a long tensor at the head (a model's embedding comes first and can be
+    a fifth of its weights)."""
+    pending: set[Future] = set()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        pending.add(pool.submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in done)
+    yield from (f.result() for f in as_completed(pending))
 
 
 def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | None, max_rows: int,
