@@ -135,3 +135,60 @@ def test_whole_tensor_stats_are_the_old_ones_to_the_bit(tmp_path: Path, monkeypa
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(lambda j: (layerwise.entropy_stats(j), layerwise.zd_stats(j)), jobs))
         assert {s.name: g for s, g in zip(slots, got)} == ref, convert
+
+
+@pytest.mark.parametrize("strategy", ["ewq", "zd"])
+def test_forked_workers_score_like_one_thread(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              strategy: str) -> None:
+    """With 2 workers ewq and zd run in forked processes, the tensors sent in batches (here of ~2 tensors):
+    the same scores to the bit as one thread."""
+    from ggufmix.score import stream
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(stream, "BATCH_VALUES", 200_000)
+    forked: list[int] = []
+    real_map = stream.ForkRunner.map
+    monkeypatch.setattr(stream.ForkRunner, "map", lambda self, tasks: (forked.append(1), real_map(self, tasks))[1])
+    src = open_source(tiny_model, False)
+    one = score_source(src, ScoreOptions(strategy, threads=1), None, progress=False)
+    two = score_source(src, ScoreOptions(strategy, threads=2), None, progress=False)
+    assert forked == ([1] if stream.can_fork() else [])
+    assert two.tensors == one.tensors
+
+
+def test_an_error_in_a_forked_worker_is_the_same_error(tiny_model: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufmix.errors import InputError
+    from ggufmix.score import base
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    def damaged(job: TensorJob) -> None:
+        raise InputError(f"{job.name!r} is damaged")
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(base.SCORERS, "ewq", base.ScorerSpec("ewq", damaged, False, "", False, gil_bound=True))
+    with pytest.raises(InputError, match="is damaged"):
+        score_source(open_source(tiny_model, False), ScoreOptions("ewq", threads=2), None, progress=False)
+
+
+def test_forked_workers_price_no_types(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent prices every type the tasks need before it forks: a worker pricing an IQ type would run
+    ggml's OpenMP set-up, which waits forever in a child of a process whose OpenMP threads exist."""
+    import os
+
+    from ggufmix.score import quant_error, stream
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    parent, real = os.getpid(), quant_error.price
+
+    def price(kernels: Kernels, qtype: QuantType, ncols: int) -> float:
+        assert os.getpid() == parent or (qtype, ncols) in quant_error.known_noise(), "a forked worker priced a type"
+        return real(kernels, qtype, ncols)
+
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quant_error, "price", price)
+    monkeypatch.setattr(quant_error, "_noise", {})
+    monkeypatch.setattr(stream, "BATCH_VALUES", 200_000)
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("zd", threads=2), None, progress=False)
+    assert len(scores.tensors) > 10 and quant_error.known_noise()

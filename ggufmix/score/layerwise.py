@@ -224,9 +224,11 @@ def _hybrid_fn(stat: StatFn) -> Callable[[TensorJob], TensorScore]:
     return fn
 
 
+WHOLE_TENSOR = (entropy_stats, zd_stats)  # read every weight: numpy-bound, scored in processes where possible
+
 for _name, (_stat, _blocks, _acts, _rows, _desc) in PAPERS.items():
     register(_name, needs_rows=_rows, calibrated=False, finish=_finisher(_blocks, TIERED.get(_name)),
-             activations=_acts,
+             activations=_acts, gil_bound=_stat in WHOLE_TENSOR,
              description=f"{_desc}; type costs from the real quantizer on Gaussian weights")(_pure_fn(_stat))
     register(f"measured+{_name}", calibrated=True, finish=_finisher(_blocks), activations=_acts,
              description=f"measured error x {_name} block importance")(_hybrid_fn(_stat))
