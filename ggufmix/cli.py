@@ -82,7 +82,8 @@ _score_options = [
     click.option("--strategy", default="measured", show_default=True, help="Scorer (measured, uniform, ...)."),
     click.option("--imatrix", type=_path, help="Importance matrix (llama-imatrix GGUF or legacy .dat)."),
     click.option("--rows", default=128, show_default=True, help="Rows sampled per tensor when measuring."),
-    click.option("--threads", default=2, show_default=True, help="Scoring threads."),
+    click.option("--threads", default=2, show_default=True,
+                 help="Scoring threads (processes for ewq, ewq-norm and zd, where the OS forks)."),
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
                                              "(lim, lieq and their measured+ hybrids)."),

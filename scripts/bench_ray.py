@@ -35,7 +35,7 @@ def score(path: Path, strategy: str, rows: int, runner: object | None, threads: 
 
     src = open_source(path, False)
     layout = build_layout(src.arch, src.tensors.values(), DEFAULT_TYPES)
-    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
+    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows, kernels.f16_to_f32)
     t0 = time.perf_counter()
     scores = score_model(src, layout, strategy, k, max_rows=rows, threads=threads, progress=False, runner=runner)
     return time.perf_counter() - t0, scores

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from ggufmix.engine.kernels import dequantize_rows, quantize_rows
+from ggufmix.engine.kernels import dequantize_rows, f16_to_f32, quantize_rows
 from ggufmix.errors import EngineError
 from ggufmix.types import DEFAULT_TYPES, QuantType
 
@@ -70,3 +70,15 @@ def test_quantize_rows_refuses_rows_that_are_not_whole_blocks() -> None:
     """ggml writes whole blocks whatever the buffer: a row narrower than the type's block must never reach it."""
     with pytest.raises(EngineError, match="Q4_K does not fit rows of 64"):
         quantize_rows(np.ones((64, 64), np.float32), QuantType.Q4_K)
+
+
+def test_f16_to_f32_gives_numpy_s_value_for_every_f16_bit_pattern() -> None:
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(bits.size, np.float32)
+    f16_to_f32(bits, out)
+    ref = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    finite = ~np.isnan(ref)  # a NaN's payload may come back quieted
+    np.testing.assert_array_equal(out.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+    with pytest.raises(ValueError, match="into 3"):
+        f16_to_f32(bits[:4], out[:3])

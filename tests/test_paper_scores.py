@@ -74,6 +74,23 @@ def test_z_accumulator_over_chunks_equals_one_pass() -> None:
     assert sum(acc.count_above(p) for p in np.array_split(x, 9)) / acc.n == stats.z_share(x)
 
 
+@pytest.mark.parametrize("piece", [8192, 3 * 8192, stats.PIECE])
+def test_pieces_give_the_bits_of_one_sum_over_the_chunk(monkeypatch: pytest.MonkeyPatch, piece: int) -> None:
+    """numpy sums float32 with dtype=float64 in 8192-value buffers, one after another: pieces of a multiple of
+    that, carried on with ``initial=``, are the same sum to the bit (if numpy changes its buffering, this fails
+    first). Magnitudes over ~6 decades make these float64 sums depend on their order: with this seed, pieces of
+    4096 or 5000 values change the last bits of both."""
+    monkeypatch.setattr(stats, "PIECE", piece)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(300_007) * np.exp(1.5 * rng.standard_normal(300_007))).astype(np.float32)
+    acc = stats.ZAccumulator()
+    acc.add(x)
+    assert (acc.s1, acc.s2) == (float(x.sum(dtype=np.float64)), float((x * x).sum(dtype=np.float64)))
+    ent = stats.SoftmaxEntropy()
+    ent.add(x)
+    assert ent.s0 == float(np.exp(x - x.max()).sum(dtype=np.float64))
+
+
 def _with_singular_values(s: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     u, _ = np.linalg.qr(RNG.standard_normal((shape[0], len(s))))
     v, _ = np.linalg.qr(RNG.standard_normal((shape[1], len(s))))

@@ -106,6 +106,28 @@ class GGUFSource:
         out = read_rows(self.path, self.offsets[name], row_bytes(info.qtype, info.ncols), rows, name)
         return np.frombuffer(out, dtype=_STORAGE.get(info.qtype, np.uint8)).reshape(len(rows), -1)
 
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name`` as stored (F16 as float16, F32 as float32, quantized types
+        as uint8 blocks), read into the front of ``out``, a buffer the caller reuses: the whole-tensor
+        statistics read every row of a model without a fresh buffer (and its page faults) per chunk.
+
+        Returns:
+            The rows, a view of ``out``, shape (stop - start, stored values per row).
+
+        Raises:
+            ValueError: ``out`` is not a contiguous buffer of that many bytes.
+            InputError: the file is shorter than its index says.
+        """
+        info = self.tensors[name]
+        rb = row_bytes(info.qtype, info.ncols)
+        raw = out.reshape(-1).view(np.uint8) if out.flags.c_contiguous else None
+        if raw is None or raw.size < (stop - start) * rb:
+            raise ValueError(f"{name!r}: rows {start}:{stop} need {(stop - start) * rb} bytes, the buffer has "
+                             f"{out.nbytes}{'' if out.flags.c_contiguous else ' and is not contiguous'}")
+        raw = raw[:(stop - start) * rb]
+        read_rows(self.path, self.offsets[name], rb, np.arange(start, stop), name, out=raw)
+        return raw.view(_STORAGE.get(info.qtype, np.uint8)).reshape(stop - start, -1)
+
     @property
     def total_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors.values())
@@ -125,13 +147,16 @@ class GGUFSource:
         return self.path.stat().st_size < self.data_end
 
 
-def read_rows(path: Path, offset: int, rb: int, rows: np.ndarray, name: str) -> bytearray:
-    """The raw bytes of ``rows`` (each ``rb`` bytes) of the tensor at ``offset`` in ``path``, one read per run.
+def read_rows(path: Path, offset: int, rb: int, rows: np.ndarray, name: str,
+              out: bytearray | np.ndarray | None = None) -> bytearray | np.ndarray:
+    """The raw bytes of ``rows`` (each ``rb`` bytes) of the tensor at ``offset`` in ``path``, one read per run,
+    into ``out`` (bytes, ``len(rows) * rb`` of them) or a new bytearray.
 
     Raises:
         InputError: the file is shorter than that (names ``path`` and tensor ``name``).
     """
-    out = bytearray(len(rows) * rb)
+    if out is None:
+        out = bytearray(len(rows) * rb)
     with open(path, "rb", buffering=0) as f:
         at = 0
         for first, count in _runs(rows):
@@ -148,7 +173,7 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), len(r)) for r in np.split(rows, breaks)]
 
 
-def _pread_into(fd: int, out: bytearray, at: int, n: int, offset: int, path: Path, name: str) -> None:
+def _pread_into(fd: int, out: bytearray | np.ndarray, at: int, n: int, offset: int, path: Path, name: str) -> None:
     view = memoryview(out)[at:at + n]
     done = 0
     while done < n:  # a single read returns at most ~2 GiB on Linux

@@ -23,6 +23,8 @@ class Kernels:
 
     quantize: QuantizeFn
     dequantize: DequantizeFn
+    # F16 values (uint16 or float16) into a float32 array of the same size; None: numpy converts (~8x slower)
+    f16_to_f32: Callable[[np.ndarray, np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class TensorJob:
     imatrix: np.ndarray | None          # (n experts, ncols) per-column mean squared activation, or None
     kernels: Kernels
     read: Callable[[np.ndarray], np.ndarray] | None = None  # any rows by index, float32 (whole-tensor stats)
+    # F16 tensors: rows start:stop as stored (float16), read into the caller's buffer (out); None for other types
+    read_f16: Callable[[int, int, np.ndarray], np.ndarray] | None = None
     usage: np.ndarray | None = None     # (n experts,) tokens routed to each expert over the mean, or None
 
 
@@ -105,6 +109,9 @@ class ScorerSpec:
     activations: str = ""           # "": weights only; "blocks": distances/erank; "ablation": + ppl_drop;
                                     # "oracle": end-to-end KLD per (tensor, type) (score/oracle.py)
     reads_weights: bool = True      # False: metadata only (works on a GGUF whose data is missing)
+    # numpy in short calls, where threads queue for the GIL: scored in forked processes, so it may call no
+    # llama.cpp code beyond the type prices (set before the fork) and f16_to_f32 (score/stream.ForkRunner)
+    gil_bound: bool = False
 
 
 SCORERS: dict[str, ScorerSpec] = {}
@@ -112,16 +119,18 @@ SCORERS: dict[str, ScorerSpec] = {}
 
 def register(name: str, *, needs_rows: bool = True, description: str = "", calibrated: bool = True,
              finish: FinishFn | None = None, activations: str = "",
-             reads_weights: bool = True) -> Callable[[ScorerFn], ScorerFn]:
+             reads_weights: bool = True, gil_bound: bool = False) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: make ``fn`` selectable as ``--strategy name``.
 
     ``calibrated=False``: the planner does not weight its errors by the role/depth gains.
     ``finish``: called once with every tensor's score (a per-layer ranking turns into importances there).
+    ``gil_bound``: the scorer runs numpy over the whole tensor in short calls; where the OS forks, local
+    scoring runs it in processes (score/stream.ForkRunner).
     """
 
     def deco(fn: ScorerFn) -> ScorerFn:
         SCORERS[name] = ScorerSpec(name, fn, needs_rows, description or (fn.__doc__ or "").strip().split("\n")[0],
-                                   calibrated, finish, activations, reads_weights)
+                                   calibrated, finish, activations, reads_weights, gil_bound)
         return fn
 
     return deco

@@ -238,7 +238,8 @@ def score_tensor(task: TensorTask, expect: tuple[str, str],
     """
     _check_same_code(expect)
     remember_noise(prices)
-    scores = run_task(task, _open(task.path), Kernels(kernels.quantize_rows, kernels.dequantize_rows))
+    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows, kernels.f16_to_f32)
+    scores = run_task(task, _open(task.path), k)
     width = task.slot.shape[0]
     used = {k: v for k, v in known_noise().items() if k[1] == width}
     usage = resource.getrusage(resource.RUSAGE_SELF)

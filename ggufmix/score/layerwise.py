@@ -30,14 +30,35 @@ from ggufmix.score import stats
 from ggufmix.score.base import ModelContext, TensorJob, TensorScore, register
 from ggufmix.score.quant_error import generic_errors, measured
 
-# Rows per read when a statistic needs the whole tensor: ~4M float32 values (16 MB) at a time.
+# Values per chunk when a statistic needs the whole tensor: ~4M (16 MB as float32), whole rows. The
+# statistics accumulate chunk by chunk, so this is part of their result (the last bits), not only of speed.
 CHUNK_VALUES = 1 << 22
-def row_chunks(job: TensorJob) -> Iterator[np.ndarray]:
-    """The whole tensor, a few MB at a time (entropy and z-scores are over every weight)."""
+
+
+def row_chunks(job: TensorJob) -> Iterator[stats.Chunk]:
+    """The whole tensor, CHUNK_VALUES values at a time (entropy and z-scores are over every weight).
+
+    F16 weights are read as stored into one buffer and converted a piece at a time by the engine's
+    converter (``job.kernels.f16_to_f32``, numpy without it); other types come as float32 rows from
+    ``job.read``. Either way the chunks hold the same float32 values: the statistics do not change.
+    """
     if job.read is None:
         raise ValueError(f"{job.name}: this strategy reads whole tensors and got no reader")
+    ncols = job.shape[0]
     nrows = int(np.prod(job.shape[1:])) if len(job.shape) > 1 else 1
-    return read_in_chunks(job.read, job.shape[0], nrows)
+    if job.read_f16 is None:
+        yield from (stats.Chunk.of(c) for c in read_in_chunks(job.read, ncols, nrows))
+        return
+    convert = job.kernels.f16_to_f32 if job.kernels is not None else None
+    step = max(1, CHUNK_VALUES // ncols)
+    buf = np.empty(min(step, nrows) * ncols, np.float16)
+    for start in range(0, nrows, step):
+        stop = min(nrows, start + step)
+        yield stats.Chunk(job.read_f16(start, stop, buf).reshape(-1), convert or _numpy_f16_to_f32)
+
+
+def _numpy_f16_to_f32(src: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, src.view(np.float16))
 
 
 def read_in_chunks(read: Callable[[np.ndarray], np.ndarray], ncols: int, nrows: int) -> Iterator[np.ndarray]:
@@ -52,15 +73,21 @@ def read_in_chunks(read: Callable[[np.ndarray], np.ndarray], ncols: int, nrows: 
 def entropy_stats(job: TensorJob) -> dict[str, float]:
     acc = stats.SoftmaxEntropy()
     for chunk in row_chunks(job):
-        acc.add(chunk)
+        acc.add_chunk(chunk)
     return {"entropy": acc.entropy, "entropy_excess": acc.excess, "n": float(acc.n)}
 
 
 def zd_stats(job: TensorJob) -> dict[str, float]:
+    """Two passes: mean and std, then the count beyond one std. A tensor of one chunk is counted in the
+    chunk still held; a larger one is read again (from the page cache: a tensor can be larger than the
+    memory one would hold it in)."""
     acc = stats.ZAccumulator()
+    first, n_chunks = None, 0
     for chunk in row_chunks(job):
-        acc.add(chunk)
-    above = sum(acc.count_above(chunk) for chunk in row_chunks(job))
+        acc.add_chunk(chunk)
+        first, n_chunks = (chunk if n_chunks == 0 else None), n_chunks + 1  # later chunks reuse its buffer
+    again = [first] if first is not None else row_chunks(job)
+    above = sum(acc.count_above(chunk) for chunk in again)
     return {"z_share": above / acc.n if acc.n else 0.0, "n": float(acc.n)}
 
 
@@ -197,9 +224,11 @@ def _hybrid_fn(stat: StatFn) -> Callable[[TensorJob], TensorScore]:
     return fn
 
 
+WHOLE_TENSOR = (entropy_stats, zd_stats)  # read every weight: numpy-bound, scored in processes where possible
+
 for _name, (_stat, _blocks, _acts, _rows, _desc) in PAPERS.items():
     register(_name, needs_rows=_rows, calibrated=False, finish=_finisher(_blocks, TIERED.get(_name)),
-             activations=_acts,
+             activations=_acts, gil_bound=_stat in WHOLE_TENSOR,
              description=f"{_desc}; type costs from the real quantizer on Gaussian weights")(_pure_fn(_stat))
     register(f"measured+{_name}", calibrated=True, finish=_finisher(_blocks), activations=_acts,
              description=f"measured error x {_name} block importance")(_hybrid_fn(_stat))

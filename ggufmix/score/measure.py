@@ -118,7 +118,7 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     spec = scorers()[opts.strategy]
     blocks = block_stats(src.path, spec.activations, layout.n_layers, opts, progress)
     oracle, oracle_settings = oracle_measurements(src, layout, opts, imatrix, progress)
-    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows)
+    k = Kernels(kernels.quantize_rows, kernels.dequantize_rows, kernels.f16_to_f32)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
                        "window": quant_error.WINDOW_VALUES,
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version(),

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ggufmix.score.base import TensorJob, TensorScore, register
+from ggufmix.score.base import Kernels, TensorJob, TensorScore, register
 from ggufmix.types import QuantType, block_size
 
 # ggml's IQ quantizers search codebooks and run ~50x slower than the others: they see every
@@ -126,14 +126,18 @@ def remember_noise(table: Mapping[tuple[QuantType, int], float]) -> None:
 
 def type_noise(job: TensorJob, qtype: QuantType) -> float:
     """Noise-to-signal ratio of llama.cpp's quantizer for ``qtype`` on seeded Gaussian rows of the job's width."""
-    ncols = job.shape[0]
+    return price(job.kernels, qtype, job.shape[0])
+
+
+def price(kernels: Kernels, qtype: QuantType, ncols: int) -> float:
+    """``type_noise`` for rows ``ncols`` wide: from the table when priced before, else measured and kept."""
     key = (qtype, ncols)
     with _noise_lock:
         if key in _noise:
             return _noise[key]
     x = np.random.default_rng(ncols).standard_normal((reference_rows(ncols), ncols)).astype(np.float32)
     flat = np.ones(ncols, np.float32)  # a flat imatrix: IQ1/IQ2 types refuse to quantize without one
-    deq = job.kernels.dequantize(job.kernels.quantize(x, qtype, flat), qtype, ncols)
+    deq = kernels.dequantize(kernels.quantize(x, qtype, flat), qtype, ncols)
     value = float(np.sum((x.astype(np.float64) - deq) ** 2) / np.sum(x.astype(np.float64) ** 2))
     with _noise_lock:
         _noise[key] = value
