@@ -1,5 +1,5 @@
-"""Mixture-of-experts models end to end: tiny random Qwen3-MoE, Mixtral and DeepSeek-V2 folders (MLA, a
-shared expert, a dense first block) through llama.cpp's real converter and ``ggufmix build``; the output
+"""Mixture-of-experts models end to end: tiny random Qwen3-MoE, Mixtral, DeepSeek-V2 (MLA, a shared expert,
+a dense first block) and gpt-oss (biases, attention sinks) folders through llama.cpp's real converter and ``ggufmix build``; the output
 loads and generates in llama.cpp. Stacked 3-D experts are sampled in every expert, and ``inspect`` reports
 bytes per group (experts, shared experts, routers, attention, dense ffn, embeddings).
 """
@@ -14,10 +14,13 @@ import pytest
 from click.testing import CliRunner
 
 from ggufmix.cli import cli
+from ggufmix.errors import InputError
 from ggufmix.layout.groups import group
 
 
-@pytest.mark.parametrize("family,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("deepseek_v2", "deepseek2")])
+@pytest.mark.parametrize("family,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("deepseek_v2", "deepseek2"),
+                                         # 21 s here (twice mixtral's): slow; its refusal test below runs in CI
+                                         pytest.param("gpt_oss", "gpt-oss", marks=pytest.mark.slow)])
 def test_moe_folder_builds_and_generates(family: str, arch: str, gpt2_vocab: Path, converter_cache: Path,
                                          tmp_path: Path) -> None:
     from tinyhf import write_tiny_hf
@@ -43,10 +46,30 @@ def test_moe_folder_builds_and_generates(family: str, arch: str, gpt2_vocab: Pat
         assert {f"{last}ffn_{w}_shexp.weight" for w in ("gate", "up", "down")} <= set(shapes)
         assert {f"{last}attn_k_b.weight", f"{last}attn_v_b.weight", f"{last}attn_kv_a_mqa.weight"} <= set(shapes)
     moe_blocks = 1 if family == "deepseek_v2" else 2
+    biases = family == "gpt_oss"  # gpt-oss: every expert matrix and the router have a bias (kept F32)
     by_group = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).output)["by_group"]
-    assert by_group["experts"]["tensors"] == 3 * moe_blocks and by_group["routers"]["tensors"] == moe_blocks
+    assert by_group["experts"]["tensors"] == (6 if biases else 3) * moe_blocks
+    assert by_group["routers"]["tensors"] == (2 if biases else 1) * moe_blocks
+    if biases:  # the biases are the experts' only F32 bytes: 3 per block, 4 experts x 256 floats
+        assert by_group["experts"]["types"]["F32"] == 3 * moe_blocks * 4 * 256 * 4
+        assert {f"{last}attn_sinks.weight", f"{last}ffn_gate_inp.bias"} <= set(shapes)
     assert ("shared experts" in by_group) == (family == "deepseek_v2")
     assert sum(g["bytes"] for g in by_group.values()) == sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def test_gpt_oss_mxfp4_experts_are_refused(gpt2_vocab: Path, converter_cache: Path, tmp_path: Path) -> None:
+    """openai/gpt-oss ships MXFP4 experts, which the converter copies as they are: one line naming the file,
+    the architecture and the type, non-zero exit, nothing written."""
+    from tinyhf import mxfp4_experts, write_tiny_hf
+
+    folder = mxfp4_experts(write_tiny_hf(tmp_path / "gpt_oss", "gpt_oss", seed=5, bpe_vocab=gpt2_vocab))
+    out = tmp_path / "out.gguf"
+    res = CliRunner().invoke(cli, ["-q", "build", str(folder), "-o", str(out), "--budget", "5.0bpw"])
+    assert res.exit_code != 0 and not out.exists()
+    assert isinstance(res.exception, InputError)  # the CLI's one-line "ggufmix: error:" (test_cli's requantize case)
+    line = str(res.exception)
+    assert "\n" not in line and ".gguf: gpt-oss tensor 'blk.0.ffn_down_exps.weight' is already MXFP4" in line
+    assert "--allow-requantize" in line
 
 
 def test_every_expert_is_sampled(tmp_path: Path) -> None:

@@ -63,6 +63,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "norm_topk_prob": True, "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32,
                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
                     "tie_word_embeddings": False},
+    # OpenAI gpt-oss: attention biases and sinks, alternating sliding/full attention, 3-D experts with biases;
+    # transformers builds the experts unquantized (bf16 gate_up_proj/down_proj, like a dequantized checkpoint)
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": 64,
+                "intermediate_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 64,
+                "layer_types": ["sliding_attention", "full_attention"], "attention_bias": True,
+                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 64},
+                "tie_word_embeddings": False},
     # Llama 3.1: llama3 rope scaling, which the converter writes as a rope_freqs tensor
     "llama31": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
                 "max_position_embeddings": 16384,
@@ -75,9 +83,9 @@ _SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, 
 _DTYPES = {"bfloat16", "float16", "float32"}
 _SPM_TYPE = {"xlm_roberta": "unigram"}  # XLM-RoBERTa's converter asserts a UNIGRAM SentencePiece model
 # Families whose converter reads only a BPE tokenizer.json with a pre-tokenizer it knows by hash
-# (Qwen2MoeModel and DeepseekV2Model call _set_vocab_gpt2): they get GPT-2's, rebuilt from llama.cpp's own
+# (Qwen2MoeModel, DeepseekV2Model and GptOssModel call _set_vocab_gpt2): they get GPT-2's, rebuilt from llama.cpp's own
 # models/ggml-vocab-gpt-2.gguf (``bpe_vocab``), 50257 tokens.
-BPE_FAMILIES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3"})
+BPE_FAMILIES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"})
 
 
 def write_tiny_hf(folder: str | Path, family: str = "llama", *, dtype: str = "bfloat16", shards: int = 1,
@@ -216,3 +224,35 @@ def write_bpe_tokenizer(folder: Path, vocab_gguf: Path) -> int:
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": end, "eos_token": end, "unk_token": end,
          "add_bos_token": False}))
     return len(tokens)
+
+
+def mxfp4_experts(folder: str | Path, seed: int = 0) -> Path:
+    """Turn a ``gpt_oss`` folder's experts into MXFP4, as openai/gpt-oss-20b ships them.
+
+    Each ``mlp.experts.{gate_up,down}_proj`` (experts, in, out) becomes ``*_blocks`` (experts, out, in/32, 16)
+    uint8 (two 4-bit codes a byte) and ``*_scales`` (experts, out, in/32) uint8 (E8M0 exponents), random, and
+    config.json gets ``quantization_config: {"quant_method": "mxfp4"}``: the converter then copies the experts
+    as MXFP4 without dequantizing (``GptOssModel.repack_mxfp4``).
+
+    Returns:
+        The folder.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(folder)
+    rng = np.random.default_rng(seed)
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        n_exp, n_in, n_out = tensors.pop(name).shape
+        blocks = rng.integers(0, 256, (n_exp, n_out, n_in // 32, 16), dtype=np.uint8)
+        scales = rng.integers(120, 127, (n_exp, n_out, n_in // 32), dtype=np.uint8)  # 2**-7 .. 2**-1
+        tensors[f"{name}_blocks"] = torch.from_numpy(blocks)
+        tensors[f"{name}_scales"] = torch.from_numpy(scales)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out

@@ -82,6 +82,15 @@ def measure(source: Path, opts: ScoreOptions, *, scores: Scores | None = None, p
     return Measured(src, imatrix, scores if scores is not None else score_source(src, opts, imatrix, progress))
 
 
+# Why a converted Hugging Face folder can hold quantized tensors, by type (said in the refusal).
+_ALREADY_QUANTIZED_WHY = {
+    # openai/gpt-oss-*: llama.cpp's converter copies the MXFP4 experts as they are (GptOssModel.repack_mxfp4);
+    # ggufmix cannot keep a source tensor's type as it is, so they would be dequantized and quantized again
+    QuantType.MXFP4: " (llama.cpp's converter copies MXFP4 experts, gpt-oss's, as they are; ggufmix cannot keep "
+                     "them as MXFP4)",
+}
+
+
 def open_source(path: Path, allow_requantize: bool, check_data: bool = True) -> GGUFSource:
     """Open a float source; a quantized one is refused unless the user accepts the quality loss.
 
@@ -92,7 +101,8 @@ def open_source(path: Path, allow_requantize: bool, check_data: bool = True) -> 
     quantized = [t for t in src.tensors.values() if t.qtype not in FLOAT_TYPES]
     if quantized and not allow_requantize:
         t = quantized[0]
-        raise InputError(f"{path}: tensor {t.name!r} is already {t.qtype.name}; requantizing can severely reduce "
+        raise InputError(f"{path}: {src.arch} tensor {t.name!r} is already {t.qtype.name}"
+                         f"{_ALREADY_QUANTIZED_WHY.get(t.qtype, '')}; requantizing can severely reduce "
                          "quality compared to quantizing from F16/BF16/F32 (pass --allow-requantize to go on)")
     return src
 
