@@ -1,7 +1,8 @@
 """Mixture-of-experts models end to end: tiny random Qwen3-MoE, Mixtral, DeepSeek-V2 (MLA, a shared expert,
-a dense first block) and gpt-oss (biases, attention sinks) folders through llama.cpp's real converter and ``ggufmix build``; the output
-loads and generates in llama.cpp. Stacked 3-D experts are sampled in every expert, and ``inspect`` reports
-bytes per group (experts, shared experts, routers, attention, dense ffn, embeddings).
+a dense first block) and gpt-oss (biases, attention sinks) folders through llama.cpp's real converter and
+``ggufmix build``; the output loads and generates in llama.cpp. Stacked 3-D experts are sampled in every
+expert, and ``inspect`` reports bytes per group (experts, shared experts, routers, attention, dense ffn,
+embeddings).
 """
 from __future__ import annotations
 
