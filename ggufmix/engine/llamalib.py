@@ -16,6 +16,7 @@ from ggufmix.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
+_INTERRUPTED = threading.Event()  # see _log and raise_pending_interrupt
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=200)
 _LISTENERS: list[Callable[[str], None]] = []
 _CALLBACK: list[object] = []  # the ctypes callback must stay referenced: a collected one segfaults
@@ -52,12 +53,17 @@ def llama() -> ModuleType:
 
     @llama_cpp.llama_log_callback
     def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", "replace")
-        _LOG_TAIL.append(line)
-        for fn in list(_LISTENERS):
-            fn(line)
-        if level in (2, 3):
-            logger.debug("llama.cpp: %s", line.rstrip())
+        try:
+            line = text.decode("utf-8", "replace")
+            _LOG_TAIL.append(line)
+            for fn in list(_LISTENERS):
+                fn(line)
+            if level in (2, 3):
+                logger.debug("llama.cpp: %s", line.rstrip())
+        except KeyboardInterrupt:
+            # Ctrl-C or `kill` (cli._terminate) landed while llama.cpp was logging: ctypes would print the exception
+            # and drop it, and the build would go on. raise_pending_interrupt() raises it once llama.cpp returns.
+            _INTERRUPTED.set()
 
     _CALLBACK.append(_log)
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
@@ -85,6 +91,18 @@ def _without_extra_buffers(llama_cpp: ModuleType) -> None:
     logger.debug("llama.cpp reports AMX: models load without extra buffer types (llama.cpp #20824)")
     llama_cpp.llama_cpp.llama_model_default_params = params_without_extra_buffers
     llama_cpp.llama_model_default_params = params_without_extra_buffers
+
+
+def raise_pending_interrupt() -> None:
+    """Raise the Ctrl-C or ``kill`` that arrived while llama.cpp was logging (ctypes drops exceptions raised in a
+    callback); call it when a long llama.cpp call returns.
+
+    Raises:
+        KeyboardInterrupt: one arrived during the call.
+    """
+    if _INTERRUPTED.is_set():
+        _INTERRUPTED.clear()
+        raise KeyboardInterrupt
 
 
 def lib_dir() -> Path:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ggufmix.engine.llamalib import LogProgress, last_error, llama
+from ggufmix.engine.llamalib import LogProgress, last_error, llama, raise_pending_interrupt
 from ggufmix.errors import EngineError
 from ggufmix.imatrix import Imatrix
 from ggufmix.types import QuantType
@@ -49,6 +49,7 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, f
     with LogProgress(step):
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     bar.close()
+    raise_pending_interrupt()
     if rc != 0:
         raise EngineError(f"{src}: llama.cpp failed to quantize: {last_error()}")
 
