@@ -20,7 +20,7 @@ SLOW_STRIDE = 4
 # row gives there; wider rows are measured on one window each, the windows rotating along the row from one
 # sampled row to the next, so every sampled row (and every part of the rows) still counts. Rows of at most
 # WINDOW_VALUES / rows columns (or under twice the window) are measured whole. Against whole rows: within 8%
-# per type on synthetic heavy-tailed tensors (tests/test_scorers.py); Qwen2.5-Coder-1.5B 7x faster, the same
+# per type on synthetic heavy-tailed tensors (tests/test_scorers.py); Qwen2.5-Coder-1.5B 5.5x faster, the same
 # plan at 3 bpw and 9 of 339 tensors planned differently at 4 bpw (docs/results.md).
 WINDOW_VALUES = 128 * 512
 # With an imatrix, ggml-quants.c's quantize_row_q4_0_impl (and q4_1, q5_0, q5_1) weight every value by the whole
