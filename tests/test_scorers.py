@@ -12,9 +12,8 @@ import pytest
 from ggufmix.engine.kernels import dequantize_rows, f16_to_f32, quantize_rows
 from ggufmix.io.gguf_source import GGUFSource, open_gguf
 from ggufmix.layout.slots import build_layout
-from ggufmix.score import layerwise, stats
+from ggufmix.score import layerwise, quant_error, stats
 from ggufmix.score.base import Kernels, TensorJob, scorers
-from ggufmix.score import quant_error
 from ggufmix.score.quant_error import typical_power, window_starts
 from ggufmix.score.stream import _job
 from ggufmix.types import DEFAULT_TYPES, QuantType

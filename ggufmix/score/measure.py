@@ -22,9 +22,9 @@ from ggufmix.io.imatrix import check_against, read_imatrix
 from ggufmix.io.text import read_text, text_sha256
 from ggufmix.layout.rules import collected_by_imatrix
 from ggufmix.layout.slots import build_layout
+from ggufmix.score import quant_error
 from ggufmix.score.base import BlockStats, Kernels, scorers
 from ggufmix.score.journal import BlockStatsCache, Journal, PriceCache, fingerprint
-from ggufmix.score import quant_error
 from ggufmix.score.quant_error import known_noise, remember_noise
 from ggufmix.score.stream import DEFAULT_ROWS, score_model
 from ggufmix.scores import Scores
