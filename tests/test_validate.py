@@ -97,3 +97,26 @@ def test_child_processes_load_llama_cpp_before_the_module_imports_numpy(tmp_path
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     doc = run_child("order_probe", ["a", "b c"], "probe", "probing")
     assert doc == {"llama_cpp_loaded_first": True, "argv": ["a", "b c"]}
+
+
+# llama.cpp 0.3.36's log of a SmolLM2 file loaded with every layer on an H200 (CUDA build, 2026-12-04)
+CUDA_LINES = ("load_tensors:        CUDA0 model buffer size =    47.71 MiB",
+              "load_tensors:    CUDA_Host model buffer size =     7.59 MiB",
+              "llama_context:  CUDA_Host  output buffer size =     0.19 MiB",
+              "llama_kv_cache:      CUDA0 KV buffer size =    45.00 MiB",
+              "sched_reserve:      CUDA0 compute buffer size =    97.12 MiB",
+              "sched_reserve:  CUDA_Host compute buffer size =     7.01 MiB")
+
+
+def test_gpu_row_counts_the_gpus_buffers_and_puts_the_rest_under_host() -> None:
+    from ggufmix.engine.backends import Device
+    from ggufmix.engine.buffers import parse_buffers
+    from ggufmix.ship.validate import _allocation
+
+    b = parse_buffers("\n".join(CUDA_LINES), "log").__dict__ | {"lines": CUDA_LINES}
+    gpu = Device(1, "CUDA0", "NVIDIA H200", "gpu", 0, 0)
+    on_gpu, host = _allocation(gpu, b)
+    assert on_gpu == round((47.71 + 45.00 + 97.12) * 2**20)
+    assert host == round((7.59 + 0.19 + 7.01) * 2**20)
+    cpu = Device(0, "CPU", "x86", "cpu", 0, 0)
+    assert _allocation(cpu, b) == (on_gpu + host, None)

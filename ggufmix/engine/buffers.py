@@ -101,6 +101,14 @@ def parse_buffers(log: str, what: str) -> Buffers:
     return Buffers(b["model"], b["KV"], b["compute"], b["output"], tuple(found))
 
 
+def bytes_by_device(lines: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """Bytes of the logged buffers per buffer type's device name (``CPU``, ``CPU_Mapped``, ``CUDA0``, ``CUDA_Host``)."""
+    out: dict[str, float] = {}
+    for m in _BUFFER.finditer("\n".join(lines)):
+        out[m.group("dev")] = out.get(m.group("dev"), 0.0) + float(m.group("mib"))
+    return {dev: round(mib * (1 << 20)) for dev, mib in out.items()}
+
+
 def simulate_buffers(path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int = 512, kv_type: str = "f16",
                      swa_full: bool = False) -> Buffers:
     """llama.cpp's buffers for a header-only ``path`` at these settings, without weights (see the module doc).

@@ -7,7 +7,10 @@ loads the file with every layer there and runs the shipped prompt set (``ggufmix
 and a ``--reference`` source (the F16 the file was built from) is run on the CPU too. Memory: what
 llama.cpp allocated on the device against what ``--fit`` predicts at the same context (tensor bytes + the
 KV cache by :func:`ggufmix.ship.devices.kv_cache_bytes` + the compute and output buffers llama.cpp measures
-on the CPU). A device that fails is a failed row with llama.cpp's reason.
+on the CPU). On a GPU the prediction is for the GPU's own memory: llama.cpp keeps the input layer (the token
+embedding's rows are gathered on the host) and the output buffer in host memory (``CUDA_Host``), and gives the
+output layer a copy of a tied embedding; what it put in host memory is the row's ``host``. A device that fails
+is a failed row with llama.cpp's reason.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ggufmix.engine.backends import Device, list_devices, select_devices
+from ggufmix.engine.buffers import bytes_by_device
 from ggufmix.engine.validate import RunSpec, offload_index, run_on_device
 from ggufmix.errors import EngineError, InputError, UsageError
 from ggufmix.evaluate.metrics import cosine_rows, divergence
@@ -32,6 +36,8 @@ from ggufmix.ship.devices import ModelShape, kv_cache_bytes
 logger = logging.getLogger(__name__)
 
 MIN_CTX = 256
+# llama.cpp's LLM_TENSOR_LAYER_INPUT tensors read by GET_ROWS (src/llama-arch.cpp): they stay in host memory
+INPUT_LAYER = frozenset({"token_embd.weight", "position_embd.weight", "token_types.weight", "per_layer_token_embd.weight"})
 
 
 @functools.cache
@@ -69,8 +75,9 @@ class Row:
     vs_reference: Agreement | None = None
     prompt_tps: float | None = None
     gen_tps: float | None = None
-    allocated: int | None = None
+    allocated: int | None = None  # on this device (on the CPU: every buffer)
     predicted: int | None = None
+    host: int | None = None  # a GPU run's buffers in host memory (input layer, output and host compute buffers)
     buffers: dict[str, Any] | None = None
 
     @property
@@ -143,8 +150,8 @@ def validate(path: Path, *, reference: Path | None = None, backends: str = "auto
         work = _Work(Path(tmp), mode, n_ctx, n_ubatch, _pooling(src.arch, src.metadata))
         runs = [work.run(path, d, offload_index(all_devices, d), f"dev{d.index}") for d in chosen]
         ref = work.reference(reference, runs[0]) if reference is not None else None
-        predicted = _predicted(src, runs[0], n_ctx, n_ubatch)
-        rows = tuple(work.row(d, r, runs[0], ref, predicted) for d, r in zip(chosen, runs))
+        rows = tuple(work.row(d, r, runs[0], ref, _predicted(src, runs[0], n_ctx, n_ubatch, on_gpu=d.kind != "cpu"))
+                     for d, r in zip(chosen, runs))
     return ValidateReport(str(path), src.arch, mode, n_ctx, n_ubatch, str(reference) if reference else None,
                           prompt_set()[0], rows, tuple(d.to_json() for d in all_devices))
 
@@ -236,21 +243,35 @@ class _Work:
         b = run.get("buffers")
         # on the CPU a tensor "moved" from an extra buffer type (AMX, CPU_REPACK) to plain CPU memory is no fallback
         moved = tuple(m for m in run.get("moved") or () if dev.kind != "cpu")
+        allocated, host = _allocation(dev, b)
         return Row(**head, offloaded=run.get("offloaded"), used_devices=tuple(run.get("used_devices") or ()),
                    moved=moved, graph_splits=run.get("graph_splits"),
                    vs_cpu=self.agree(cpu, run), vs_reference=self.agree(ref, run) if ref else None,
                    prompt_tps=_rate(run["prompt_tokens"], run["prompt_s"]), gen_tps=_rate(run["gen_tokens"], run["gen_s"]),
-                   allocated=(b["model"] + b["kv"] + b["compute"] + b["output"]) if b else None,
-                   predicted=predicted, buffers=b)
+                   allocated=allocated, predicted=predicted, host=host, buffers=b)
 
 
 def _rate(n: int, seconds: float) -> float | None:
     return n / seconds if n and seconds > 0 else None
 
 
-def _predicted(src: Any, cpu: dict[str, Any], n_ctx: int, n_ubatch: int) -> int | None:
+def _allocation(dev: Device, b: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(bytes allocated on ``dev``, bytes a GPU run put in host memory) from the run's buffer lines."""
+    if not b:
+        return None, None
+    total = b["model"] + b["kv"] + b["compute"] + b["output"]
+    if dev.kind == "cpu":
+        return total, None
+    on_dev = bytes_by_device(b["lines"]).get(dev.name, 0)
+    return on_dev, total - on_dev
+
+
+def _predicted(src: Any, cpu: dict[str, Any], n_ctx: int, n_ubatch: int, *, on_gpu: bool = False) -> int | None:
     """``--fit``'s arithmetic for this file: tensor bytes + KV cache (llama-cpp-python's ``swa_full`` default)
-    + compute and output buffers as llama.cpp measured them on the CPU; None when any part is unknown."""
+    + compute and output buffers as llama.cpp measured them on the CPU; None when any part is unknown.
+
+    ``on_gpu``: the GPU's share when every layer is offloaded: without the input layer's tensors, with a copy of
+    a tied embedding for the output layer, without the output buffer (both kept in host memory)."""
     b = cpu.get("buffers")
     if "error" in cpu or not b:
         return None
@@ -260,7 +281,13 @@ def _predicted(src: Any, cpu: dict[str, Any], n_ctx: int, n_ubatch: int) -> int 
         kv = 0 if b["kv"] == 0 else None
     if kv is None:
         return None
-    return sum(t.n_bytes for t in src.tensors.values()) + kv + b["compute"] + b["output"]
+    weights = sum(t.n_bytes for t in src.tensors.values())
+    if not on_gpu:
+        return weights + kv + b["compute"] + b["output"]
+    inputs = sum(t.n_bytes for name, t in src.tensors.items() if name in INPUT_LAYER)
+    tied = src.tensors["token_embd.weight"].n_bytes if "token_embd.weight" in src.tensors and \
+        "output.weight" not in src.tensors else 0
+    return weights - inputs + tied + kv + b["compute"]
 
 
 def write_report(report: ValidateReport, out: Path) -> Path:
