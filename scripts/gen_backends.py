@@ -106,9 +106,10 @@ def metal(root: Path) -> dict[str, dict[str, str]]:
     refused_rows = set(re.findall(r"op->src\[0\]->type\s*!=\s*GGML_TYPE_(\w+)", op_region(body, "GET_ROWS")))
     mv = set(re.findall(r'(?:host_name\("|kernel void )kernel_mul_mv_([a-z0-9_A-Z]+?)_f32(?:"\)|\()', src))
     rows = set(re.findall(r'(?:host_name\("|kernel void )kernel_get_rows_([a-z0-9_A-Z]+?)(?:"\)|\()', src))
-    up = {t: t.upper() for t in mv | rows}
-    return {"mul_mat": {up[t]: "yes" for t in sorted(mv) if not t.startswith("id_") and up[t] not in refused},
-            "get_rows": {up[t]: "yes" for t in sorted(rows) if up[t] not in refused_rows}}
+    known = set(re.findall(r"GGML_TYPE_(\w+)\s*=", (root / "ggml/include/ggml.h").read_text()))
+    up = {t: t.upper() for t in mv | rows if t.upper() in known}  # not the templates (kernel_get_rows_f, _q)
+    return {"mul_mat": {up[t]: "yes" for t in sorted(mv) if t in up and up[t] not in refused},
+            "get_rows": {up[t]: "yes" for t in sorted(rows) if t in up and up[t] not in refused_rows}}
 
 
 def cpu_repack(root: Path, features: str) -> list[str]:
