@@ -52,6 +52,9 @@ class GGUFIndex:
     file_size: int
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf: mmap.mmap | bytes, path: Path) -> None:
         self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
@@ -76,8 +79,13 @@ class _Cursor:
             raise InputError(f"{self.path}: {what} is not valid UTF-8 (offset {self.pos - n})") from None
 
     def skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` length-prefixed strings without copying them (a vocabulary: 150k of them)."""
+        pos, size, length = self.pos, self.size, _U64.unpack_from
         for _ in range(count):
-            self.take(self.unpack("<Q", what), what)
+            if pos + 8 > size or (pos := pos + 8 + length(self.buf, pos)[0]) > size:
+                raise InputError(f"{self.path}: truncated GGUF ({what} run past the end of the file, "
+                                 f"{self.size} bytes)")
+        self.pos = pos
 
     def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:

@@ -61,7 +61,7 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     check_output(out, [source], force)
     t0 = time.perf_counter()
     if scores is None:
-        opts = with_budget_width(opts, source, budget)
+        opts = type_floor(with_budget_width(opts, source, budget), source, budget, (*(types or ()), *(p.qtype for p in pins)))
     measured = measure(source, opts, scores=scores, progress=progress)
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
@@ -77,6 +77,25 @@ def with_budget_width(opts: ScoreOptions, source: Path, budget: Budget) -> Score
         return opts
     n = open_gguf(source, check_data=False).total_elements
     return replace(opts, widths=(round(budget.to_bytes(n) * 8 / n, 3),))
+
+
+# How far under the budget's width (bits per weight) a tensor's type can fall in a measured plan. The plans
+# measured here go at most 1.44 under it: Qwen2.5-Coder-1.5B at 3 and 4 bpw puts the embedding at IQ2_S
+# (2.56); SmolLM2-135M at 4.5 bpw, Q2_K's and Q4_K_M's sizes stays within 0.7.
+BUDGET_REACH_BPW = 2.5
+
+
+def type_floor(opts: ScoreOptions, source: Path, budget: Budget, keep: Sequence[QuantType]) -> ScoreOptions:
+    """A build measures no type narrower than the budget's width - BUDGET_REACH_BPW (the plan would not take
+    it; on SmolLM2 at Q4_K_M's size that is Q2_0, Q2_K, Q3_K and IQ3_S, a third of the measuring), except the
+    types ``keep`` names (``--types``, ``--pin``). ``score`` without a budget measures them all."""
+    from ggufmix.io.gguf_source import open_gguf
+
+    if opts.min_bpw or budget.is_rule:
+        return opts
+    n = open_gguf(source, check_data=False).total_elements
+    floor = budget.to_bytes(n) * 8 / n - BUDGET_REACH_BPW
+    return replace(opts, min_bpw=round(floor, 3), keep_types=tuple(dict.fromkeys(keep))) if floor > 0 else opts
 
 
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,

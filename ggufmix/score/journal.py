@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ggufmix import __version__
 from ggufmix.artifacts import cache_root, write_text_atomic
@@ -78,6 +78,7 @@ class Journal:
     def __init__(self, key: dict[str, Any], root: Path | None = None, folder: str = "score-journal",
                  code: bool = True) -> None:
         self.path = keyed_path(folder, key, root, ".jsonl", code)
+        self._out: TextIO | None = None
 
     def load(self) -> dict[str, TensorScores]:
         """Tensors already scored (empty when there is no journal)."""
@@ -96,14 +97,22 @@ class Journal:
         return done
 
     def add(self, name: str, ts: TensorScores) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"name": name, "errors": {t.name: v for t, v in ts.errors.items()},
-                           "importance": ts.importance, "stats": ts.stats})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
+        """Append one finished tensor; the line is on disk (flushed) when this returns."""
+        if self._out is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = self.path.open("a")
+        self._out.write(json.dumps({"name": name, "errors": {t.name: v for t, v in ts.errors.items()},
+                                    "importance": ts.importance, "stats": ts.stats}) + "\n")
+        self._out.flush()
 
     def finish(self) -> None:
+        self.close()
         self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 class PriceCache:

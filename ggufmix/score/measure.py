@@ -7,6 +7,8 @@ their activations, runs llama.cpp on the calibration text first. Nothing here wr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ class ScoreOptions:
     widths: tuple[float, ...] = ()  # kld: bits per weight whose nearest types the oracle measures (() = default)
     oracle: Any = None              # kld: score.oracle.OracleSettings; None: calib_chunks x 512 tokens
     assume_imatrix: bool = False    # price the imatrix-only types too, on the promise the build gets an imatrix
+    min_bpw: float = 0.0            # the measured strategies skip types narrower than this (build: see type_floor)
+    keep_types: tuple[QuantType, ...] = ()  # measured whatever min_bpw says (the build's --types and --pin types)
 
     def __post_init__(self) -> None:
         """Raises: UsageError: ``assume_imatrix`` with an imatrix, or with a strategy that quantizes the weights
@@ -77,9 +81,14 @@ def measure(source: Path, opts: ScoreOptions, *, scores: Scores | None = None, p
         InputError: a damaged or quantized source, or an imatrix that does not match it.
     """
     src = open_source(source, opts.allow_requantize)
-    check_loads(src.path, label=str(source))
-    imatrix = load_imatrix(opts.imatrix, src)
-    return Measured(src, imatrix, scores if scores is not None else score_source(src, opts, imatrix, progress))
+    with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
+        # llama.cpp reads the metadata in a child process while the tensors are measured; a refusal stops them
+        preflight = pool.submit(check_loads, src.path, label=str(source))
+        imatrix = load_imatrix(opts.imatrix, src)
+        if scores is None:
+            scores = score_source(src, opts, imatrix, progress, check=lambda: preflight.done() and preflight.result())
+        preflight.result()
+    return Measured(src, imatrix, scores)
 
 
 # Why a converted Hugging Face folder can hold quantized tensors, by type (said in the refusal).
@@ -118,7 +127,7 @@ def load_imatrix(path: Path | None, src: GGUFSource) -> Imatrix | None:
 
 
 def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
-                 progress: bool = True) -> Scores:
+                 progress: bool = True, check: Callable[[], Any] | None = None) -> Scores:
     """Measure every quantizable tensor once (all default types: any palette can be planned later).
 
     Finished tensors go to a journal as they come, so an interrupted run resumes (score/journal.py).
@@ -130,18 +139,22 @@ def score_source(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None,
     oracle, oracle_settings = oracle_measurements(src, layout, opts, imatrix, progress)
     k = Kernels(kernels.quantize_rows, kernels.dequantize_rows, kernels.f16_to_f32)
     journal = Journal({"source": fingerprint(src.path), "strategy": opts.strategy, "rows": opts.max_rows,
-                       "window": quant_error.WINDOW_VALUES,
+                       "window": quant_error.WINDOW_VALUES, "slow_stride": quant_error.SLOW_STRIDE,
+                       **({"min_bpw": opts.min_bpw, "keep": sorted(t.name for t in opts.keep_types)}
+                          if opts.min_bpw else {}),
                        "imatrix": fingerprint(opts.imatrix) if opts.imatrix else None, "llama-cpp-python": version(),
                        **({"assume_imatrix": True} if opts.assume_imatrix else {})})
     prices = PriceCache(version())
     remember_noise(prices.load())
     scores = score_model(src, layout, opts.strategy, k, imatrix=imatrix, max_rows=opts.max_rows,
                          threads=opts.threads, progress=progress, journal=journal, blocks=blocks,
-                         runner=_runner(opts), oracle=oracle)
+                         runner=_runner(opts), oracle=oracle, check=check)
     journal.finish()
     prices.save(known_noise())
     if opts.imatrix is not None:
         scores.settings["imatrix"] = str(opts.imatrix)
+    if opts.min_bpw:
+        scores.settings["min_bpw"] = opts.min_bpw
     if opts.assume_imatrix:
         scores.settings["assume_imatrix"] = True  # plan/build read it: the imatrix-only types need one at build
     if blocks is not None or oracle is not None:
@@ -155,9 +168,17 @@ def candidate_types(src: GGUFSource, opts: ScoreOptions, imatrix: Imatrix | None
     """The types to score, and the tensors that may take those llama.cpp writes only with an imatrix: the ones the
     imatrix has; with ``assume_imatrix``, the ones llama-imatrix will record (``blk.*``), and the 1-bit types join."""
     if not opts.assume_imatrix:
-        return DEFAULT_TYPES, set(imatrix.names if imatrix else ())
+        return _above_floor(DEFAULT_TYPES, opts), set(imatrix.names if imatrix else ())
     types = tuple(sorted(DEFAULT_TYPES + ONE_BIT_TYPES, key=lambda t: (bits_per_weight(t), int(t))))
-    return types, {n for n in src.tensors if collected_by_imatrix(n)}
+    return _above_floor(types, opts), {n for n in src.tensors if collected_by_imatrix(n)}
+
+
+def _above_floor(types: tuple[QuantType, ...], opts: ScoreOptions) -> tuple[QuantType, ...]:
+    """``types`` without those under ``opts.min_bpw`` (kept: ``opts.keep_types``), for the measured strategies."""
+    spec = scorers()[opts.strategy]
+    if not opts.min_bpw or not (spec.needs_rows and spec.calibrated):
+        return types
+    return tuple(t for t in types if bits_per_weight(t) >= opts.min_bpw or t in opts.keep_types)
 
 
 def _runner(opts: ScoreOptions) -> Any:

@@ -5,7 +5,7 @@ import logging
 import multiprocessing
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import (FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor,
                                 as_completed, wait)
 from dataclasses import dataclass
@@ -172,7 +172,7 @@ def n_matrices(shape: tuple[int, ...]) -> int:
 def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kernels, *,
                 imatrix: Imatrix | None = None, max_rows: int = DEFAULT_ROWS, threads: int = 2,
                 progress: bool = True, journal: Journal | None = None, blocks: BlockStats | None = None,
-                runner: Runner | None = None, oracle: Any = None) -> Scores:
+                runner: Runner | None = None, oracle: Any = None, check: Callable[[], Any] | None = None) -> Scores:
     """Score every quantizable tensor of ``source`` with the strategy's scorer.
 
     Args:
@@ -183,6 +183,7 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         blocks: activation diagnostics for strategies that rank layers by them (lim, lieq).
         runner: where the tensors are scored (default: ``threads`` threads here; score/cluster.py: Ray).
         oracle: the KLD oracle's measurements for the ``kld`` strategy (score/oracle.py).
+        check: called after each tensor; it raises to stop the scoring (measure's preflight did).
     """
     spec = scorers()[strategy]
     slots = [s for s in layout.slots if s.quantized]
@@ -196,6 +197,8 @@ def score_model(source: GGUFSource, layout: Layout, strategy: str, kernels: Kern
         results[name] = ts
         if journal:
             journal.add(name, ts)
+        if check:
+            check()
     if spec.finish is not None:
         ctx = ModelContext(tuple(slots), layout.n_layers, source.metadata, blocks, oracle)
         done = spec.finish({n: results[n] for n in (s.name for s in slots)}, ctx)
