@@ -160,3 +160,24 @@ def test_not_enough_disk_is_refused_before_quantizing(tiny_model: Path, tmp_path
     with pytest.raises(UsageError, match="MB free, the output needs"):
         build(tiny_model, tmp_path / "o.gguf", parse_budget("4bpw"), opts=ScoreOptions(max_rows=16), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_measures_no_type_far_under_its_budget_but_keeps_pinned_ones(tiny_model: Path, tmp_path: Path) -> None:
+    from ggufmix.realize.build import BUDGET_REACH_BPW, type_floor
+    from ggufmix.score.measure import candidate_types
+    from ggufmix.types import bits_per_weight
+
+    src = open_source(tiny_model, False)
+    opts = type_floor(ScoreOptions(max_rows=64), tiny_model, parse_budget("6.5bpw"), (QuantType.Q2_K,))
+    assert opts.min_bpw == pytest.approx(6.5 - BUDGET_REACH_BPW, abs=0.01)
+    types, _ = candidate_types(src, opts, None)
+    assert QuantType.Q2_K in types and QuantType.Q8_0 in types
+    assert all(bits_per_weight(t) >= opts.min_bpw for t in types if t != QuantType.Q2_K)
+    assert QuantType.Q3_K not in types
+    res = build(tiny_model, tmp_path / "o.gguf", parse_budget("6.5bpw"), opts=ScoreOptions(max_rows=64),
+                pins=[parse_pin(r"blk\.0\.ffn_down\.weight=Q2_K")], smoke=False, progress=False)
+    assert res.plan.types()["blk.0.ffn_down.weight"] == QuantType.Q2_K
+    assert res.plan.settings["min_bpw"] == opts.min_bpw
+    # a scorer that does not quantize weights (uniform) keeps every type; so does a build without a budget width
+    assert candidate_types(src, type_floor(ScoreOptions(strategy="uniform"), tiny_model, parse_budget("6.5bpw"), ()),
+                           None)[0] == candidate_types(src, ScoreOptions(), None)[0]
