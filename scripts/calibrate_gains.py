@@ -10,7 +10,10 @@ the F16 source on calibration text. The group's weight is
 i.e. KLD per unit of the scorer's noise-to-signal ratio. The result is written into
 ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its provenance.
 
-    python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8]
+    python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8] [--roles output]
+
+``--roles`` probes only those roles and adds their gains to the table (the others stay as they are): the roles
+the calibration model lacks, e.g. an untied ``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not).
 
 Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld``), no probe files: each
 group's gain is the sum of its tensors' measured KLDs over the sum of their noise-to-signal ratios at the
@@ -52,6 +55,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ggufmix-calibrate")
     ap.add_argument("--dry-run", action="store_true", help="Print the gains, do not write role_gains.json.")
+    ap.add_argument("--probe", default=PROBE.name, help="Probe type (default Q4_0; every row length of 32 takes it).")
+    ap.add_argument("--roles", help="Comma-separated roles to probe and add to the table (default: all, replacing it).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_scores:
@@ -60,26 +65,30 @@ def main() -> None:
         ap.error("give SOURCE and TEXT, or --from-scores")
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    probe = QuantType[args.probe.upper()]
     src = open_source(args.source, False)
     imatrix = load_imatrix(args.imatrix, src)
     scores = score_source(src, ScoreOptions(imatrix=args.imatrix), imatrix)
     layout = scores.layout
     groups: dict[str, list[str]] = defaultdict(list)
     for s in layout.slots:
-        if s.quantized:
+        if s.quantized and (not args.roles or s.role in args.roles.split(",")):
             groups[gain_key(s, layout.n_layers, layout.tied_embeddings)].append(s.name)
-    files = {"floor": _probe(scores, src.path, imatrix, set(), args.workdir / "floor.gguf")}
+    if not groups:
+        raise SystemExit(f"{args.source}: no quantized tensor has a role in --roles {args.roles}")
+    files = {"floor": _probe(scores, src.path, imatrix, set(), args.workdir / "floor.gguf", probe)}
     for key, names in sorted(groups.items()):
-        files[key] = _probe(scores, src.path, imatrix, set(names), args.workdir / f"{key.replace('@', '-')}.gguf")
+        files[key] = _probe(scores, src.path, imatrix, set(names),
+                            args.workdir / f"{key.replace('@', '-')}-{probe.name}.gguf", probe)
     kld = _measure_klds(files, src.path, args)
     gains = {}
     for key, names in sorted(groups.items()):
-        nsr = sum(scores.tensors[n].errors[PROBE] - scores.tensors[n].errors[FLOOR] for n in names)
+        nsr = sum(scores.tensors[n].errors[probe] - scores.tensors[n].errors[FLOOR] for n in names)
         gains[key] = max(kld[key] - kld["floor"], 1e-6) / max(nsr, 1e-12)
         print(f"{key:<24} {len(names):>3} tensors  KLD {kld[key]:.5f}  sum NSR {nsr:.4f}  gain {gains[key]:.4f}")
     print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
     if not args.dry_run:
-        _write(gains, args, src.path.name)
+        _write(gains, args, src.path.name, f"probe {probe.name} vs floor {FLOOR.name}")
 
 
 def oracle_gains(scores) -> dict[str, tuple[float, int]]:  # noqa: ANN001
@@ -134,8 +143,8 @@ def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace
     return kld
 
 
-def _probe(scores, source: Path, imatrix, group: set[str], out: Path) -> Path:  # noqa: ANN001
-    chosen = {s.name: PROBE if s.name in group else FLOOR for s in scores.layout.slots if s.quantized}
+def _probe(scores, source: Path, imatrix, group: set[str], out: Path, probe: QuantType) -> Path:  # noqa: ANN001
+    chosen = {s.name: probe if s.name in group else FLOOR for s in scores.layout.slots if s.quantized}
     if not out.exists():
         quantize_plan(source, out, plan_from_types(scores, chosen, out.stem), imatrix, progress=False)
     return out
@@ -145,11 +154,16 @@ def _write(gains: dict[str, float], args: argparse.Namespace, model: str,
            how: str = f"probe {PROBE.name} vs floor {FLOOR.name}") -> None:
     doc = json.loads(GAINS.read_text())
     table = "imatrix" if args.imatrix else "plain"
-    doc[table] = {k: round(v, 6) for k, v in gains.items()}
-    doc.setdefault("provenance_by_table", {})[table] = (
-        f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
-        + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
-        + f"; {how}")
+    command = (f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
+               + (f" --imatrix {args.imatrix.name}" if args.imatrix else "") + f"; {how}")
+    if getattr(args, "roles", None):  # added to the table; each added key keeps its own command
+        doc[table].update({k: round(v, 6) for k, v in gains.items()})
+        doc.setdefault("provenance_by_key", {}).setdefault(table, {}).update(
+            {k: command + f" --roles {args.roles}" for k in gains})
+    else:
+        doc[table] = {k: round(v, 6) for k, v in gains.items()}
+        doc.setdefault("provenance_by_table", {})[table] = command
+        doc.get("provenance_by_key", {}).pop(table, None)
     GAINS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GAINS} [{table}]")
 
