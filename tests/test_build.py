@@ -181,3 +181,24 @@ def test_a_build_measures_no_type_far_under_its_budget_but_keeps_pinned_ones(tin
     # a scorer that does not quantize weights (uniform) keeps every type; so does a build without a budget width
     assert candidate_types(src, type_floor(ScoreOptions(strategy="uniform"), tiny_model, parse_budget("6.5bpw"), ()),
                            None)[0] == candidate_types(src, ScoreOptions(), None)[0]
+
+
+def test_a_source_llama_cpp_refuses_stops_the_build_with_its_reason(tmp_path: Path) -> None:
+    import sys
+
+    from ggufmix.errors import EngineError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinymodel import write_tiny_llama
+
+    src = write_tiny_llama(tmp_path / "bad.f16.gguf", n_layer=2, n_vocab=300, seed=3)
+    raw = src.read_bytes()
+    key = b"tokenizer.ggml.model"
+    at = raw.index(key) + len(key) + 4 + 8  # the value after its type (u32) and length (u64)
+    assert raw[at:at + 5] == b"llama"
+    src.write_bytes(raw[:at] + b"nomod" + raw[at + 5:])  # a tokenizer llama.cpp does not know; the index parses
+    out = tmp_path / "out.gguf"
+    # llama.cpp reads the metadata in a child process beside the measuring; its refusal ends the build
+    with pytest.raises(EngineError, match="bad.f16.gguf"):
+        build(src, out, parse_budget("4.5bpw"), opts=ScoreOptions(max_rows=16), smoke=False, progress=False)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
