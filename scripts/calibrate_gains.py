@@ -12,7 +12,8 @@ ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its p
 
     python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8] [--roles output]
 
-``--roles`` probes only those roles and adds their gains to the table (the others stay as they are): the roles
+``--for-arch`` writes the table as the one for the source's architecture (``by_arch``): the planner uses it for
+models of that architecture, the default table for the rest. ``--roles`` probes only those roles and adds their gains to the table (the others stay as they are): the roles
 the calibration model lacks, e.g. an untied ``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not).
 
 Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld``), no probe files: each
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ggufmix-calibrate")
     ap.add_argument("--dry-run", action="store_true", help="Print the gains, do not write role_gains.json.")
     ap.add_argument("--probe", default=PROBE.name, help="Probe type (default Q4_0; every row length of 32 takes it).")
+    ap.add_argument("--for-arch", action="store_true",
+                    help="Write the gains as the table of the source's architecture (by_arch), not the default's.")
     ap.add_argument("--roles", help="Comma-separated roles to probe and add to the table (default: all, replacing it).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -88,7 +91,8 @@ def main() -> None:
         print(f"{key:<24} {len(names):>3} tensors  KLD {kld[key]:.5f}  sum NSR {nsr:.4f}  gain {gains[key]:.4f}")
     print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
     if not args.dry_run:
-        _write(gains, args, src.path.name, f"probe {probe.name} vs floor {FLOOR.name}")
+        _write(gains, args, src.path.name, f"probe {probe.name} vs floor {FLOOR.name}",
+               arch=src.arch if args.for_arch else None)
 
 
 def oracle_gains(scores) -> dict[str, tuple[float, int]]:  # noqa: ANN001
@@ -151,12 +155,16 @@ def _probe(scores, source: Path, imatrix, group: set[str], out: Path, probe: Qua
 
 
 def _write(gains: dict[str, float], args: argparse.Namespace, model: str,
-           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}") -> None:
+           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}", arch: str | None = None) -> None:
     doc = json.loads(GAINS.read_text())
     table = "imatrix" if args.imatrix else "plain"
     command = (f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
                + (f" --imatrix {args.imatrix.name}" if args.imatrix else "") + f"; {how}")
-    if getattr(args, "roles", None):  # added to the table; each added key keeps its own command
+    if arch:  # the planner takes this table for models of this architecture
+        entry = doc.setdefault("by_arch", {}).setdefault(arch, {})
+        entry[table] = {k: round(v, 6) for k, v in gains.items()}
+        entry.setdefault("provenance_by_table", {})[table] = command + " --for-arch"
+    elif getattr(args, "roles", None):  # added to the table; each added key keeps its own command
         doc[table].update({k: round(v, 6) for k, v in gains.items()})
         doc.setdefault("provenance_by_key", {}).setdefault(table, {}).update(
             {k: command + f" --roles {args.roles}" for k in gains})

@@ -109,3 +109,16 @@ def test_assumed_imatrix_candidates_mirror_llama_cpp(tiny_model) -> None:  # noq
         ScoreOptions("measured", assume_imatrix=True)
     with pytest.raises(BudgetError, match="not achievable"):
         make_plan(plain, Budget(1.8, "bpw"))
+
+
+def test_a_model_whose_architecture_has_its_own_table_is_planned_with_it() -> None:
+    import json
+    from importlib import resources
+
+    doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
+    qwen = doc["by_arch"]["qwen2"]
+    assert load_gains(False, "qwen2") == {k: float(v) for k, v in qwen["plain"].items()}
+    assert load_gains(False, "llama") == load_gains(False) != load_gains(False, "qwen2")
+    assert "plain" in qwen["provenance_by_table"]
+    if "imatrix" not in qwen:  # a mode the architecture was not calibrated in takes the default's table
+        assert load_gains(True, "qwen2") == load_gains(True)

@@ -48,10 +48,12 @@ def parse_pin(text: str) -> Pin:
     return Pin(rx, parse_type(tname))
 
 
-def load_gains(imatrix: bool = False) -> dict[str, float]:
-    """Objective weights per ``role@depth`` shipped in ggufmix/data/role_gains.json (see gain_key)."""
+def load_gains(imatrix: bool = False, arch: str | None = None) -> dict[str, float]:
+    """Objective weights per ``role@depth`` shipped in ggufmix/data/role_gains.json (see gain_key): the table
+    calibrated on a model of ``arch`` when there is one for this mode (``by_arch``), else the default's."""
     doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
-    table = doc["imatrix" if imatrix and "imatrix" in doc else "plain"]
+    mode = "imatrix" if imatrix and "imatrix" in doc else "plain"
+    table = doc.get("by_arch", {}).get(arch or "", {}).get(mode) or doc[mode]
     return {k: float(v) for k, v in table.items()}
 
 
@@ -109,7 +111,7 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     if budget.is_rule:
         return rule_plan(scores, types=types, pins=pins)
     if gains is None:
-        gains = load_gains(scores.settings.get("imatrix") is not None) if scores.calibrated else {}
+        gains = load_gains(scores.settings.get("imatrix") is not None, scores.layout.arch) if scores.calibrated else {}
     slots = [s for s in scores.layout.slots if s.quantized]
     weight = _weighting(scores, slots, gains)
     options = {s.name: _options(s, scores, types, pins, weight(s)) for s in slots}
