@@ -163,12 +163,13 @@ def test_not_enough_disk_is_refused_before_quantizing(tiny_model: Path, tmp_path
 
 
 def test_a_build_measures_no_type_far_under_its_budget_but_keeps_pinned_ones(tiny_model: Path, tmp_path: Path) -> None:
-    from ggufmix.realize.build import BUDGET_REACH_BPW, type_floor
+    from ggufmix.realize.build import BUDGET_REACH_BPW, budget_width, type_floor
     from ggufmix.score.measure import candidate_types
     from ggufmix.types import bits_per_weight
 
     src = open_source(tiny_model, False)
-    opts = type_floor(ScoreOptions(max_rows=64), tiny_model, parse_budget("6.5bpw"), (QuantType.Q2_K,))
+    width = budget_width(tiny_model, parse_budget("6.5bpw"))
+    opts = type_floor(ScoreOptions(max_rows=64), width, (QuantType.Q2_K,))
     assert opts.min_bpw == pytest.approx(6.5 - BUDGET_REACH_BPW, abs=0.01)
     types, _ = candidate_types(src, opts, None)
     assert QuantType.Q2_K in types and QuantType.Q8_0 in types
@@ -179,7 +180,7 @@ def test_a_build_measures_no_type_far_under_its_budget_but_keeps_pinned_ones(tin
     assert res.plan.types()["blk.0.ffn_down.weight"] == QuantType.Q2_K
     assert res.plan.settings["min_bpw"] == opts.min_bpw
     # a scorer that does not quantize weights (uniform) keeps every type; so does a build without a budget width
-    assert candidate_types(src, type_floor(ScoreOptions(strategy="uniform"), tiny_model, parse_budget("6.5bpw"), ()),
+    assert candidate_types(src, type_floor(ScoreOptions(strategy="uniform"), width, ()),
                            None)[0] == candidate_types(src, ScoreOptions(), None)[0]
 
 

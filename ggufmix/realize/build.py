@@ -60,23 +60,30 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     """
     check_output(out, [source], force)
     t0 = time.perf_counter()
-    if scores is None:
-        opts = type_floor(with_budget_width(opts, source, budget), source, budget, (*(types or ()), *(p.qtype for p in pins)))
+    if scores is None and not budget.is_rule:
+        width = budget_width(source, budget)
+        opts = type_floor(with_budget_width(opts, width), width, (*(types or ()), *(p.qtype for p in pins)))
     measured = measure(source, opts, scores=scores, progress=progress)
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
                             progress=progress, seconds=seconds, search_minutes=search_minutes)
 
 
-def with_budget_width(opts: ScoreOptions, source: Path, budget: Budget) -> ScoreOptions:
-    """``kld`` measures the types nearest the budget's width: give the oracle that width (bits per weight)."""
+def budget_width(source: Path, budget: Budget) -> float:
+    """The budget in bits per weight of ``source`` (a size or bits-per-weight budget, not a rule)."""
     from ggufmix.io.gguf_source import open_gguf
+
+    n = open_gguf(source, check_data=False).total_elements
+    return budget.to_bytes(n) * 8 / n
+
+
+def with_budget_width(opts: ScoreOptions, width: float) -> ScoreOptions:
+    """``kld`` measures the types nearest the budget's width: give the oracle that width (bits per weight)."""
     from ggufmix.score.base import scorers
 
-    if opts.widths or budget.is_rule or scorers()[opts.strategy].activations != "oracle":
+    if opts.widths or scorers()[opts.strategy].activations != "oracle":
         return opts
-    n = open_gguf(source, check_data=False).total_elements
-    return replace(opts, widths=(round(budget.to_bytes(n) * 8 / n, 3),))
+    return replace(opts, widths=(round(width, 3),))
 
 
 # How far under the budget's width (bits per weight) a tensor's type can fall in a measured plan. The plans
@@ -85,17 +92,14 @@ def with_budget_width(opts: ScoreOptions, source: Path, budget: Budget) -> Score
 BUDGET_REACH_BPW = 2.5
 
 
-def type_floor(opts: ScoreOptions, source: Path, budget: Budget, keep: Sequence[QuantType]) -> ScoreOptions:
-    """A build measures no type narrower than the budget's width - BUDGET_REACH_BPW (the plan would not take
+def type_floor(opts: ScoreOptions, width: float, keep: Sequence[QuantType]) -> ScoreOptions:
+    """A build measures no type narrower than the budget's ``width`` - BUDGET_REACH_BPW (the plan would not take
     it; on SmolLM2 at Q4_K_M's size that is Q2_0, Q2_K, Q3_K and IQ3_S, a third of the measuring), except the
     types ``keep`` names (``--types``, ``--pin``). ``score`` without a budget measures them all."""
-    from ggufmix.io.gguf_source import open_gguf
-
-    if opts.min_bpw or budget.is_rule:
+    floor = width - BUDGET_REACH_BPW
+    if opts.min_bpw or floor <= 0:
         return opts
-    n = open_gguf(source, check_data=False).total_elements
-    floor = budget.to_bytes(n) * 8 / n - BUDGET_REACH_BPW
-    return replace(opts, min_bpw=round(floor, 3), keep_types=tuple(dict.fromkeys(keep))) if floor > 0 else opts
+    return replace(opts, min_bpw=round(floor, 3), keep_types=tuple(dict.fromkeys(keep)))
 
 
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,
