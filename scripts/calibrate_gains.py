@@ -13,8 +13,9 @@ ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its p
     python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [--imatrix FILE] [--chunks 8] [--roles output]
 
 ``--for-arch`` writes the table as the one for the source's architecture (``by_arch``): the planner uses it for
-models of that architecture, the default table for the rest. ``--roles`` probes only those roles and adds their gains to the table (the others stay as they are): the roles
-the calibration model lacks, e.g. an untied ``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not).
+models of that architecture, the default table for the rest. ``--roles`` probes only those roles and adds their
+gains to the default table (the others stay as they are): the roles the calibration model lacks, e.g. an untied
+``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not). ``--probe`` probes at another type than Q4_0.
 
 Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld``), no probe files: each
 group's gain is the sum of its tensors' measured KLDs over the sum of their noise-to-signal ratios at the
@@ -64,6 +65,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_scores:
         return _from_oracle(args)
+    if args.for_arch and args.roles:
+        ap.error("--for-arch writes a whole table for the architecture: leave out --roles")
     if args.source is None or args.text is None:
         ap.error("give SOURCE and TEXT, or --from-scores")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,7 @@ def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace
     """KLD of every probe file; kept in the workdir, so re-scoring (a new error measure) needs no new eval:
     the probes' types, hence their KLDs, do not depend on the scores."""
     key = {"source": str(source), "text": str(args.text), "chunks": args.chunks, "ctx": args.ctx,
-           "imatrix": str(args.imatrix)}
+           "imatrix": str(args.imatrix), "probe": args.probe.upper()}
     cache = args.workdir / "kld.json"
     if cache.exists():
         doc = json.loads(cache.read_text())
@@ -164,7 +167,7 @@ def _write(gains: dict[str, float], args: argparse.Namespace, model: str,
         entry = doc.setdefault("by_arch", {}).setdefault(arch, {})
         entry[table] = {k: round(v, 6) for k, v in gains.items()}
         entry.setdefault("provenance_by_table", {})[table] = command + " --for-arch"
-    elif getattr(args, "roles", None):  # added to the table; each added key keeps its own command
+    elif args.roles:  # added to the table; each added key keeps its own command
         doc[table].update({k: round(v, 6) for k, v in gains.items()})
         doc.setdefault("provenance_by_key", {}).setdefault(table, {}).update(
             {k: command + f" --roles {args.roles}" for k in gains})
