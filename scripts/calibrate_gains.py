@@ -21,7 +21,11 @@ Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld
 group's gain is the sum of its tensors' measured KLDs over the sum of their noise-to-signal ratios at the
 same types (the measured scorer's, kept in the kld scores' stats):
 
-    python scripts/calibrate_gains.py --from-scores scores-kld-imatrix.json [--dry-run]
+    python scripts/calibrate_gains.py --from-scores scores-kld-imatrix.json [--for-arch] [--dry-run]
+
+The shipped imatrix tables come from there: ``ggufmix bench ... --modes imatrix --strategies measured,kld``
+(docs/strategies.md) writes ``scores-kld-imatrix.json``, measured on the calibration text at the types near
+the stock mixes' widths.
 """
 from __future__ import annotations
 
@@ -63,10 +67,10 @@ def main() -> None:
     ap.add_argument("--roles", help="Comma-separated roles to probe and add to the table (default: all, replacing it).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.from_scores:
-        return _from_oracle(args)
     if args.for_arch and args.roles:
         ap.error("--for-arch writes a whole table for the architecture: leave out --roles")
+    if args.from_scores:
+        return _from_oracle(args)
     if args.source is None or args.text is None:
         ap.error("give SOURCE and TEXT, or --from-scores")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +132,15 @@ def _from_oracle(args: argparse.Namespace) -> None:
         print(f"{key:<24} {n:>4} measurements  gain {g:.5f}")
     if not args.dry_run:
         args.imatrix = Path(scores.settings["imatrix"]) if scores.settings.get("imatrix") else None
-        args.text, args.chunks, args.ctx = Path(scores.settings["calib"]["text"]), scores.settings["oracle"]["chunks"], \
-            scores.settings["oracle"]["ctx"]
-        _write({k: g for k, (g, _) in fitted.items()}, args, Path(scores.source["path"]).name,
-               f"from the KLD oracle's measurements ({args.from_scores.name}, start {scores.settings['oracle']['start']})")
+        o = scores.settings["oracle"]
+        command = (f"ggufmix score {Path(scores.source['path']).name} --strategy kld "
+                   f"--calib {Path(scores.settings['calib']['text']).name}"
+                   + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
+                   + f" --oracle chunks={o['chunks']},ctx={o['ctx']},start={o['start']},types={o['max_types']}"
+                   + f" (widths {','.join(f'{w:g}' for w in o['widths'])} bpw)"
+                   + f"; scripts/calibrate_gains.py --from-scores {args.from_scores.name}")
+        _write({k: g for k, (g, _) in fitted.items()}, args, command=command,
+               arch=scores.layout.arch if args.for_arch else None)
 
 
 def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -157,12 +166,13 @@ def _probe(scores, source: Path, imatrix, group: set[str], out: Path, probe: Qua
     return out
 
 
-def _write(gains: dict[str, float], args: argparse.Namespace, model: str,
-           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}", arch: str | None = None) -> None:
+def _write(gains: dict[str, float], args: argparse.Namespace, model: str = "",
+           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}", arch: str | None = None,
+           command: str | None = None) -> None:
     doc = json.loads(GAINS.read_text())
     table = "imatrix" if args.imatrix else "plain"
-    command = (f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
-               + (f" --imatrix {args.imatrix.name}" if args.imatrix else "") + f"; {how}")
+    command = command or (f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
+                          + (f" --imatrix {args.imatrix.name}" if args.imatrix else "") + f"; {how}")
     if arch:  # the planner takes this table for models of this architecture
         entry = doc.setdefault("by_arch", {}).setdefault(arch, {})
         entry[table] = {k: round(v, 6) for k, v in gains.items()}

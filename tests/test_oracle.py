@@ -120,3 +120,42 @@ def test_kld_scores_resume_after_an_interruption(tmp_path: Path, monkeypatch: py
     assert all(ts.errors[t] == ts.stats[f"kld.{t.name}"] for t in measured)
     assert ts.errors[QuantType.Q2_K] > ts.errors[QuantType.Q6_K]
     assert clean.settings["units"] == "kld" and clean.settings["oracle"]["interpolated"] > 0
+
+
+def test_gains_fitted_from_oracle_scores_become_the_architectures_table(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+    import sys
+
+    from scriptload import load_script
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.plan import planner
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    model = write_tiny_llama(tmp_path / "two-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text())
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(4.5,), threads=1, max_rows=32)
+    scores = score_source(open_source(model, False), opts, None, progress=False)
+    saved = scores.save(tmp_path / "scores-kld.json")
+
+    cal = load_script("calibrate_gains.py")
+    gains_file = Path(shutil.copy(cal.GAINS, tmp_path / "role_gains.json"))
+    before = json.loads(gains_file.read_text())
+    monkeypatch.setattr(cal, "GAINS", gains_file)
+    monkeypatch.setattr(sys, "argv", ["calibrate_gains.py", "--from-scores", str(saved), "--for-arch"])
+    cal.main()
+
+    after = json.loads(gains_file.read_text())
+    assert {k: after[k] for k in ("plain", "imatrix")} == {k: before[k] for k in ("plain", "imatrix")}
+    table = after["by_arch"]["llama"]["plain"]  # no imatrix: the plain table of the model's architecture
+    for i in range(2):  # one block early, one late: each its own key, KLD per unit of NSR at the measured types
+        stats = scores.tensors[f"blk.{i}.ffn_down.weight"].stats
+        measured = [k[4:] for k in stats if k.startswith("kld.")]
+        kld, nsr = sum(stats[f"kld.{t}"] for t in measured), sum(stats[f"nsr.{t}"] for t in measured)
+        assert len(measured) == 2 and kld > 0
+        assert table[f"ffn_down@{planner.depth_bucket(i, 2)}"] == pytest.approx(kld / nsr, rel=1e-4)
+    assert "--oracle chunks=1,ctx=" in after["by_arch"]["llama"]["provenance_by_table"]["plain"]
