@@ -159,3 +159,12 @@ def test_gains_fitted_from_oracle_scores_become_the_architectures_table(tmp_path
         assert len(measured) == 2 and kld > 0
         assert table[f"ffn_down@{planner.depth_bucket(i, 2)}"] == pytest.approx(kld / nsr, rel=1e-4)
     assert "--oracle chunks=1,ctx=" in after["by_arch"]["llama"]["provenance_by_table"]["plain"]
+
+
+def test_the_oracles_chunks_are_spread_over_the_text() -> None:
+    from ggufmix.score.oracle import ScoredFrom
+
+    tokens = np.arange(100)
+    plan = ScoredFrom(ctx=8, n_chunks=3, start=2, stride=100 // 8 // 3)  # 12 chunks in the text, every 4th
+    assert [int(plan.chunk_tokens(tokens, i)[0]) for i in range(3)] == [0, 32, 64]
+    assert plan.targets(tokens, 2).tolist() == list(range(67, 72))  # positions 2..6 predict tokens 3..7

@@ -65,13 +65,22 @@ class OracleSettings:
 @dataclass(frozen=True)
 class ScoredFrom(ChunkPlan):
     """Chunks scored from position ``start`` on (perplexity.cpp scores the second half only): the oracle
-    compares the model with itself, so early positions count too, at almost no extra cost per pass."""
+    compares the model with itself, so early positions count too, at almost no extra cost per pass. The
+    chunks are spread over the whole text, ``stride`` chunks apart: a calibration text is often several
+    texts put together (web, technical, code), and its first chunks would all come from the first one."""
 
     start: int = 64
+    stride: int = 1
 
     @property
     def first(self) -> int:
         return self.start
+
+    def chunk_tokens(self, tokens: np.ndarray, index: int) -> np.ndarray:
+        return super().chunk_tokens(tokens, index * self.stride)
+
+    def targets(self, tokens: np.ndarray, index: int) -> np.ndarray:
+        return super().targets(tokens, index * self.stride)
 
 
 def parse_oracle(text: str) -> OracleSettings:
@@ -128,7 +137,8 @@ class Oracle:
         try:
             self.tokens = self.model.tokenize(text)
             full = plan_chunks(len(self.tokens), settings.ctx, settings.chunks)
-            self.plan: ChunkPlan = ScoredFrom(full.ctx, full.n_chunks, settings.start)
+            stride = len(self.tokens) // full.ctx // full.n_chunks
+            self.plan: ChunkPlan = ScoredFrom(full.ctx, full.n_chunks, settings.start, stride)
             self.model.find_weights(self.tokens, self.plan)
             t0 = time.perf_counter()
             self.base = [compress_topk(lp, self._targets(i)) for i, lp in
@@ -185,7 +195,7 @@ class Oracle:
 # ggufmix's code, so that a planner change does not throw away hours of measurements). MEASUREMENT_VERSION
 # stands for this module's own part (what is swapped, which tokens are scored): bump it when that changes.
 MEASURING_CODE = ("engine/oracle.py", "engine/kernels.py", "evaluate/basecache.py", "numerics.py")
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2  # 2: the chunks are spread over the text
 
 
 def journal_for(source: Path, text: str, settings: OracleSettings, imatrix_path: Path | None,
