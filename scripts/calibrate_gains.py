@@ -98,8 +98,11 @@ def main() -> None:
         print(f"{key:<24} {len(names):>3} tensors  KLD {kld[key]:.5f}  sum NSR {nsr:.4f}  gain {gains[key]:.4f}")
     print(f"floor (all {FLOOR.name}) KLD {kld['floor']:.5f}; {time.perf_counter() - t0:.0f} s")
     if not args.dry_run:
-        _write(gains, args, src.path.name, f"probe {probe.name} vs floor {FLOOR.name}",
-               arch=src.arch if args.for_arch else None)
+        command = (f"scripts/calibrate_gains.py {src.path.name} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
+                   + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
+                   + f"; probe {probe.name} vs floor {FLOOR.name}")
+        _write(gains, "imatrix" if args.imatrix else "plain", command,
+               arch=src.arch if args.for_arch else None, roles=args.roles)
 
 
 def oracle_gains(scores) -> dict[str, tuple[float, int]]:  # noqa: ANN001
@@ -131,16 +134,16 @@ def _from_oracle(args: argparse.Namespace) -> None:
     for key, (g, n) in fitted.items():
         print(f"{key:<24} {n:>4} measurements  gain {g:.5f}")
     if not args.dry_run:
-        args.imatrix = Path(scores.settings["imatrix"]) if scores.settings.get("imatrix") else None
+        imatrix = scores.settings.get("imatrix")
         o = scores.settings["oracle"]
         command = (f"ggufmix score {Path(scores.source['path']).name} --strategy kld "
                    f"--calib {Path(scores.settings['calib']['text']).name}"
-                   + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
+                   + (f" --imatrix {Path(imatrix).name}" if imatrix else "")
                    + f" --oracle chunks={o['chunks']},ctx={o['ctx']},start={o['start']},types={o['max_types']}"
                    + f" (widths {','.join(f'{w:g}' for w in o['widths'])} bpw)"
                    + f"; scripts/calibrate_gains.py --from-scores {args.from_scores.name}")
-        _write({k: g for k, (g, _) in fitted.items()}, args, command=command,
-               arch=scores.layout.arch if args.for_arch else None)
+        _write({k: g for k, (g, _) in fitted.items()}, "imatrix" if imatrix else "plain", command,
+               arch=scores.layout.arch if args.for_arch else None, roles=args.roles)
 
 
 def _measure_klds(files: dict[str, Path], source: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -166,21 +169,19 @@ def _probe(scores, source: Path, imatrix, group: set[str], out: Path, probe: Qua
     return out
 
 
-def _write(gains: dict[str, float], args: argparse.Namespace, model: str = "",
-           how: str = f"probe {PROBE.name} vs floor {FLOOR.name}", arch: str | None = None,
-           command: str | None = None) -> None:
+def _write(gains: dict[str, float], table: str, command: str, *, arch: str | None = None,
+           roles: str | None = None) -> None:
+    """Write ``gains`` as role_gains.json's ``table`` ("plain" or "imatrix"): the architecture's own (``arch``),
+    added to the default's (``roles``), or the default table itself; ``command`` is its provenance."""
     doc = json.loads(GAINS.read_text())
-    table = "imatrix" if args.imatrix else "plain"
-    command = command or (f"scripts/calibrate_gains.py {model} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
-                          + (f" --imatrix {args.imatrix.name}" if args.imatrix else "") + f"; {how}")
     if arch:  # the planner takes this table for models of this architecture
         entry = doc.setdefault("by_arch", {}).setdefault(arch, {})
         entry[table] = {k: round(v, 6) for k, v in gains.items()}
         entry.setdefault("provenance_by_table", {})[table] = command + " --for-arch"
-    elif args.roles:  # added to the table; each added key keeps its own command
+    elif roles:  # added to the table; each added key keeps its own command
         doc[table].update({k: round(v, 6) for k, v in gains.items()})
         doc.setdefault("provenance_by_key", {}).setdefault(table, {}).update(
-            {k: command + f" --roles {args.roles}" for k in gains})
+            {k: command + f" --roles {roles}" for k in gains})
     else:
         doc[table] = {k: round(v, 6) for k, v in gains.items()}
         doc.setdefault("provenance_by_table", {})[table] = command
