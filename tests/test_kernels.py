@@ -30,6 +30,14 @@ def test_roundtrip_error_shrinks_with_bits(qtype: QuantType) -> None:
         assert rel < 1e-4
 
 
+@pytest.mark.parametrize("qtype", [QuantType.IQ4_XS, QuantType.Q4_K, QuantType.IQ2_XXS, QuantType.Q8_0])
+def test_threads_give_the_same_bytes(qtype: QuantType) -> None:
+    rows = RNG.standard_normal((37, 512)).astype(np.float32)  # rows that do not split evenly
+    one = quantize_rows(rows, qtype, IMATRIX)
+    for threads in (2, 3, 64):
+        np.testing.assert_array_equal(quantize_rows(rows, qtype, IMATRIX, threads=threads), one)
+
+
 def test_imatrix_steers_the_quantizer() -> None:
     """With an imatrix, llama.cpp's Q4_K search minimises weighted error: it must beat the plain one."""
     w = np.ones(512, np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -104,13 +105,16 @@ def ggml_row_size(qtype: QuantType, ncols: int) -> int:
     return int(ggml().ggml_row_size(int(qtype), ncols))
 
 
-def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None = None,
+                  threads: int = 1) -> np.ndarray:
     """Quantize float32 rows with ``ggml_quantize_chunk``; returns uint8 blocks, shape (nrows, row bytes).
 
     Args:
         rows: float32 array (nrows, ncols); ncols must be a whole number of ``qtype`` blocks.
         qtype: target type.
         imatrix: per-column importance (ncols,), as llama-quantize passes it, or None.
+        threads: row ranges quantized at once (ctypes lets go of the GIL; llama-quantize's workers do the same).
+            The bytes do not depend on it: rows are quantized independently.
     """
     x = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, ncols = x.shape
@@ -123,8 +127,18 @@ def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None
     if imatrix is not None:
         w = np.ascontiguousarray(imatrix, dtype=np.float32)
         imat = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    n = ggml().ggml_quantize_chunk(int(qtype), x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                   out.ctypes.data_as(ctypes.c_void_p), 0, nrows, ncols, imat)
+    src, dst = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data_as(ctypes.c_void_p)
+
+    def chunk(bounds: tuple[int, int]) -> int:  # ggml offsets src and dst by the start element itself
+        r0, r1 = bounds
+        return int(ggml().ggml_quantize_chunk(int(qtype), src, dst, r0 * ncols, r1 - r0, ncols, imat))
+    edges = np.linspace(0, nrows, max(1, min(threads, nrows)) + 1).astype(int)
+    parts = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+    if len(parts) == 1:
+        n = chunk(parts[0])
+    else:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            n = sum(pool.map(chunk, parts))
     if n != out.size:
         raise EngineError(f"ggml_quantize_chunk wrote {n} bytes for {qtype.name}, expected {out.size}")
     return out

@@ -130,7 +130,8 @@ class SwapModel:
         self._lc = llama()
         self._finder = _Finder(weights)
         self._callback = self._lc.ggml_backend_sched_eval_callback(self._finder)
-        self._model, self._ctx = self._load(n_threads or len(os.sched_getaffinity(0)))
+        self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self._model, self._ctx = self._load(self.n_threads)
         vocab = self._lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(self._lc.llama_vocab_n_tokens(vocab))
         self.bos = int(self._lc.llama_vocab_bos(vocab)) if self._lc.llama_vocab_get_add_bos(vocab) else None
@@ -239,7 +240,8 @@ class SwapModel:
 
     def swap_quantized(self, name: str, qtype: QuantType, imatrix: np.ndarray | None = None,
                        rows_per_group: int | None = None) -> None:
-        """Replace the weight by ``dequantize(quantize(original, qtype, imatrix))`` from llama.cpp's kernels.
+        """Replace the weight by ``dequantize(quantize(original, qtype, imatrix))`` from llama.cpp's kernels,
+        quantized on the model's threads.
 
         Args:
             imatrix: (groups, ncols) per-column importance; one group per expert (rows_per_group rows each).
@@ -248,7 +250,7 @@ class SwapModel:
         if qtype in (self.refs[name].qtype, QuantType.F32):
             self.write(name, w)
             return
-        self.write(name, quant_roundtrip(w, qtype, imatrix, rows_per_group))
+        self.write(name, quant_roundtrip(w, qtype, imatrix, rows_per_group, self.n_threads))
 
     def iter_chunks(self, tokens: np.ndarray, plan: ChunkPlan) -> Iterator[np.ndarray]:
         """Decode each chunk from an empty KV cache; yield its scored rows' log-softmax (a reused buffer)."""
@@ -279,18 +281,17 @@ class SwapModel:
 
 
 def quant_roundtrip(w: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
-                    rows_per_group: int | None = None) -> np.ndarray:
+                    rows_per_group: int | None = None, threads: int = 1) -> np.ndarray:
     """``dequantize(quantize(w))`` with ggml's kernels, one imatrix group (expert) of rows at a time."""
     ncols = w.shape[1]
     if imatrix is None or imatrix.shape[0] == 1:
         im = None if imatrix is None else imatrix[0]
-        return kernels.dequantize_rows(kernels.quantize_rows(w, qtype, im), qtype, ncols)
+        return kernels.dequantize_rows(kernels.quantize_rows(w, qtype, im, threads), qtype, ncols)
     step = rows_per_group or w.shape[0] // imatrix.shape[0]
     out = np.empty_like(w)
     for g in range(imatrix.shape[0]):
-        part = w[g * step:(g + 1) * step]
-        out[g * step:(g + 1) * step] = kernels.dequantize_rows(kernels.quantize_rows(part, qtype, imatrix[g]),
-                                                                qtype, ncols)
+        blocks = kernels.quantize_rows(w[g * step:(g + 1) * step], qtype, imatrix[g], threads)
+        out[g * step:(g + 1) * step] = kernels.dequantize_rows(blocks, qtype, ncols)
     return out
 
 
