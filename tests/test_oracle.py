@@ -31,6 +31,21 @@ def _weights(path: Path) -> list[str]:
     return [t.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1]
 
 
+def tiny_kld_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: float):  # noqa: ANN201
+    """A two-block tiny model, a calibration text and its ``kld`` scores (one chunk, the types around ``width``),
+    with a fresh oracle journal under ``tmp_path``: (model, calib, Scores)."""
+    from tinymodel import write_tiny_llama
+
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    model = write_tiny_llama(tmp_path / "two-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text())
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(width,), threads=1, max_rows=32)
+    return model, calib, score_source(open_source(model, False), opts, None, progress=False)
+
+
 def test_bf16_and_f16_round_trip() -> None:
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     for t in (QuantType.F32, QuantType.F16, QuantType.BF16):
@@ -129,17 +144,10 @@ def test_gains_fitted_from_oracle_scores_become_the_architectures_table(tmp_path
     import sys
 
     from scriptload import load_script
-    from tinymodel import write_tiny_llama
 
     from ggufmix.plan import planner
-    from ggufmix.score.measure import ScoreOptions, open_source, score_source
 
-    model = write_tiny_llama(tmp_path / "two-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(_text())
-    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
-    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(4.5,), threads=1, max_rows=32)
-    scores = score_source(open_source(model, False), opts, None, progress=False)
+    model, _, scores = tiny_kld_scores(tmp_path, monkeypatch, 4.5)
     saved = scores.save(tmp_path / "scores-kld.json")
 
     cal = load_script("calibrate_gains.py")

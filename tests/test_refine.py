@@ -43,22 +43,15 @@ def test_moves_never_overspend_and_are_sorted(costs, slack, types) -> None:  # n
 def test_refine_on_a_real_model_keeps_the_budget_and_its_measured_kld(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """The search end to end on a tiny model: within the budget, no worse than the solver's plan, and the
     plan it returns measures, swapped into a fresh oracle, the KLD it reported."""
-    from test_oracle import _text
-    from tinymodel import write_tiny_llama
+    from test_oracle import tiny_kld_scores
 
     from ggufmix.io.text import read_text
     from ggufmix.plan.budget import parse_budget
     from ggufmix.plan.planner import make_plan
-    from ggufmix.score.measure import ScoreOptions, open_source, score_source
     from ggufmix.score.oracle import Oracle, OracleSettings
     from ggufmix.search.refine import refine
 
-    model = write_tiny_llama(tmp_path / "two-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(_text())
-    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
-    opts = ScoreOptions(strategy="kld", calib=calib, calib_chunks=1, widths=(4.0,), threads=1, max_rows=32)
-    scores = score_source(open_source(model, False), opts, None, progress=False)
+    model, calib, scores = tiny_kld_scores(tmp_path, monkeypatch, 4.0)
     plan = make_plan(scores, parse_budget("4.0bpw"))
     done = refine(plan, scores, model, None, minutes=0.15, progress=False)
 
