@@ -74,3 +74,24 @@ def test_bench_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     kept.write_text(json.dumps(doc))
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert json.loads((out / "results.json").read_text())["rows"][0]["kld"] == rows[0]["kld"]
+
+
+def test_a_refined_file_is_kept_only_while_its_scores_are_the_same(tiny_model: Path) -> None:
+    """A refined plan cannot be re-planned to compare, so the bench checks that its tensors carry the scores'
+    errors: a file refined from an older oracle run (other scores) is built again."""
+    from dataclasses import replace
+
+    from ggufmix.bench.bench import planned_from
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    src = open_source(tiny_model, False)
+    scores = score_source(src, ScoreOptions(max_rows=32), None, progress=False)
+    plan = make_plan(scores, parse_budget("4.5bpw"))
+    assert planned_from(plan, scores)
+    other = score_source(src, ScoreOptions(max_rows=16), None, progress=False)  # fewer rows: other errors
+    assert not planned_from(plan, other)
+    name = next(iter(plan.quantized())).name
+    moved = replace(scores, tensors={**scores.tensors, name: replace(scores.tensors[name], errors={})})
+    assert not planned_from(plan, moved)

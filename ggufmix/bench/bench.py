@@ -18,12 +18,16 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ggufmix.errors import BudgetError, EngineError, UsageError
 from ggufmix.imatrix import Imatrix
 from ggufmix.plan.budget import Budget
 from ggufmix.types import mix_file_type
+
+if TYPE_CHECKING:
+    from ggufmix.plan.plan import Plan
+    from ggufmix.scores import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +228,19 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
 
     kept = out.with_suffix(".recipe.txt")
     try:
-        if "refine" in Plan.load(out.with_suffix(".plan.json")).settings:
-            return False  # an end-to-end search moved it off the solver's plan on purpose
-        return kept.read_text() != recipe(make_plan(Scores.load(scores), budget))
+        plan, current = Plan.load(out.with_suffix(".plan.json")), Scores.load(scores)
+        if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
+            return not planned_from(plan, current)
+        return kept.read_text() != recipe(make_plan(current, budget))
     except (OSError, BudgetError, InputError):
         return True
+
+
+def planned_from(plan: Plan, scores: Scores) -> bool:
+    """Whether every quantized tensor of ``plan`` carries the error ``scores`` give its type: a refined plan
+    cannot be re-planned to compare, but one made from other scores (an older oracle run) shows here."""
+    tensors = scores.tensors
+    return all(e.name in tensors and tensors[e.name].errors.get(e.qtype) == e.error for e in plan.quantized())
 
 
 def _score_seconds(cfg: BenchConfig) -> dict[str, float | None]:
