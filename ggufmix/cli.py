@@ -55,11 +55,12 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
                 calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None,
-                oracle: str | None = None, assume_imatrix: bool = False):
-
+                oracle: str | None = None, assume_imatrix: bool = False, measuring: bool = True):
+    """The scoring flags as ScoreOptions; ``measuring`` False (``--scores`` given): no --calib needed, the
+    saved scores say what they were measured on."""
     if strategy not in scorers():
         raise click.BadParameter(f"{strategy!r}; choose from {', '.join(sorted(scorers()))}", param_hint="--strategy")
-    if scorers()[strategy].activations and calib is None:
+    if scorers()[strategy].activations and calib is None and measuring:
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
     if ray is not None:
         check_ray(ray)  # a missing extra or an unreachable cluster fails now, not after the conversion
@@ -183,7 +184,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                                  validate_ctx=max(n_ctx, 256) if run_validate else None)
     except UsageError as e:
         raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
-    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle)
+    opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle,
+                       measuring=scores_path is None)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]

@@ -65,3 +65,22 @@ def test_refine_on_a_real_model_keeps_the_budget_and_its_measured_kld(tmp_path, 
         for e in done.plan.quantized():
             fresh.swap(e.name, e.qtype)
         assert fresh.divergence()[0] == pytest.approx(done.kld, rel=1e-6)
+
+
+def test_build_from_saved_kld_scores_refines_without_calib(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """`build --strategy kld --scores S --search-minutes N`: the scores carry the oracle's calibration text,
+    so --calib is not asked for again."""
+    import json
+
+    from click.testing import CliRunner
+    from test_oracle import tiny_kld_scores
+
+    from ggufmix.cli import cli
+
+    model, _, scores = tiny_kld_scores(tmp_path, monkeypatch, 4.0)
+    saved = scores.save(tmp_path / "scores-kld.json")
+    out = tmp_path / "out.gguf"
+    res = CliRunner().invoke(cli, ["-q", "build", str(model), "--strategy", "kld", "--scores", str(saved),
+                                   "--budget", "4.0bpw", "--search-minutes", "0.05", "--no-smoke", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "refine" in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
