@@ -70,8 +70,8 @@ def solve(items: Sequence[Item], budget: int) -> Solution:
     relaxed = _greedy_fill(items, {it.key: h[i] for it, h, i in zip(items, hulls, picks)}, budget)
     gridded = _greedy_fill(items, _dynamic(items, budget), budget)
     choice = min(relaxed, gridded, key=_total)
-    return Solution({k: o.label for k, o in choice.items()}, sum(o.bytes for o in choice.values()),
-                    sum(o.cost for o in choice.values()), lam)
+    cost, used = _total(choice)
+    return Solution({k: o.label for k, o in choice.items()}, used, cost, lam)
 
 
 def _total(choice: dict[str, Option]) -> tuple[float, int]:
@@ -85,17 +85,17 @@ def _dynamic(items: Sequence[Item], budget: int) -> dict[str, Option]:
     steps = max(1, min(GRID, GRID_CELLS // len(items)))
     step = max(1, math.ceil((hi - lo) / steps))
     room = (budget - lo) // step
+    frontiers = [_frontier(it.options) for it in items]
+    widths = [[math.ceil((o.bytes - f[0].bytes) / step) for o in f] for f in frontiers]  # steps above the smallest
     best = np.zeros(room + 1)  # least cost of the items so far within c steps
     picks = np.zeros((len(items), room + 1), np.uint8)
-    frontiers = [_frontier(it.options) for it in items]
-    for i, options in enumerate(frontiers):
-        base = options[0].bytes
-        best, picks[i] = _add_item(best, [(math.ceil((o.bytes - base) / step), o.cost) for o in options])
+    for i, (options, w) in enumerate(zip(frontiers, widths)):
+        best, picks[i] = _add_item(best, [(k, o.cost) for k, o in zip(w, options)])
     choice, c = {}, room
     for i in range(len(items) - 1, -1, -1):
-        o = frontiers[i][picks[i, c]]
-        choice[items[i].key] = o
-        c -= math.ceil((o.bytes - frontiers[i][0].bytes) / step)
+        k = picks[i, c]
+        choice[items[i].key] = frontiers[i][k]
+        c -= widths[i][k]
     return choice
 
 
