@@ -23,6 +23,7 @@ from ggufmix.layout.groups import group_lines
 from ggufmix.plan.budget import Budget, parse_budget
 from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.realize.build import check_output, versions
+from ggufmix.realize.compensate import GptqOptions
 from ggufmix.realize.overrides import recipe as tensor_type_file
 from ggufmix.score.base import scorers
 from ggufmix.score.cluster import check_ray
@@ -160,6 +161,9 @@ _fit_options = [
               help="Run `ggufmix validate` on the result (every ggml device, against MODEL); exit 4 if a device fails.")
 @click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
+@click.option("--gptq", is_flag=True, help="GPTQ-style error feedback: each weight block's rounding error is cancelled "
+              "by the blocks after it, using the inputs' covariance on --calib (--calib-chunks; 16 recommended). "
+              "llama.cpp's own quantizer and the same file format.")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -170,7 +174,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          revision: str | None,
+          gptq: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -186,11 +190,15 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError(str(e)) from None  # a combination of flags: click shows it with the usage line
     opts = _score_opts(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray, oracle,
                        measuring=scores_path is None)
+    if gptq and calib is None:
+        raise click.UsageError("--gptq measures each weight's inputs on calibration text: give --calib TEXT")
+    compensation = GptqOptions(read_text(calib), calib_chunks) if gptq and calib else None
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
     recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown")), pin_list, fit),
-                         pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke, search_minutes)
+                         pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke, search_minutes,
+                         compensation)
     target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
     done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
     _print_delivered(done)
@@ -396,10 +404,12 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--oracle", help="kld: the oracle's chunks=N,ctx=N,start=N,types=N,threads=N (see build --oracle).")
 @click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="kld: refine each plan end to end this long.")
+@click.option("--gptq-chunks", default=0, show_default=True, type=click.IntRange(0),
+              help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
-          output: Path, oracle: str | None, search_minutes: float) -> None:
+          output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
 
     try:
@@ -408,7 +418,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
                       n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
-                      parse_oracle(oracle) if oracle else None, search_minutes)
+                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

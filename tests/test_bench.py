@@ -95,3 +95,23 @@ def test_a_refined_file_is_kept_only_while_its_scores_are_the_same(tiny_model: P
     name = next(iter(plan.quantized())).name
     moved = replace(scores, tensors={**scores.tensors, name: replace(scores.tensors[name], errors={})})
     assert not planned_from(plan, moved)
+
+
+def test_bench_adds_the_gptq_files_beside_the_plain_ones(tiny_model: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
+    out = tmp_path / "bench"
+    args = ["-q", "bench", str(tiny_model), "--text", str(text), "--calib", str(text), "--baselines", "Q4_K_M",
+            "--modes", "imatrix", "--strategies", "measured", "--imatrix-chunks", "2", "--gptq-chunks", "2",
+            "--ctx", "64", "--chunks", "2", "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rows = {r["kind"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"stock", "measured", "measured-gptq"}
+    assert rows["measured-gptq"]["tensor_bytes"] == rows["measured"]["tensor_bytes"]
+    assert rows["measured-gptq"]["kld"] != rows["measured"]["kld"]
+    plan = json.loads((out / "ggufmix-measured-gptq-imatrix-Q4_K_M.plan.json").read_text())
+    assert plan["settings"]["gptq"]["chunks"] == 2
+    res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(text), "--modes", "none",
+                                   "--gptq-chunks", "2", "-o", str(tmp_path / "b2")])
+    assert res.exit_code != 0 and "--calib" in str(res.exception)

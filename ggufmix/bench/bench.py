@@ -53,6 +53,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("none", "imatrix")
     oracle: Any = None          # kld: score.oracle.OracleSettings (its widths: the targets' bpw)
     search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
+    gptq_chunks: int = 0         # > 0: also build every ggufmix file with --gptq on this many chunks of calib
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -71,6 +72,8 @@ class BenchConfig:
             raise UsageError(f"--modes {','.join(self.modes)}: choose from none, imatrix")
         if "imatrix" in self.modes and self.calib is None and "none" not in self.modes:
             raise UsageError("--modes imatrix needs --calib (the text the imatrix is computed on)")
+        if self.gptq_chunks and self.calib is None:
+            raise UsageError("--gptq-chunks needs --calib (the text the weights' inputs are measured on)")
         if not self.baselines and not self.budgets:
             raise UsageError("nothing to compare: give --baselines or --budgets")
 
@@ -111,8 +114,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         widths = tuple(sorted({_width(cfg.source, b) for _, b in targets}))
         for strategy in cfg.strategies:
             scores = _scores(cfg, strategy, mode, imatrix, widths)
-            files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget)
-                                  for label, budget in targets) if f is not None]
+            for gptq in (False, True) if cfg.gptq_chunks else (False,):
+                files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget, gptq)
+                                      for label, budget in targets) if f is not None]
     done = {f.path: row for f in files if (row := _cached_row(cfg, text, f)) is not None}
     todo = [f for f in files if f.path not in done]
     report = evaluate(cfg.source, [f.path for f in todo], text, ctx=cfg.ctx, chunks=cfg.chunks,
@@ -193,12 +197,16 @@ def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, wi
 
 
 def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scores: Path, label: str,
-          budget: Budget) -> BenchFile | None:
+          budget: Budget, gptq: bool = False) -> BenchFile | None:
+    from ggufmix.io.text import read_text
     from ggufmix.realize.build import build
+    from ggufmix.realize.compensate import GptqOptions
     from ggufmix.score.measure import ScoreOptions
     from ggufmix.scores import Scores
 
-    out = cfg.out / f"ggufmix-{strategy}-{mode}-{label}.gguf"
+    kind = f"{strategy}-gptq" if gptq else strategy
+    out = cfg.out / f"ggufmix-{kind}-{mode}-{label}.gguf"
+    compensation = GptqOptions(read_text(cfg.calib), cfg.gptq_chunks) if gptq and cfg.calib else None
     seconds = None
     if out.exists() and _planned_otherwise(out, scores, budget):
         logger.warning("%s: this ggufmix plans other types from the same scores; building it again", out.name)
@@ -209,12 +217,12 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
             loaded = Scores.load(scores)
             search = cfg.search_minutes if loaded.settings.get("units") == "kld" else 0.0
             build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores=loaded, smoke=False,
-                  progress=cfg.progress, search_minutes=search)
+                  progress=cfg.progress, search_minutes=search, gptq=compensation)
         except BudgetError as e:
             logger.warning("%s at %s skipped: %s", strategy, label, e)
             return None
         seconds = time.perf_counter() - t0
-    return BenchFile(out, strategy, mode, label, seconds)
+    return BenchFile(out, kind, mode, label, seconds)
 
 
 def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:

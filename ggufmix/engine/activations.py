@@ -153,7 +153,32 @@ def collect_activations(model_path: str | os.PathLike[str], tokens_or_text: str 
 # The eval callback
 
 
-class _Collector:
+class EvalCallback:
+    """A ``ggml_backend_sched_eval_callback``: ``_wants(node)`` when asked, ``_take(node, addr)`` once computed.
+
+    No exception may reach C: the first one is kept in ``error`` and re-raised after the decode (``decode_chunk``).
+    """
+
+    error: GgufmixError | None = None
+
+    def __call__(self, addr: int | None, ask: bool, user_data: Any) -> bool:
+        if self.error is not None or not addr:
+            return False
+        try:
+            t = GgmlTensor.from_address(addr)
+            return self._wants(t) if ask else self._take(t, addr)
+        except Exception as e:  # noqa: BLE001 - must not propagate into C; re-raised after decode
+            self.error = e if isinstance(e, GgufmixError) else EngineError(f"activation capture failed: {e!r}")
+            return False
+
+    def _wants(self, t: GgmlTensor) -> bool:
+        raise NotImplementedError
+
+    def _take(self, t: GgmlTensor, addr: int) -> bool:
+        raise NotImplementedError
+
+
+class _Collector(EvalCallback):
     """Accumulates imatrix sums and block distances from the nodes the scheduler hands over."""
 
     def __init__(self, lib: ctypes.CDLL, *, weights: bool, blocks: bool, include_output: bool) -> None:
@@ -165,17 +190,6 @@ class _Collector:
         self._prev: tuple[int, np.ndarray] | None = None
         self._samples: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self.error: GgufmixError | None = None
-
-    def __call__(self, addr: int | None, ask: bool, user_data: Any) -> bool:
-        """The ``ggml_backend_sched_eval_callback``; never lets an exception reach C."""
-        if self.error is not None or not addr:
-            return False
-        try:
-            t = GgmlTensor.from_address(addr)
-            return self._wants(t) if ask else self._take(t, addr)
-        except Exception as e:  # noqa: BLE001 - must not propagate into C; re-raised after decode
-            self.error = e if isinstance(e, GgufmixError) else EngineError(f"activation capture failed: {e!r}")
-            return False
 
     def _wants(self, t: GgmlTensor) -> bool:
         if t.op == GGML_OP_MUL_MAT_ID:
@@ -257,27 +271,7 @@ class _Collector:
         self._prev = (block, h)
 
     def _read(self, addr: int | None, what: str) -> np.ndarray:
-        """A graph tensor's elements, shaped (ne3, ne2, ne1, ne0), copied from its backend."""
-        if not addr:
-            raise EngineError(f"{what}: the graph node has no such source")
-        t = GgmlTensor.from_address(addr)
-        dtype = _NP_TYPES.get(t.type)
-        if dtype is None:
-            raise EngineError(f"{what}: activations of ggml type {self._type_name(t.type)} cannot be read; "
-                              "only F32, F16 (and I32 expert ids) are supported")
-        if t.nb[0] != np.dtype(dtype).itemsize:
-            raise EngineError(f"{what}: activation elements are not contiguous (nb[0] = {t.nb[0]}); cannot read")
-        owner = GgmlTensor.from_address(t.view_src) if t.view_src else t
-        if not owner.buffer or not t.data:
-            raise EngineError(f"{what}: the activation tensor has no memory")
-        nbytes = self._lib.ggml_nbytes(addr)
-        raw = np.empty(nbytes, np.uint8)
-        self._lib.ggml_backend_tensor_get(addr, raw.ctypes.data, 0, nbytes)
-        arr = np.ndarray(tuple(reversed(t.ne)), dtype=dtype, buffer=raw, strides=tuple(reversed(t.nb)))
-        return arr.astype(np.float32) if dtype is np.float16 else arr
-
-    def _type_name(self, type_id: int) -> str:
-        return (self._lib.ggml_type_name(type_id) or b"?").decode().upper()
+        return read_node(self._lib, addr, what)
 
     def imatrix(self, datasets: tuple[str, ...], chunk_count: int, chunk_size: int) -> Imatrix:
         return Imatrix(sums={n: s.astype(np.float32) for n, s in self.sums.items()}, counts=dict(self.counts),
@@ -301,6 +295,28 @@ def _weight_name(t: GgmlTensor) -> str:
     """imatrix.cpp ``filter_tensor_name``: ``CUDA0#blk.0.attn_k.weight#0`` -> ``blk.0.attn_k.weight``."""
     name = t.name.decode(errors="replace")
     return name.split("#")[1] if "#" in name else name
+
+
+def read_node(lib: ctypes.CDLL, addr: int | None, what: str) -> np.ndarray:
+    """A graph tensor's elements, shaped (ne3, ne2, ne1, ne0), copied from its backend."""
+    if not addr:
+        raise EngineError(f"{what}: the graph node has no such source")
+    t = GgmlTensor.from_address(addr)
+    dtype = _NP_TYPES.get(t.type)
+    if dtype is None:
+        name = (lib.ggml_type_name(t.type) or b"?").decode().upper()
+        raise EngineError(f"{what}: activations of ggml type {name} cannot be read; "
+                          "only F32, F16 (and I32 expert ids) are supported")
+    if t.nb[0] != np.dtype(dtype).itemsize:
+        raise EngineError(f"{what}: activation elements are not contiguous (nb[0] = {t.nb[0]}); cannot read")
+    owner = GgmlTensor.from_address(t.view_src) if t.view_src else t
+    if not owner.buffer or not t.data:
+        raise EngineError(f"{what}: the activation tensor has no memory")
+    nbytes = lib.ggml_nbytes(addr)
+    raw = np.empty(nbytes, np.uint8)
+    lib.ggml_backend_tensor_get(addr, raw.ctypes.data, 0, nbytes)
+    arr = np.ndarray(tuple(reversed(t.ne)), dtype=dtype, buffer=raw, strides=tuple(reversed(t.nb)))
+    return arr.astype(np.float32) if dtype is np.float16 else arr
 
 
 def _cos_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

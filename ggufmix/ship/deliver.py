@@ -14,6 +14,7 @@ from ggufmix.io.text import read_text
 from ggufmix.plan.budget import Budget
 from ggufmix.plan.planner import Pin
 from ggufmix.realize.build import BuildResult, build
+from ggufmix.realize.compensate import GptqOptions
 from ggufmix.score.measure import ScoreOptions
 from ggufmix.scores import Scores
 from ggufmix.ship.bundle import write_bundle
@@ -59,6 +60,7 @@ class Recipe:
     scores: Scores | None = None
     smoke: bool = True
     search_minutes: float = 0.0  # --strategy kld: refine the plan end to end this long (search/refine.py)
+    gptq: GptqOptions | None = None  # --gptq: error feedback from the calibration text (realize/compensate.py)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
 def _build_to(model: Path, out: Path, meta: dict[str, Any], target: Budget | FitSettings, force: bool,
               opts: ScoreOptions, recipe: Recipe, progress: bool) -> tuple[BuildResult, list[str] | None]:
     kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores,
-          "search_minutes": recipe.search_minutes}
+          "search_minutes": recipe.search_minutes, "gptq": recipe.gptq}
     if isinstance(target, Budget):
         return build(model, out, target, opts=opts, force=force, progress=progress, **kw), None
     res, report, measured = build_to_fit(model, out, meta, target, opts=opts, force=force, progress=progress, **kw)

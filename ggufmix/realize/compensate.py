@@ -1,0 +1,173 @@
+"""``build --gptq``: a copy of the float source whose weights carry GPTQ-style error feedback for the plan's types.
+
+For each weight the plan quantizes (block weights and ``output.weight``; not ``token_embd``, whose rows are
+looked up directly, nor 3-D expert stacks), llama.cpp's graph gives the inputs' ``H = sum x x^T`` on the
+calibration text (engine/covariance.py), and realize/gptq.py moves each block's rounding error onto the
+columns after it. llama_model_quantize then quantizes the copy exactly as it would the source.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ggufmix.artifacts import temp_beside
+from ggufmix.errors import InputError, UsageError
+from ggufmix.imatrix import Imatrix
+from ggufmix.plan.plan import Plan, PlanEntry
+from ggufmix.realize.gptq import compensate, inverse_factor, output_error
+from ggufmix.types import QuantType, block_size
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
+# Input matrices held at once (float64): Qwen2.5-1.5B needs ~0.75 GB a block, so about five blocks a pass.
+PASS_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    """The calibration text and how much of it (512-token chunks) builds the input matrices."""
+
+    text: str
+    chunks: int = 16
+    ctx: int = 512
+
+    def __post_init__(self) -> None:
+        if self.chunks < 1 or not 1 <= self.ctx <= 512:
+            raise ValueError(f"gptq: chunks ({self.chunks}) must be positive and ctx ({self.ctx}) in 1..512")
+
+
+@dataclass(frozen=True)
+class Compensated:
+    """Per weight, the output error on the calibration text quantized as is and after compensation."""
+
+    plain: dict[str, float]
+    compensated: dict[str, float]
+    opts: GptqOptions
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return sum(self.compensated.values()) / max(sum(self.plain.values()), 1e-30)
+
+    def summary(self) -> dict[str, float | int]:
+        """What the plan records: the text's size and the summed output error after / before."""
+        return {"chunks": self.opts.chunks, "ctx": self.opts.ctx, "weights": len(self.compensated),
+                "output_error_ratio": round(self.ratio, 4)}
+
+
+@contextmanager
+def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions | None,
+                       progress: bool = True) -> Iterator[tuple[Path, Compensated | None]]:
+    """The file to quantize: ``source`` itself without ``opts``, else a compensated copy beside ``out``,
+    removed on exit whatever happens."""
+    if opts is None:
+        yield source, None
+        return
+    free = shutil.disk_usage(out.parent).free
+    if free < source.stat().st_size + plan.total_bytes + (16 << 20):
+        raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free; --gptq needs room for a copy of {source.name} "
+                         f"({source.stat().st_size / 1e6:.0f} MB) and the output ({plan.total_bytes / 1e6:.0f} MB)")
+    copy = temp_beside(out)
+    try:
+        t0 = time.perf_counter()
+        done = write_compensated(source, copy, plan, imatrix, opts, progress)
+        done = replace(done, seconds=time.perf_counter() - t0)
+        logger.info("gptq: %d weights; their output error on the calibration text is %.3fx plain rounding's",
+                    len(done.compensated), done.ratio)
+        yield copy, done
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def compensable(e: PlanEntry) -> bool:
+    """Quantized 2-D weights a matrix multiplication reads (token_embd is looked up row by row)."""
+    return e.quantized and len(e.shape) == 2 and e.name != "token_embd.weight" and e.qtype not in FLOAT_TYPES
+
+
+def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions,
+                      progress: bool = True) -> Compensated:
+    """Copy ``source`` to ``dest`` and overwrite each compensable weight with its compensated values.
+
+    Raises:
+        InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
+    """
+    from gguf import GGUFReader
+
+    from ggufmix.engine.covariance import collect_covariances
+
+    shutil.copyfile(source, dest)
+    reader = GGUFReader(dest, "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    from tqdm import tqdm
+
+    plain: dict[str, float] = {}
+    done: dict[str, float] = {}
+    todo = [e for e in plan.quantized() if compensable(e)]
+    bar = tqdm(total=len(todo), desc="gptq", unit="weight", disable=not progress, leave=False)
+    for group in passes(todo, tensors):
+        cov = collect_covariances(source, opts.text, [e.name for e in group], n_ctx=opts.ctx, n_chunks=opts.chunks)
+        factors: dict[str, np.ndarray] = {}
+        for e in group:
+            h = cov.of(e.name)
+            u = factors.setdefault(cov.input_of[e.name], inverse_factor(h))
+            plain[e.name], done[e.name] = _compensate_tensor(tensors[e.name], e, u, h, imatrix)
+            bar.update()
+    bar.close()
+    reader.data.flush()
+    return Compensated(plain, done, opts)
+
+
+def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEntry]]:  # noqa: ANN001
+    """The weights in block order, a pass at a time, each pass's input matrices within PASS_BYTES."""
+    group: list[PlanEntry] = []
+    held = 0
+    for e in sorted(entries, key=lambda e: (e.layer is None, e.layer or 0, e.name)):
+        t = tensors.get(e.name)
+        if t is None or QuantType(int(t.tensor_type)) not in FLOAT_TYPES:
+            raise InputError(f"{e.name!r}: --gptq needs the weight in the source as F32, F16 or BF16")
+        need = int(t.shape[0]) ** 2 * 8
+        if group and held + need > PASS_BYTES:
+            yield group
+            group, held = [], 0
+        group.append(e)
+        held += need
+    if group:
+        yield group
+
+
+def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: ANN001
+                       imatrix: Imatrix | None) -> tuple[float, float]:
+    from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
+
+    stored = QuantType(int(t.tensor_type))
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+    w = to_float32(raw, stored).reshape(rows, cols)
+    im = imatrix.values(e.name) if imatrix is not None and e.name in imatrix.names else None
+
+    def roundtrip(block: np.ndarray, cols_: slice) -> np.ndarray:
+        sub = None if im is None else im[cols_][None, :]
+        return quant_roundtrip(np.ascontiguousarray(block), e.qtype, sub, threads=_threads())
+
+    def store(x: np.ndarray) -> np.ndarray:
+        return to_float32(from_float32(x, stored), stored).reshape(x.shape)
+
+    whole = None if im is None else im[None, :]
+    before = output_error(w, quant_roundtrip(w, e.qtype, whole, threads=_threads()), h)
+    wc = compensate(w, u, block_size(e.qtype), roundtrip, None if stored == QuantType.F32 else store)
+    after = output_error(w, quant_roundtrip(wc, e.qtype, whole, threads=_threads()), h)
+    raw[:] = from_float32(wc, stored)
+    return before, after
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,146 @@
+"""GPTQ-style error feedback: the pure numerics on synthetic inputs, the real quantizer's block independence,
+and `build --gptq` on a tiny real model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ggufmix.cli import cli
+from ggufmix.realize.gptq import compensate, inverse_factor, output_error
+from ggufmix.types import QuantType
+
+
+def _correlated_inputs(rng: np.random.Generator, n: int, cols: int) -> np.ndarray:
+    """Inputs with a few strong shared directions, as hidden states have (the same directions for every draw)."""
+    directions = np.random.default_rng(99).normal(size=(4, cols)) * 3
+    return (rng.normal(size=(n, 4)) @ directions + rng.normal(size=(n, cols))).astype(np.float32)
+
+
+def _grid(step: float):  # noqa: ANN202
+    """A stand-in quantizer for the pure tests: round to a fixed grid."""
+    return lambda block, cols: np.round(block / step) * step
+
+
+def test_feedback_lowers_the_output_error_on_correlated_inputs() -> None:
+    rng = np.random.default_rng(0)
+    x = _correlated_inputs(rng, 2048, 128)
+    h = x.T.astype(np.float64) @ x
+    w = rng.normal(size=(64, 128)).astype(np.float32)
+    roundtrip = _grid(0.25)
+    wc = compensate(w, inverse_factor(h), 32, roundtrip)
+    plain, fed = output_error(w, roundtrip(w, slice(None)), h), output_error(w, roundtrip(wc, slice(None)), h)
+    assert fed < 0.7 * plain, (fed, plain)
+    # it holds on inputs the matrix never saw, from the same distribution
+    y = _correlated_inputs(np.random.default_rng(1), 2048, 128)
+    hy = y.T.astype(np.float64) @ y
+    assert output_error(w, roundtrip(wc, slice(None)), hy) < 0.8 * output_error(w, roundtrip(w, slice(None)), hy)
+
+
+def test_the_factor_is_the_cholesky_of_the_inverse() -> None:
+    """``inverse_factor`` (one Cholesky, one triangular inverse) against the textbook: factor the damped inverse."""
+    from ggufmix.realize.gptq import DAMP
+
+    rng = np.random.default_rng(6)
+    x = _correlated_inputs(rng, 900, 600)
+    h = x.T.astype(np.float64) @ x
+    damped = h + DAMP * np.mean(np.diag(h)) * np.eye(600)
+    reference = np.linalg.cholesky(np.linalg.inv(damped)).T
+    u = inverse_factor(h)
+    assert np.allclose(np.triu(u), u)
+    np.testing.assert_allclose(u, reference, rtol=2e-3, atol=1e-5 * np.abs(reference).max())
+
+
+def test_uncorrelated_inputs_leave_the_weight_alone() -> None:
+    """With a diagonal H no later column can cancel an error: the weight is returned as it was."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(8, 64)).astype(np.float32)
+    wc = compensate(w, inverse_factor(np.diag(rng.uniform(0.5, 2, 64))), 32, _grid(0.3))
+    np.testing.assert_allclose(wc, w, atol=1e-6)
+
+
+def test_inputs_that_never_fire_take_no_error() -> None:
+    rng = np.random.default_rng(3)
+    x = _correlated_inputs(rng, 512, 64)
+    x[:, 40] = 0
+    w = rng.normal(size=(4, 64)).astype(np.float32)
+    wc = compensate(w, inverse_factor(x.T.astype(np.float64) @ x), 32, _grid(0.3))
+    assert wc[:, 40] == pytest.approx(w[:, 40]) and np.isfinite(wc).all()
+
+
+def test_shapes_must_match_the_block() -> None:
+    with pytest.raises(ValueError, match="blocks of 32"):
+        compensate(np.zeros((2, 48), np.float32), np.eye(48, dtype=np.float32), 32, _grid(1))
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q6_K, QuantType.IQ4_XS, QuantType.Q8_0,
+                                   QuantType.Q3_K, QuantType.Q5_K, QuantType.Q2_K, QuantType.IQ4_NL, QuantType.IQ3_S,
+                                   QuantType.IQ2_XS])
+def test_llama_cpp_rounds_each_block_on_its_own(qtype: QuantType) -> None:
+    """The claim compensate() rests on: quantizing whole rows gives the blocks quantized one at a time, so the
+    file llama_model_quantize writes from the compensated weight is what the feedback saw."""
+    from ggufmix.engine.oracle import quant_roundtrip
+    from ggufmix.types import block_size
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(16, 1024)).astype(np.float32)
+    im = rng.uniform(0.1, 3, size=(1, 1024)).astype(np.float32)
+    whole = quant_roundtrip(w, qtype, im)
+    bs = block_size(qtype)
+    parts = np.concatenate([quant_roundtrip(np.ascontiguousarray(w[:, i:i + bs]), qtype, im[:, i:i + bs])
+                            for i in range(0, 1024, bs)], axis=1)
+    np.testing.assert_array_equal(whole, parts)
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1])
+def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
+    """Q4_0..Q5_1 with an imatrix weigh each value by the whole row's mean square (llama.cpp's quantize_row_q4_0_impl
+    and kin), so a block alone rounds a quarter of its values differently; the error is the same within 1%."""
+    from ggufmix.engine.oracle import quant_roundtrip
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(16, 1024)).astype(np.float32)
+    im = rng.uniform(0.1, 3, size=(1, 1024)).astype(np.float32)
+    whole = quant_roundtrip(w, qtype, im)
+    parts = np.concatenate([quant_roundtrip(np.ascontiguousarray(w[:, i:i + 32]), qtype, im[:, i:i + 32])
+                            for i in range(0, 1024, 32)], axis=1)
+    assert not np.array_equal(whole, parts)
+    assert np.sum((parts - w) ** 2) == pytest.approx(np.sum((whole - w) ** 2), rel=0.01)
+
+
+def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
+    """`build --gptq`: same types and size as without it, the compensated weights' output error on the calibration
+    text below plain rounding's (recorded in the plan), other weights in the file, no copy of the source left behind."""
+    from gguf import GGUFReader
+
+    from ggufmix.io.gguf_source import open_gguf
+
+    text = tmp_path / "calib.txt"
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
+    text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
+    r = CliRunner()
+    common = ["-q", "build", str(tiny_model), "--budget", "4.5bpw", "--rows", "32", "--no-smoke", "--calib", str(text),
+              "--calib-chunks", "2"]
+    plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
+    res = r.invoke(cli, [*common, "-o", str(plain)])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, [*common, "--gptq", "-o", str(fed)])
+    assert res.exit_code == 0, res.output
+    a, b = open_gguf(plain), open_gguf(fed)
+    assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
+    assert a.total_bytes == b.total_bytes
+    settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
+    assert settings["weights"] > 0 and settings["output_error_ratio"] < 1.0, settings
+    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, fed))
+    changed = [n for n in ra if not np.array_equal(ra[n], rb[n])]
+    assert "token_embd.weight" not in changed and any(n.startswith("blk.") for n in changed), changed
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_gptq_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--gptq", "-o",
+                                   str(tmp_path / "o.gguf")])
+    assert res.exit_code != 0 and "--calib" in res.output and not (tmp_path / "o.gguf").exists()
