@@ -3,8 +3,9 @@
 GPTQ-style error feedback (realize/gptq.py) needs, for each weight, the full matrix of its inputs on the
 calibration text, not only the diagonal an imatrix keeps. Weights that read the same graph node (attn_q,
 attn_k and attn_v read the normed hidden state; ffn_gate and ffn_up too) share one matrix. A matrix is
-``cols x cols`` float64 (Qwen2.5-1.5B's ffn_down: 8960 columns, 640 MB), so callers ask for a few blocks
-at a time.
+``cols x cols`` float32, summed chunk by chunk (GPTQ keeps it in float32 too; Qwen2.5-1.5B's ffn_down:
+8960 columns, 320 MB), so callers ask for as many blocks as memory holds. Every pass runs the whole model
+over the text.
 """
 from __future__ import annotations
 
@@ -96,8 +97,7 @@ class _Gram(EvalCallback):
             return True
         self._done.add((self.chunk, key))
         x = read_node(self._lib, t.src[1], weight).reshape(-1, int(node.ne[0]))
-        gram = x.T @ x  # float32 BLAS; summed in float64 over chunks
         if key not in self.matrices:
-            self.matrices[key] = np.zeros(gram.shape, np.float64)
-        self.matrices[key] += gram
+            self.matrices[key] = np.zeros((x.shape[1], x.shape[1]), np.float32)
+        self.matrices[key] += x.T @ x
         return True

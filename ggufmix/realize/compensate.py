@@ -28,8 +28,8 @@ from ggufmix.types import QuantType, block_size
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
-# Input matrices held at once (float64): Qwen2.5-1.5B needs ~0.75 GB a block, so about five blocks a pass.
-PASS_BYTES = 4 << 30
+# Input matrices held at once (float32): Qwen2.5-1.5B needs ~0.37 GB a block, so two passes over the text.
+PASS_BYTES = 6 << 30
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEnt
         t = tensors.get(e.name)
         if t is None or QuantType(int(t.tensor_type)) not in FLOAT_TYPES:
             raise InputError(f"{e.name!r}: --gptq needs the weight in the source as F32, F16 or BF16")
-        need = int(t.shape[0]) ** 2 * 8
+        need = int(t.shape[0]) ** 2 * 4
         if group and held + need > PASS_BYTES:
             yield group
             group, held = [], 0
