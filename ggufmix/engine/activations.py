@@ -388,14 +388,14 @@ def _context_params(n_ctx: int, n_threads: int | None, callback: Any) -> Any:
     cparams.n_batch = n_ctx
     cparams.n_ubatch = min(n_ctx, 512)
     cparams.n_seq_max = 1
-    cparams.n_threads = cparams.n_threads_batch = n_threads or _cpu_count()
+    cparams.n_threads = cparams.n_threads_batch = n_threads or cpu_count()
     cparams.no_perf = True
     cparams.cb_eval = callback
     cparams.cb_eval_user_data = None
     return cparams
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     """Cores this process may run on (os.cpu_count() ignores affinity masks)."""
     try:
         return len(os.sched_getaffinity(0))

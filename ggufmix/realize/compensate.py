@@ -8,7 +8,6 @@ columns after it. llama_model_quantize then quantizes the copy exactly as it wou
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -149,8 +148,10 @@ def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEnt
 
 def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: ANN001
                        imatrix: Imatrix | None) -> tuple[float, float]:
+    from ggufmix.engine.activations import cpu_count
     from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 
+    threads = cpu_count()
     stored = QuantType(int(t.tensor_type))
     rows, cols = int(t.shape[1]), int(t.shape[0])
     raw = np.asarray(t.data).reshape(-1).view(np.uint8)
@@ -159,7 +160,7 @@ def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: A
 
     def roundtrip(block: np.ndarray, cols_: slice) -> np.ndarray:
         sub = None if im is None else im[cols_][None, :]
-        return quant_roundtrip(np.ascontiguousarray(block), e.qtype, sub, threads=_threads())
+        return quant_roundtrip(np.ascontiguousarray(block), e.qtype, sub, threads=threads)
 
     def store(x: np.ndarray) -> np.ndarray:
         return to_float32(from_float32(x, stored), stored).reshape(x.shape)
@@ -171,10 +172,7 @@ def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: A
     sample = np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(int))
     whole = None if im is None else im[None, :]
     w_s, wc_s = np.ascontiguousarray(w[sample]), np.ascontiguousarray(wc[sample])
-    before = output_error(w_s, quant_roundtrip(w_s, e.qtype, whole, threads=_threads()), h)
-    after = output_error(w_s, quant_roundtrip(wc_s, e.qtype, whole, threads=_threads()), h)
+    before = output_error(w_s, quant_roundtrip(w_s, e.qtype, whole, threads=threads), h)
+    after = output_error(w_s, quant_roundtrip(wc_s, e.qtype, whole, threads=threads), h)
     return before, after
 
-
-def _threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
