@@ -162,7 +162,7 @@ _fit_options = [
 @click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @click.option("--gptq", is_flag=True, help="GPTQ-style error feedback: each weight block's rounding error is cancelled "
-              "by the blocks after it, using the inputs' covariance on --calib (--calib-chunks; 16 recommended). "
+              "by the blocks after it, using the inputs' covariance on --calib (--calib-chunks: 16-32, docs/results.md). "
               "llama.cpp's own quantizer and the same file format.")
 @_apply(_hf_options)
 @click.pass_context
