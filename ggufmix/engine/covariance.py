@@ -40,7 +40,6 @@ class Covariances:
 
     input_of: dict[str, str]
     matrices: dict[str, np.ndarray]
-    tokens: int
 
     def of(self, weight: str) -> np.ndarray:
         """The weight's input matrix; InputError when the pass never saw the weight multiply anything."""
@@ -73,7 +72,7 @@ def collect_covariances(model_path: str | os.PathLike[str], tokens_or_text: str 
                 decode_chunk(ctx, batch, chunk, collector)
         finally:
             llama_cpp.llama_batch_free(batch)
-    return Covariances(collector.input_of, collector.matrices, len(chunks) * n_ctx)
+    return Covariances(collector.input_of, collector.matrices)
 
 
 class _Gram(EvalCallback):

@@ -103,14 +103,13 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
         InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
     """
     from gguf import GGUFReader
+    from tqdm import tqdm
 
     from ggufmix.engine.covariance import collect_covariances
 
     shutil.copyfile(source, dest)
     reader = GGUFReader(dest, "r+")
     tensors = {t.name: t for t in reader.tensors}
-    from tqdm import tqdm
-
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
     todo = [e for e in plan.quantized() if compensable(e)]
@@ -167,8 +166,8 @@ def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: A
 
     wc = compensate(w, u, block_size(e.qtype), roundtrip, None if stored == QuantType.F32 else store)
     raw[:] = from_float32(wc, stored)
-    # The output error of a sample of rows (rows are independent given H): two more whole-tensor quantizations
-    # and products with H were a third of Qwen2.5-1.5B's compensation time.
+    # The output error of a sample of rows (rows are independent given H), which spares two more whole-tensor
+    # quantizations and products with H per weight.
     sample = np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(int))
     whole = None if im is None else im[None, :]
     w_s, wc_s = np.ascontiguousarray(w[sample]), np.ascontiguousarray(wc[sample])
