@@ -140,6 +140,30 @@ def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_tied_embedding_is_compensated_as_the_output_head(odd_model: Path, tmp_path: Path) -> None:
+    """With no output.weight, token_embd is the head: its feedback lowers the head's output error (the plan's
+    ratio counts it) and changes its values; the file keeps the planned types."""
+    from gguf import GGUFReader
+
+    from ggufmix.io.gguf_source import open_gguf
+
+    text = tmp_path / "calib.txt"
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
+    text.write_text(" ".join(np.random.default_rng(7).choice(words, 4000)))
+    r = CliRunner()
+    common = ["-q", "build", str(odd_model), "--budget", "5.5bpw", "--rows", "32", "--no-smoke", "--calib", str(text),
+              "--calib-chunks", "2"]
+    plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
+    for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
+        res = r.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    assert "output.weight" not in open_gguf(fed).tensors
+    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, fed))
+    assert not np.array_equal(ra["token_embd.weight"], rb["token_embd.weight"])
+    settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
+    assert settings["output_error_ratio"] < 1.0, settings
+
+
 def test_gptq_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--gptq", "-o",
                                    str(tmp_path / "o.gguf")])
