@@ -101,10 +101,12 @@ def test_bench_adds_the_gptq_files_beside_the_plain_ones(tiny_model: Path, tmp_p
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 60)
     out = tmp_path / "bench"
-    args = ["-q", "bench", str(tiny_model), "--text", str(text), "--calib", str(text), "--baselines", "Q4_K_M",
-            "--modes", "imatrix", "--strategies", "measured", "--imatrix-chunks", "2", "--gptq-chunks", "2",
-            "--ctx", "64", "--chunks", "2", "-o", str(out)]
-    res = CliRunner().invoke(cli, args)
+
+    def args(gptq_chunks: int) -> list[str]:
+        return ["-q", "bench", str(tiny_model), "--text", str(text), "--calib", str(text), "--baselines", "Q4_K_M",
+                "--modes", "imatrix", "--strategies", "measured", "--imatrix-chunks", "2", "--gptq-chunks",
+                str(gptq_chunks), "--ctx", "64", "--chunks", "2", "-o", str(out)]
+    res = CliRunner().invoke(cli, args(2))
     assert res.exit_code == 0, res.output
     rows = {r["kind"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {"stock", "measured", "measured-gptq"}
@@ -112,6 +114,13 @@ def test_bench_adds_the_gptq_files_beside_the_plain_ones(tiny_model: Path, tmp_p
     assert rows["measured-gptq"]["kld"] != rows["measured"]["kld"]
     plan = json.loads((out / "ggufmix-measured-gptq-imatrix-Q4_K_M.plan.json").read_text())
     assert plan["settings"]["gptq"]["chunks"] == 2
+    # a rerun with other --gptq-chunks builds that file again (same plan, other feedback); the others are kept
+    kept = (out / "ggufmix-measured-imatrix-Q4_K_M.gguf").stat().st_mtime_ns
+    res = CliRunner().invoke(cli, args(3))
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "ggufmix-measured-gptq-imatrix-Q4_K_M.plan.json").read_text())
+    assert plan["settings"]["gptq"]["chunks"] == 3
+    assert (out / "ggufmix-measured-imatrix-Q4_K_M.gguf").stat().st_mtime_ns == kept
     res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(text), "--modes", "none",
                                    "--gptq-chunks", "2", "-o", str(tmp_path / "b2")])
     assert res.exit_code != 0 and "--calib" in str(res.exception)

@@ -27,6 +27,7 @@ from ggufmix.types import mix_file_type
 
 if TYPE_CHECKING:
     from ggufmix.plan.plan import Plan
+    from ggufmix.realize.compensate import GptqOptions
     from ggufmix.scores import Scores
 
 logger = logging.getLogger(__name__)
@@ -208,8 +209,8 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     out = cfg.out / f"ggufmix-{kind}-{mode}-{label}.gguf"
     compensation = GptqOptions(read_text(cfg.calib), cfg.gptq_chunks) if gptq and cfg.calib else None
     seconds = None
-    if out.exists() and _planned_otherwise(out, scores, budget):
-        logger.warning("%s: this ggufmix plans other types from the same scores; building it again", out.name)
+    if out.exists() and _planned_otherwise(out, scores, budget, compensation):
+        logger.warning("%s: this ggufmix plans or compensates it otherwise; building it again", out.name)
         out.unlink()
     if not out.exists():
         t0 = time.perf_counter()
@@ -225,9 +226,10 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     return BenchFile(out, kind, mode, label, seconds)
 
 
-def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
+def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOptions | None = None) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
-    planner change would otherwise leave stale files in the folder): its recipe against a fresh plan."""
+    planner change would otherwise leave stale files in the folder): its recipe against a fresh plan, and for
+    a ``--gptq`` file the chunks of text its feedback was measured on against ``gptq``'s."""
     from ggufmix.errors import InputError
     from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
@@ -237,6 +239,8 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget) -> bool:
     kept = out.with_suffix(".recipe.txt")
     try:
         plan, current = Plan.load(out.with_suffix(".plan.json")), Scores.load(scores)
+        if gptq is not None and plan.settings.get("gptq", {}).get("chunks") != gptq.chunks:
+            return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)
         return kept.read_text() != recipe(make_plan(current, budget))
