@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ggufmix.cli import cli
-from ggufmix.realize.gptq import compensate, inverse_factor, output_error
+from ggufmix.realize.gptq import compensate, feedback_steps, inverse_factor, output_error
 from ggufmix.types import QuantType
 
 
@@ -18,6 +18,10 @@ def _correlated_inputs(rng: np.random.Generator, n: int, cols: int) -> np.ndarra
     """Inputs with a few strong shared directions, as hidden states have (the same directions for every draw)."""
     directions = np.random.default_rng(99).normal(size=(4, cols)) * 3
     return (rng.normal(size=(n, 4)) @ directions + rng.normal(size=(n, cols))).astype(np.float32)
+
+
+def _steps(h: np.ndarray, block: int = 32) -> list[np.ndarray]:
+    return feedback_steps(inverse_factor(h), block)
 
 
 def _grid(step: float):  # noqa: ANN202
@@ -31,7 +35,7 @@ def test_feedback_lowers_the_output_error_on_correlated_inputs() -> None:
     h = x.T.astype(np.float64) @ x
     w = rng.normal(size=(64, 128)).astype(np.float32)
     roundtrip = _grid(0.25)
-    wc = compensate(w, inverse_factor(h), 32, roundtrip)
+    wc = compensate(w, _steps(h), 32, roundtrip)
     plain, fed = output_error(w, roundtrip(w, slice(None)), h), output_error(w, roundtrip(wc, slice(None)), h)
     assert fed < 0.7 * plain, (fed, plain)
     # it holds on inputs the matrix never saw, from the same distribution
@@ -58,7 +62,7 @@ def test_uncorrelated_inputs_leave_the_weight_alone() -> None:
     """With a diagonal H no later column can cancel an error: the weight is returned as it was."""
     rng = np.random.default_rng(2)
     w = rng.normal(size=(8, 64)).astype(np.float32)
-    wc = compensate(w, inverse_factor(np.diag(rng.uniform(0.5, 2, 64))), 32, _grid(0.3))
+    wc = compensate(w, _steps(np.diag(rng.uniform(0.5, 2, 64))), 32, _grid(0.3))
     np.testing.assert_allclose(wc, w, atol=1e-6)
 
 
@@ -67,13 +71,15 @@ def test_inputs_that_never_fire_take_no_error() -> None:
     x = _correlated_inputs(rng, 512, 64)
     x[:, 40] = 0
     w = rng.normal(size=(4, 64)).astype(np.float32)
-    wc = compensate(w, inverse_factor(x.T.astype(np.float64) @ x), 32, _grid(0.3))
+    wc = compensate(w, _steps(x.T.astype(np.float64) @ x), 32, _grid(0.3))
     assert wc[:, 40] == pytest.approx(w[:, 40]) and np.isfinite(wc).all()
 
 
 def test_shapes_must_match_the_block() -> None:
     with pytest.raises(ValueError, match="blocks of 32"):
-        compensate(np.zeros((2, 48), np.float32), np.eye(48, dtype=np.float32), 32, _grid(1))
+        feedback_steps(np.eye(48, dtype=np.float32), 32)
+    with pytest.raises(ValueError, match="do not match"):
+        compensate(np.zeros((2, 64), np.float32), _steps(np.eye(48), 16), 32, _grid(1))
 
 
 @pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q6_K, QuantType.IQ4_XS, QuantType.Q8_0,
@@ -111,55 +117,53 @@ def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
     assert np.sum((parts - w) ** 2) == pytest.approx(np.sum((whole - w) ** 2), rel=0.01)
 
 
-def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --gptq`: same types and size as without it, the compensated weights' output error on the calibration
-    text below plain rounding's (recorded in the plan), other weights in the file, no copy of the source left behind."""
-    from gguf import GGUFReader
-
-    from ggufmix.io.gguf_source import open_gguf
-
+def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """The same build of ``model`` without and with --gptq, on a random text of ten words."""
     text = tmp_path / "calib.txt"
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
     text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
-    r = CliRunner()
-    common = ["-q", "build", str(tiny_model), "--budget", "4.5bpw", "--rows", "32", "--no-smoke", "--calib", str(text),
-              "--calib-chunks", "2"]
+    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(text), "--calib-chunks", "2",
+              *extra]
     plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
-    res = r.invoke(cli, [*common, "-o", str(plain)])
-    assert res.exit_code == 0, res.output
-    res = r.invoke(cli, [*common, "--gptq", "-o", str(fed)])
-    assert res.exit_code == 0, res.output
+    for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    return plain, fed
+
+
+def _changed(a: Path, b: Path) -> set[str]:
+    from gguf import GGUFReader
+
+    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (a, b))
+    return {n for n in ra if not np.array_equal(ra[n], rb[n])}
+
+
+def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
+    """`build --gptq`: same types and size as without it, the compensated weights' output error on the calibration
+    text below plain rounding's (recorded in the plan), an untied token_embd left alone, no copy of the source
+    left behind."""
+    from ggufmix.io.gguf_source import open_gguf
+
+    plain, fed = _plain_and_gptq(tiny_model, tmp_path, "--budget", "4.5bpw")
     a, b = open_gguf(plain), open_gguf(fed)
     assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
     assert a.total_bytes == b.total_bytes
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["weights"] > 0 and settings["output_error_ratio"] < 1.0, settings
-    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, fed))
-    changed = [n for n in ra if not np.array_equal(ra[n], rb[n])]
+    changed = _changed(plain, fed)
     assert "token_embd.weight" not in changed and any(n.startswith("blk.") for n in changed), changed
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_tied_embedding_is_compensated_as_the_output_head(odd_model: Path, tmp_path: Path) -> None:
-    """With no output.weight, token_embd is the head: its feedback lowers the head's output error (the plan's
-    ratio counts it) and changes its values; the file keeps the planned types."""
-    from gguf import GGUFReader
-
+    """With no output.weight, token_embd is the head: its feedback changes its values, not its type."""
     from ggufmix.io.gguf_source import open_gguf
 
-    text = tmp_path / "calib.txt"
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
-    text.write_text(" ".join(np.random.default_rng(7).choice(words, 4000)))
-    r = CliRunner()
-    common = ["-q", "build", str(odd_model), "--budget", "5.5bpw", "--rows", "32", "--no-smoke", "--calib", str(text),
-              "--calib-chunks", "2"]
-    plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
-    for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
-        res = r.invoke(cli, args)
-        assert res.exit_code == 0, res.output
-    assert "output.weight" not in open_gguf(fed).tensors
-    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, fed))
-    assert not np.array_equal(ra["token_embd.weight"], rb["token_embd.weight"])
+    plain, fed = _plain_and_gptq(odd_model, tmp_path, "--budget", "5.5bpw")
+    a, b = open_gguf(plain), open_gguf(fed)
+    assert "output.weight" not in b.tensors
+    assert a.tensors["token_embd.weight"].qtype == b.tensors["token_embd.weight"].qtype
+    assert "token_embd.weight" in _changed(plain, fed)
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["output_error_ratio"] < 1.0, settings
 

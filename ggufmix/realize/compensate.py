@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ggufmix.artifacts import temp_beside
+from ggufmix.engine.activations import cpu_count
+from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.errors import InputError, UsageError
 from ggufmix.imatrix import Imatrix
 from ggufmix.plan.plan import Plan, PlanEntry
-from ggufmix.realize.gptq import compensate, inverse_factor, output_error
+from ggufmix.realize.gptq import Roundtrip, compensate, feedback_steps, inverse_factor, output_error
 from ggufmix.types import QuantType, block_size
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
 PASS_BYTES = 6 << 30
 # Rows of each weight whose output error the plan's output_error_ratio sums (evenly spaced).
 SAMPLE_ROWS = 256
+# Values a block of columns must hold before its quantization is split over threads (a thread pool per call
+# costs more than quantizing a few rows of one block).
+PARALLEL_VALUES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,6 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
         InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
     """
     from gguf import GGUFReader
-    from tqdm import tqdm
-
-    from ggufmix.engine.covariance import collect_covariances
 
     shutil.copyfile(source, dest)
     reader = GGUFReader(dest, "r+")
@@ -120,16 +122,20 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     done: dict[str, float] = {}
     tied = all(e.name != "output.weight" for e in plan.entries)
     todo = [e for e in plan.quantized() if compensable(e, tied)]
-    bar = tqdm(total=len(todo), desc="gptq", unit="weight", disable=not progress, leave=False)
-    for group in passes(todo, tensors):
-        cov = collect_covariances(source, opts.text, [e.name for e in group], n_ctx=opts.ctx, n_chunks=opts.chunks)
-        factors: dict[str, np.ndarray] = {}
-        for e in group:
-            h = cov.of(e.name)
-            u = factors.setdefault(cov.input_of[e.name], inverse_factor(h))
-            plain[e.name], done[e.name] = _compensate_tensor(tensors[e.name], e, u, h, imatrix)
-            bar.update()
-    bar.close()
+    for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
+        w, stored, raw = _float_weight(tensors[e.name])
+        steps = inputs.steps(block_size(e.qtype))
+
+        def store(x: np.ndarray, stored: QuantType = stored) -> np.ndarray:
+            return to_float32(from_float32(x, stored), stored).reshape(x.shape)
+
+        wc = compensate(w, steps, block_size(e.qtype), inputs.roundtrip(e.qtype),
+                        None if stored == QuantType.F32 else store)
+        raw[:] = from_float32(wc, stored)
+        # The output error of a sample of rows (rows are independent given H), which spares two more whole-tensor
+        # quantizations and products with H per weight.
+        sample = _rows(w.shape[0], SAMPLE_ROWS)
+        plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
     reader.data.flush()
     return Compensated(plain, done, opts)
 
@@ -152,33 +158,64 @@ def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEnt
         yield group
 
 
-def _compensate_tensor(t, e: PlanEntry, u: np.ndarray, h: np.ndarray,  # noqa: ANN001
-                       imatrix: Imatrix | None) -> tuple[float, float]:
-    from ggufmix.engine.activations import cpu_count
-    from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
+class _Inputs:
+    """One weight's inputs on the calibration text: ``H``, its feedback factor (shared by the weights that read
+    the same node) and what the imatrix says about its columns."""
 
-    threads = cpu_count()
+    def __init__(self, h: np.ndarray, u: np.ndarray, steps: dict[int, list[np.ndarray]], im: np.ndarray | None):
+        self.h, self._u, self._steps, self._im = h, u, steps, im
+        self._threads = cpu_count()
+
+    def steps(self, block: int) -> list[np.ndarray]:
+        if block not in self._steps:
+            self._steps[block] = feedback_steps(self._u, block)
+        return self._steps[block]
+
+    def roundtrip(self, qtype: QuantType) -> Roundtrip:
+        def rt(block: np.ndarray, cols: slice) -> np.ndarray:
+            sub = None if self._im is None else self._im[cols][None, :]
+            threads = self._threads if block.size >= PARALLEL_VALUES else 1
+            return quant_roundtrip(np.ascontiguousarray(block), qtype, sub, threads=threads)
+        return rt
+
+    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType) -> tuple[float, float]:
+        """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will)."""
+        whole = None if self._im is None else self._im[None, :]
+        w, wc = np.ascontiguousarray(w), np.ascontiguousarray(wc)
+        return (output_error(w, quant_roundtrip(w, qtype, whole, threads=self._threads), self.h),
+                output_error(w, quant_roundtrip(wc, qtype, whole, threads=self._threads), self.h))
+
+
+def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: dict, imatrix: Imatrix | None,  # noqa: ANN001
+                 opts: GptqOptions, progress: bool) -> Iterator[tuple[PlanEntry, _Inputs]]:
+    """Each weight with its inputs, a pass of llama.cpp over the text per PASS_BYTES of input matrices."""
+    from tqdm import tqdm
+
+    from ggufmix.engine.covariance import collect_covariances
+
+    bar = tqdm(total=len(entries), desc="gptq", unit="weight", disable=not progress, leave=False)
+    for group in passes(entries, tensors):
+        cov = collect_covariances(source, opts.text, [e.name for e in group], n_ctx=opts.ctx, n_chunks=opts.chunks)
+        factors: dict[str, tuple[np.ndarray, dict[int, list[np.ndarray]]]] = {}
+        for e in group:
+            node = cov.input_of.get(e.name)
+            h = cov.of(e.name)
+            if node not in factors:
+                factors[node] = (inverse_factor(h), {})
+            u, steps = factors[node]
+            im = imatrix.values(e.name) if imatrix is not None and e.name in imatrix.names else None
+            yield e, _Inputs(h, u, steps, im)
+            bar.update()
+    bar.close()
+
+
+def _float_weight(t) -> tuple[np.ndarray, QuantType, np.ndarray]:  # noqa: ANN001
+    """A source tensor as float32 (rows, cols), its stored type, and a writable view of its bytes."""
     stored = QuantType(int(t.tensor_type))
-    rows, cols = int(t.shape[1]), int(t.shape[0])
     raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-    w = to_float32(raw, stored).reshape(rows, cols)
-    im = imatrix.values(e.name) if imatrix is not None and e.name in imatrix.names else None
+    return to_float32(raw, stored).reshape(int(t.shape[1]), int(t.shape[0])), stored, raw
 
-    def roundtrip(block: np.ndarray, cols_: slice) -> np.ndarray:
-        sub = None if im is None else im[cols_][None, :]
-        return quant_roundtrip(np.ascontiguousarray(block), e.qtype, sub, threads=threads)
 
-    def store(x: np.ndarray) -> np.ndarray:
-        return to_float32(from_float32(x, stored), stored).reshape(x.shape)
-
-    wc = compensate(w, u, block_size(e.qtype), roundtrip, None if stored == QuantType.F32 else store)
-    raw[:] = from_float32(wc, stored)
-    # The output error of a sample of rows (rows are independent given H), which spares two more whole-tensor
-    # quantizations and products with H per weight.
-    sample = np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(int))
-    whole = None if im is None else im[None, :]
-    w_s, wc_s = np.ascontiguousarray(w[sample]), np.ascontiguousarray(wc[sample])
-    before = output_error(w_s, quant_roundtrip(w_s, e.qtype, whole, threads=threads), h)
-    after = output_error(w_s, quant_roundtrip(wc_s, e.qtype, whole, threads=threads), h)
-    return before, after
-
+def _rows(n: int, k: int) -> np.ndarray:
+    """``k`` evenly spaced row indices out of ``n``."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(int))

