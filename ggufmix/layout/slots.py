@@ -45,8 +45,7 @@ class Layout:
 
     @property
     def tied_embeddings(self) -> bool:
-        names = {s.name for s in self.slots}
-        return "output.weight" not in names
+        return tied_embeddings(s.name for s in self.slots)
 
     @property
     def n_layers(self) -> int:
@@ -54,6 +53,11 @@ class Layout:
 
     def by_name(self) -> dict[str, Slot]:
         return {s.name: s for s in self.slots}
+
+
+def tied_embeddings(names: Iterable[str]) -> bool:
+    """Whether ``token_embd`` is also the output head: llama.cpp reuses it where the model has no ``output.weight``."""
+    return "output.weight" not in set(names)
 
 
 def build_layout(arch: str, tensors: Iterable[TensorInfo], types: Sequence[QuantType] = DEFAULT_TYPES,

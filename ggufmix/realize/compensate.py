@@ -27,6 +27,7 @@ from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.errors import InputError, UsageError
 from ggufmix.imatrix import Imatrix
+from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.realize.gptq import Roundtrip, compensate, feedback_steps, inverse_factor, output_error
 from ggufmix.types import QuantType, block_size
@@ -120,7 +121,7 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     tensors = {t.name: t for t in reader.tensors}
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
-    tied = all(e.name != "output.weight" for e in plan.entries)
+    tied = tied_embeddings(e.name for e in plan.entries)
     todo = [e for e in plan.quantized() if compensable(e, tied)]
     for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
         w, stored, raw = _float_weight(tensors[e.name])
