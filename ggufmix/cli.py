@@ -21,7 +21,9 @@ from ggufmix.io.imatrix import write_imatrix_gguf
 from ggufmix.io.text import read_text
 from ggufmix.layout.groups import group_lines
 from ggufmix.plan.budget import Budget, parse_budget
+from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import make_plan, parse_pin
+from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.build import check_output, versions
 from ggufmix.realize.compensate import GptqOptions
 from ggufmix.realize.overrides import recipe as tensor_type_file
@@ -105,6 +107,9 @@ _plan_options = [
                       "engine runs the model; cuda/metal/vulkan/adreno: the backend's MUL_MAT kernels, "
                       "data/backends.json). Default with --fit DEVICE: the device's palette."),
     click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
+    click.option("--speed-tradeoff", default=DEFAULT_SPEED_TRADEOFF, show_default=True, type=click.FloatRange(0, 1),
+                 help="Predicted error (a fraction) the plan may give up for the fastest llama.cpp quantize within "
+                      "it: IQ types take 3-10x longer to write than K types. 0: the least error, whatever the time."),
 ]
 
 
@@ -170,7 +175,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
           oracle: str | None,
           budget: str | None,
-          types: str | None, palette: str | None, pins: tuple[str, ...],
+          types: str | None, palette: str | None, pins: tuple[str, ...], speed_tradeoff: float,
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
@@ -198,7 +203,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     pin_list = [parse_pin(p) for p in pins]
     recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown")), pin_list, fit),
                          pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke, search_minutes,
-                         compensation)
+                         compensation, speed_tradeoff)
     target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
     done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
     _print_delivered(done)
@@ -209,6 +214,7 @@ def _print_delivered(done: ship.Delivered) -> None:
     click.echo(f"wrote {done.path}: {v.total_bytes / 1e6:.2f} MB tensor data, {v.bpw:.4f} bpw "
                f"(budget {res.plan.budget}), {v.n_tensors} tensors verified")
     click.echo("types by bytes: " + ", ".join(f"{k} {b / 1e6:.1f}MB" for k, b in res.plan.type_histogram().items()))
+    _echo_speed(res.plan)
     click.echo("seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in res.seconds.items()))
     for line in done.fit_lines or ():
         click.echo(line)
@@ -229,6 +235,15 @@ def _print_delivered(done: ship.Delivered) -> None:
     err = failure(done.validation) if done.validation is not None else None
     if err:
         raise err
+
+
+def _echo_speed(plan: Plan) -> None:
+    """What --speed-tradeoff did to the plan, when it did anything."""
+    speed = plan.settings.get("speed") or {}
+    if speed.get("quantize_seconds", 0) < speed.get("least_error_quantize_seconds", 0):
+        click.echo(f"speed: {100 * speed['error_given_up']:.2f}% more predicted error for "
+                   f"{speed['quantize_seconds'] / speed['least_error_quantize_seconds']:.0%} of the least-error plan's "
+                   f"quantize time (--speed-tradeoff {speed['tradeoff']:g}; 0 turns it off)")
 
 
 def _fit_settings(fit: str, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool) -> FitSettings:
@@ -277,7 +292,7 @@ def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix:
 @click.option("-o", "--output", type=_path, required=True, help="plan.json to write.")
 @click.option("--recipe", type=_path, help="Also write a llama-quantize --tensor-type-file.")
 def plan(scores_file: Path, budget: str | None, types: str | None, palette: str | None, pins: tuple[str, ...],
-         fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, output: Path,
+         speed_tradeoff: float, fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, output: Path,
          recipe: Path | None) -> None:
     """Plan a budget from saved scores (instant); with --fit, show the memory arithmetic behind the budget."""
     if (budget is None) == (fit is None):
@@ -291,12 +306,13 @@ def plan(scores_file: Path, budget: str | None, types: str | None, palette: str 
         target = parse_budget(budget)
     pins_ = [parse_pin(x) for x in pins]
     p = make_plan(scores, target, types=_palette(types, palette, scores.layout.arch, pins_, fit),
-                  pins=pins_).with_versions(versions())
+                  pins=pins_, speed_tradeoff=speed_tradeoff).with_versions(versions())
     p.save(output)
     if recipe:
         write_text_atomic(recipe, tensor_type_file(p))
     click.echo(f"wrote {output}: {p.total_bytes / 1e6:.2f} MB, {p.bpw:.4f} bpw (budget {p.budget})")
     click.echo("\n".join(group_lines(p.by_group(), p.total_bytes)))
+    _echo_speed(p)
     need = p.needing_imatrix()
     if need and scores.settings.get("imatrix") is None:
         kinds = ", ".join(sorted({e.qtype.name for e in need}))

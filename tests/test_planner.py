@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ggufmix.errors import BudgetError
@@ -122,3 +124,28 @@ def test_a_model_whose_architecture_has_its_own_table_is_planned_with_it() -> No
     assert "plain" in qwen["provenance_by_table"]
     if "imatrix" not in qwen:  # a mode the architecture was not calibrated in takes the default's table
         assert load_gains(True, "qwen2") == load_gains(True)
+
+
+@pytest.mark.parametrize("bpw", [4.0, 5.0])
+def test_a_plan_gives_up_at_most_its_speed_tradeoff_for_a_faster_quantize(tiny_model, bpw: float) -> None:  # noqa: ANN001
+    """The default plan may cost up to 2% more predicted error than the least-error one, for less predicted
+    quantize time; plan.json records both times, as the speed table gives them for the chosen types."""
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF, quantize_seconds
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("measured"), None, progress=False)
+    best = make_plan(scores, Budget(bpw, "bpw"), speed_tradeoff=0)
+    fast = make_plan(scores, Budget(bpw, "bpw"))
+    assert best.settings["speed"]["error_given_up"] == 0 and fast.settings["speed"]["tradeoff"] == DEFAULT_SPEED_TRADEOFF
+
+    def cost(plan):  # noqa: ANN001, ANN202
+        return sum(e.cost for e in plan.quantized())
+    assert cost(best) < cost(fast) <= cost(best) * (1 + DEFAULT_SPEED_TRADEOFF)
+    def seconds(plan):  # noqa: ANN001, ANN202
+        return sum(quantize_seconds(e.qtype, math.prod(e.shape), False) for e in plan.quantized())
+    assert seconds(fast) < seconds(best)
+    for plan in (best, fast):
+        assert plan.settings["speed"]["quantize_seconds"] == pytest.approx(seconds(plan), abs=1e-3)
+    assert fast.total_bytes <= fast.budget_bytes

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ggufmix.errors import BudgetError
-from ggufmix.plan.solver import Item, Option, feasible_range, solve
+from ggufmix.plan.solver import Item, Option, faster_within, feasible_range, solve
 
 
 @st.composite
@@ -18,7 +18,8 @@ def instances(draw: st.DrawFn) -> list[Item]:
         k = draw(st.integers(1, 5))
         sizes = draw(st.lists(st.integers(1, 400), min_size=k, max_size=k, unique=True))
         costs = draw(st.lists(st.floats(0, 100, allow_nan=False), min_size=k, max_size=k))
-        items.append(Item(f"t{i}", tuple(Option(f"o{j}", b, c) for j, (b, c) in enumerate(zip(sizes, costs)))))
+        secs = draw(st.lists(st.floats(0, 50, allow_nan=False), min_size=k, max_size=k))
+        items.append(Item(f"t{i}", tuple(Option(f"o{j}", b, c, t) for j, (b, c, t) in enumerate(zip(sizes, costs, secs)))))
     return items
 
 
@@ -87,3 +88,35 @@ def test_infeasible_budget() -> None:
     a = Item("a", (Option("q2", 10, 9.0),))
     with pytest.raises(BudgetError, match="smallest achievable 10"):
         solve([a], 9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.floats(0, 1), st.sampled_from([0.0, 0.01, 0.1, 0.5]))
+def test_a_faster_plan_stays_within_the_budget_and_the_tradeoff(items: list[Item], frac: float,
+                                                               tradeoff: float) -> None:
+    lo, hi = feasible_range(items)
+    budget = int(lo + frac * (hi - lo))
+    best = solve(items, budget)
+    fast = faster_within(items, budget, best, tradeoff)
+    assert fast.bytes <= budget
+    assert fast.cost <= best.cost * (1 + tradeoff) + 1e-9
+    assert fast.seconds <= best.seconds
+    chosen = [next(o for o in it.options if o.label == fast.choice[it.key]) for it in items]
+    assert fast.seconds == pytest.approx(sum(o.seconds for o in chosen))
+    assert fast.cost == pytest.approx(sum(o.cost for o in chosen))
+    if tradeoff == 0:
+        assert fast == best
+
+
+def test_slow_types_go_where_they_buy_the_least() -> None:
+    """IQ4_XS against Q4_K in small: same bytes, the slow type a little better on every tensor, by more on
+    the later ones. 1% may be given up: every tensor takes the fast type. 0.3%: the seven whose slow type
+    buys least (their losses add up to 0.28%) take it, the other three keep the slow one."""
+    items = [Item(f"blk.{i}", (Option("IQ4_XS", 17, 1.0, 10.0), Option("Q4_K", 17, 1 + 0.001 * (i + 1), 3.0)))
+             for i in range(10)]
+    best = solve(items, 170)
+    assert set(best.choice.values()) == {"IQ4_XS"} and best.seconds == 100
+    assert set(faster_within(items, 170, best, 0.01).choice.values()) == {"Q4_K"}
+    some = faster_within(items, 170, best, 0.003)
+    assert [some.choice[f"blk.{i}"] for i in range(10)] == ["Q4_K"] * 7 + ["IQ4_XS"] * 3
+    assert some.seconds == pytest.approx(51) and some.cost == pytest.approx(10.028)

@@ -9,10 +9,12 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 from ggufmix.errors import BudgetError, UsageError
+from ggufmix.layout.rules import collected_by_imatrix
 from ggufmix.layout.slots import Slot
 from ggufmix.plan.budget import Budget, bpw
 from ggufmix.plan.plan import Plan, PlanEntry
-from ggufmix.plan.solver import Item, Option, feasible_range, solve
+from ggufmix.plan.solver import Item, Option, Solution, faster_within, feasible_range, solve
+from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF, quantize_seconds
 from ggufmix.scores import Scores
 from ggufmix.types import QuantType, bits_per_weight, parse_type
 
@@ -93,8 +95,10 @@ def lookup_gain(gains: dict[str, float], key: str) -> float:
 
 def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | None = None,
               pins: Sequence[Pin] = (), ties: Sequence[tuple[str, str]] = DEFAULT_TIES,
-              gains: dict[str, float] | None = None) -> Plan:
-    """Solve the budget over the scored candidates.
+              gains: dict[str, float] | None = None, speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> Plan:
+    """Solve the budget over the scored candidates, then take the plan llama.cpp writes fastest among those
+    whose predicted error is within ``speed_tradeoff`` (a fraction; 0: the least error whatever the time) of
+    the least (plan/speed.py).
 
     The solver minimises the sum over tensors of weight x importance x error. For ``kld`` (scores whose
     settings say ``units: kld``) the weight is 1: the error is already the end-to-end KLD. Otherwise it is the role/depth
@@ -114,25 +118,39 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
         gains = load_gains(scores.settings.get("imatrix") is not None, scores.layout.arch) if scores.calibrated else {}
     slots = [s for s in scores.layout.slots if s.quantized]
     weight = _weighting(scores, slots, gains)
-    options = {s.name: _options(s, scores, types, pins, weight(s)) for s in slots}
+    imatrix = scores.settings.get("imatrix") is not None
+    options = {s.name: _options(s, scores, types, pins, weight(s), imatrix) for s in slots}
     _check_pins_used(pins, options)
     groups = _groups([s.name for s in slots], ties)
     items = [_merge(key, [options[n] for n in names]) for key, names in groups.items()]
     total_elements = scores.layout.total_elements
     fixed = scores.layout.fixed_bytes
     target = _target(budget, total_elements, fixed, feasible_range(items))
-    sol = solve(items, target - fixed)
+    best = solve(items, target - fixed)
+    sol = faster_within(items, target - fixed, best, speed_tradeoff)
     chosen = {n: sol.choice[key] for key, names in groups.items() for n in names}
     end_to_end = scores.settings.get("units") == "kld"
     settings = {"types": None if types is None else [t.name for t in types],
                 "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains,
-                "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements"}
+                "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements",
+                "speed": _speed_settings(best, sol, speed_tradeoff)}
     plan = _assemble(scores, str(budget), target, chosen, options, settings)
     slack = bpw(target - plan.total_bytes, total_elements)
     if slack > TOLERANCE_BPW:
         logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
                        slack, TOLERANCE_BPW)
     return plan
+
+
+def _speed_settings(best: Solution, chosen: Solution, tradeoff: float) -> dict[str, float]:
+    """What the speed tradeoff did, for plan.json and the log: predicted one-thread quantize seconds of the
+    least-error plan and of the chosen one, and the predicted error given up."""
+    lost = chosen.cost / best.cost - 1 if best.cost > 0 else 0.0
+    if chosen is not best:
+        logger.info("quantizing: %.0f s predicted (one thread) instead of %.0f s, for %.2f%% more predicted error "
+                    "(--speed-tradeoff %g)", chosen.seconds, best.seconds, 100 * lost, tradeoff)
+    return {"tradeoff": tradeoff, "quantize_seconds": round(chosen.seconds, 3),
+            "least_error_quantize_seconds": round(best.seconds, 3), "error_given_up": round(lost, 6)}
 
 
 def _weighting(scores: Scores, slots: Sequence[Slot], gains: dict[str, float]) -> Callable[[Slot], float]:
@@ -166,7 +184,9 @@ def _target(budget: Budget, total_elements: int, fixed: int, feasible: tuple[int
 
 
 def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
-             gain: float) -> dict[QuantType, Option]:
+             gain: float, imatrix: bool = False) -> dict[QuantType, Option]:
+    """The tensor's allowed types as solver options: bytes, weighted error, and predicted quantize seconds
+    (with the importance matrix where llama-imatrix collects the tensor)."""
     allowed = dict(slot.candidates)
     if types is not None:
         allowed = {t: b for t, b in allowed.items() if t in types}
@@ -183,7 +203,9 @@ def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins
     if ts is None:
         raise UsageError(f"{slot.name!r}: no scores for this tensor; re-run ggufmix score")
     weight = gain * ts.importance
-    return {t: Option(t, b, weight * ts.errors[t]) for t, b in allowed.items()}
+    searched = imatrix and collected_by_imatrix(slot.name)
+    return {t: Option(t, b, weight * ts.errors[t], quantize_seconds(t, slot.n_elements, searched))
+            for t, b in allowed.items()}
 
 
 # EWQ's tiers as GGUF types. The paper quantizes its lowest-entropy blocks hardest (4-bit), the middle
@@ -256,8 +278,8 @@ def _merge(key: str, members: list[dict[QuantType, Option]]) -> Item:
     common = set(members[0]).intersection(*members[1:])
     if not common:
         raise UsageError(f"{key!r}: tied tensors share no type they can all take")
-    return Item(key, tuple(Option(t, sum(m[t].bytes for m in members), sum(m[t].cost for m in members))
-                           for t in sorted(common)))
+    return Item(key, tuple(Option(t, sum(m[t].bytes for m in members), sum(m[t].cost for m in members),
+                                  sum(m[t].seconds for m in members)) for t in sorted(common)))
 
 
 def _range_message(budget: Budget, target: int, lo: int, hi: int, n: int) -> str:

@@ -19,6 +19,7 @@ from ggufmix.imatrix import Imatrix
 from ggufmix.plan.budget import Budget
 from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
+from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.compensate import GptqOptions, compensated_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
 from ggufmix.realize.verify import Verified, verify
@@ -53,7 +54,8 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = ScoreOptions(),
           types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = (), scores: Scores | None = None,
           force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True,
-          search_minutes: float = 0.0, gptq: GptqOptions | None = None) -> BuildResult:
+          search_minutes: float = 0.0, gptq: GptqOptions | None = None,
+          speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """The three stages in memory: measure (or take ``scores``), plan ``budget`` (for ``kld`` scores with
     ``search_minutes``, refined end to end by the oracle: search/refine.py), realize the file.
 
@@ -67,7 +69,8 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     measured = measure(source, opts, scores=scores, progress=progress)
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
-                            progress=progress, seconds=seconds, search_minutes=search_minutes, gptq=gptq)
+                            progress=progress, seconds=seconds, search_minutes=search_minutes, gptq=gptq,
+                            speed_tradeoff=speed_tradeoff)
 
 
 def budget_width(source: Path, budget: Budget) -> float:
@@ -106,13 +109,14 @@ def type_floor(opts: ScoreOptions, width: float, keep: Sequence[QuantType]) -> S
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,
                      pins: Sequence[Pin] = (), smoke: bool = True, nthread: int = 0, progress: bool = True,
                      seconds: dict[str, float] | None = None, search_minutes: float = 0.0,
-                     gptq: GptqOptions | None = None) -> BuildResult:
+                     gptq: GptqOptions | None = None, speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. With ``gptq`` the
     quantizer reads a compensated copy of the source (realize/compensate.py), removed afterwards."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
-    plan = make_plan(measured.scores, budget, types=types, pins=pins).with_versions(versions())
+    plan = make_plan(measured.scores, budget, types=types, pins=pins,
+                     speed_tradeoff=speed_tradeoff).with_versions(versions())
     t["plan"] = time.perf_counter() - t0
     if search_minutes > 0:
         from ggufmix.search.refine import refine

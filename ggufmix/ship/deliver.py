@@ -13,6 +13,7 @@ from ggufmix.evaluate.evaluation import evaluate
 from ggufmix.io.text import read_text
 from ggufmix.plan.budget import Budget
 from ggufmix.plan.planner import Pin
+from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.build import BuildResult, build
 from ggufmix.realize.compensate import GptqOptions
 from ggufmix.score.measure import ScoreOptions
@@ -61,6 +62,7 @@ class Recipe:
     smoke: bool = True
     search_minutes: float = 0.0  # --strategy kld: refine the plan end to end this long (search/refine.py)
     gptq: GptqOptions | None = None  # --gptq: error feedback from the calibration text (realize/compensate.py)
+    speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF  # predicted error given up for a faster quantize (plan/speed.py)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
 def _build_to(model: Path, out: Path, meta: dict[str, Any], target: Budget | FitSettings, force: bool,
               opts: ScoreOptions, recipe: Recipe, progress: bool) -> tuple[BuildResult, list[str] | None]:
     kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores,
-          "search_minutes": recipe.search_minutes, "gptq": recipe.gptq}
+          "search_minutes": recipe.search_minutes, "gptq": recipe.gptq, "speed_tradeoff": recipe.speed_tradeoff}
     if isinstance(target, Budget):
         return build(model, out, target, opts=opts, force=force, progress=progress, **kw), None
     res, report, measured = build_to_fit(model, out, meta, target, opts=opts, force=force, progress=progress, **kw)
