@@ -108,8 +108,9 @@ _plan_options = [
                       "data/backends.json). Default with --fit DEVICE: the device's palette."),
     click.option("--pin", "pins", multiple=True, help="REGEX=TYPE: fix matching tensors (repeatable)."),
     click.option("--speed-tradeoff", default=DEFAULT_SPEED_TRADEOFF, show_default=True, type=click.FloatRange(0, 1),
-                 help="Predicted error (a fraction) the plan may give up for the fastest llama.cpp quantize within "
-                      "it: IQ types take 3-10x longer to write than K types. 0: the least error, whatever the time."),
+                 help="Predicted error (a fraction) the plan may give up for a faster llama.cpp quantize (IQ types "
+                      "take 3-10x longer to write than K types), each 1% of it for at least 10% of the time at 0.02 "
+                      "(1% at 0.2). 0: the least error, whatever the time."),
 ]
 
 
