@@ -3,18 +3,21 @@
 
 Each stage runs as its own process (so its peak RSS is its own, read with wait4):
 
-    python scripts/bench_build.py ~/.cache/ggufmix-bench/smollm2-135m.dither.f16.gguf [--mix Q4_K_M]
+    python scripts/bench_build.py ~/.cache/ggufmix-bench/smollm2-135m.dither.f16.gguf [--mix Q4_K_M] [--repeat 5]
 
 Targets: the whole build (score, plan, quantize, read-back) within 1.5x of one plain quantize (issue 19);
 re-planning from saved scores under 2 s. The last row is the least-error plan whatever its quantize time
 (``--speed-tradeoff 0``), for comparison. The plain quantize runs first, from a cold page cache if the source
-was not read lately: run it twice and read the second table. Prints a table; nothing here is a timed test.
+was not read lately: run it twice and read the second table. ``--repeat N`` runs every stage N times and
+prints the median seconds (SmolLM2's stages take 1-3 s, and one run's ratio moved 1.34 -> 1.55 between two
+runs on this shared machine). Prints a table; nothing here is a timed test.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,11 +42,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("source", type=Path)
     ap.add_argument("--mix", default="Q4_K_M", help="stock mix to compare with and to size the budget")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every stage; the table shows the median")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ggufmix-bench-") as tmp:  # the files are GBs for a 1.5B model
-        budget, rows = measure_stages(args.source, args.mix, Path(tmp))
+    runs = []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="ggufmix-bench-") as tmp:  # the files are GBs for a 1.5B model
+            budget, rows = measure_stages(args.source, args.mix, Path(tmp))
+        runs.append(rows)
+    rows = [(name, statistics.median(r[i][1] for r in runs), max(r[i][2] for r in runs))
+            for i, (name, _, _) in enumerate(runs[0])]
     plain = rows[0][1]
-    print(f"model: {args.source.name}   budget: {budget} (= stock {args.mix})   cpus: {os.cpu_count()}")
+    print(f"model: {args.source.name}   budget: {budget} (= stock {args.mix})   cpus: {os.cpu_count()}   "
+          f"runs: {args.repeat} (median seconds)")
     print(f"| {'stage':<50} | {'seconds':>8} | {'x plain':>7} | {'peak RSS MB':>11} |")
     print(f"|{'-' * 52}|{'-' * 10}|{'-' * 9}|{'-' * 13}|")
     for name, sec, rss in rows:
