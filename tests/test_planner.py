@@ -149,3 +149,23 @@ def test_a_plan_gives_up_at_most_its_speed_tradeoff_for_a_faster_quantize(tiny_m
     for plan in (best, fast):
         assert plan.settings["speed"]["quantize_seconds"] == pytest.approx(seconds(plan), abs=1e-3)
     assert fast.total_bytes <= fast.budget_bytes
+
+
+def test_a_plan_at_a_type_whose_noise_swamps_the_signal_warns(tiny_model, caplog) -> None:  # noqa: ANN001
+    """Q2_0's measured noise is about half the weights' signal; a plan forced onto it says so in one warning
+    naming the type, and a plan at 4.5 bpw does not warn."""
+    import logging
+
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import QuantType
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("measured"), None, progress=False)
+    with caplog.at_level(logging.WARNING, logger="ggufmix.plan.planner"):
+        make_plan(scores, Budget(4.5, "bpw"))
+        assert not [r for r in caplog.records if "measured noise" in r.getMessage()]
+        plan = make_plan(scores, Budget(2.7, "bpw"), types=[QuantType.Q2_0, QuantType.Q4_0])
+    assert any(e.qtype == QuantType.Q2_0 for e in plan.quantized())
+    warned = [r.getMessage() for r in caplog.records if "measured noise" in r.getMessage()]
+    assert len(warned) == 1 and "at Q2_0" in warned[0] and "--types" in warned[0]

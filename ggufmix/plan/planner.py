@@ -139,7 +139,32 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     if slack > TOLERANCE_BPW:
         logger.warning("plan is %.3f bpw under the budget (tolerance %.2f): tensor sizes leave no finer step",
                        slack, TOLERANCE_BPW)
+    if not end_to_end:
+        _warn_noisy(plan)
     return plan
+
+
+# Measured noise (noise power over the weights' signal, the measured scorers' error) past which llama.cpp's
+# output falls apart instead of degrading in proportion. SmolLM2-135M (576-column rows, where Q2_0 at NSR
+# 0.52-0.59 is the only default type under 4 bits): 3.0 bpw gave mean KLD 18 and 3.9 bpw 3.5; at 4.9 bpw, ten ffn_gate
+# at Q2_0 took the KLD from 0.19 to 1.09. Q2_K (NSR about 0.09) is in every stock Q2_K file.
+NOISE_WARNING = 0.25
+
+
+def _warn_noisy(plan: Plan) -> None:
+    """Warn when tensors are planned at a type whose measured noise is past NOISE_WARNING."""
+    noisy = [e for e in plan.quantized() if e.error is not None and e.error > NOISE_WARNING]
+    if noisy:
+        kinds = ", ".join(sorted({e.qtype.name for e in noisy}))
+        logger.warning("%d tensors (%s) are planned at %s, whose measured noise is %.2f-%.2f of their signal "
+                       "(past %.2f the output falls apart: SmolLM2-135M at 3 bpw had mean KLD 18); raise the "
+                       "budget or leave %s out with --types", len(noisy), _names(noisy), kinds,
+                       min(e.error for e in noisy), max(e.error for e in noisy), NOISE_WARNING, kinds)
+
+
+def _names(entries: Sequence[PlanEntry], shown: int = 3) -> str:
+    names = [e.name for e in entries[:shown]]
+    return ", ".join(names) + (f" and {len(entries) - shown} more" if len(entries) > shown else "")
 
 
 def _speed_settings(best: Solution, chosen: Solution, tradeoff: float) -> dict[str, float]:
