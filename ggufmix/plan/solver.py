@@ -25,7 +25,7 @@ from ggufmix.errors import BudgetError
 
 GRID = 1 << 16       # byte steps of the dynamic program across the feasible range
 GRID_CELLS = 1 << 27  # items x steps it may hold (its choice table, a byte each); more items get fewer steps
-SPEED_STEPS = 8      # bisection steps over the price of a second in faster_within (a solve each)
+SPEED_STEPS = 8      # bisection steps over the price of a second in faster_within (a relaxed solve each)
 # The most a share of the quantize time may cost in shares of error, per unit of tradeoff: at the default 0.02,
 # each 1% of error given up must save at least 10% of the time (rate 0.1); at 0.2, 1%. Without such a floor
 # SmolLM2-135M gave up 1.7% for 11% of a 1.4-second quantize.
@@ -92,9 +92,8 @@ def faster_within(items: Sequence[Item], budget: int, best: Solution, tradeoff: 
     Each second is priced at ``rate * best.cost / best.seconds`` and added to the options' costs: at ``rate``
     a plan gives up 1% of error only for at least ``1 / rate`` % of the time. The rate is ``RATE_PER_TRADEOFF *
     tradeoff`` where that choice is within the tradeoff, else bisected (log scale) for the highest one that is,
-    down to ``tradeoff``. At ``rate = tradeoff``
-    an exact choice cannot lose more than ``tradeoff`` (it would otherwise cost more, priced seconds included,
-    than ``best``), so the search starts there. The choices are the relaxation's (``solve(exact=False)``,
+    down to ``tradeoff``: there an exact choice cannot lose more than ``tradeoff`` (it would otherwise cost
+    more, priced seconds included, than ``best``). The choices are the relaxation's (``solve(exact=False)``,
     a tenth of the time), each checked against the tradeoff.
     """
     if tradeoff <= 0 or best.seconds <= 0 or best.cost <= 0:
