@@ -153,7 +153,7 @@ NOISE_WARNING = 0.25
 
 def _warn_noisy(plan: Plan) -> None:
     """Warn when tensors are planned at a type whose measured noise is past NOISE_WARNING."""
-    noisy = [e for e in plan.quantized() if e.error is not None and e.error > NOISE_WARNING]
+    noisy = [e for e in plan.quantized() if e.error > NOISE_WARNING]
     if noisy:
         kinds = ", ".join(sorted({e.qtype.name for e in noisy}))
         logger.warning("%d tensors (%s) are planned at %s, whose measured noise is %.2f-%.2f of their signal "

@@ -99,11 +99,12 @@ def faster_within(items: Sequence[Item], budget: int, best: Solution, tradeoff: 
     if tradeoff <= 0 or best.seconds <= 0 or best.cost <= 0:
         return best
     limit, price = best.cost * (1 + tradeoff), best.cost / best.seconds
+    real = {it.key: {o.label: o for o in it.options} for it in items}
     found = best
 
     def within(rate: float) -> bool:
         nonlocal found
-        sol = _priced(items, budget, rate * price)
+        sol = _priced(items, real, budget, rate * price)
         if sol.cost > limit:
             return False
         if _faster(sol, found, best.seconds):
@@ -122,12 +123,12 @@ def _faster(a: Solution, b: Solution, scale: float) -> bool:
     return (round(a.seconds / scale, 9), a.cost) < (round(b.seconds / scale, 9), b.cost)
 
 
-def _priced(items: Sequence[Item], budget: int, price: float) -> Solution:
-    """The relaxation's answer with each option's seconds added to its cost at ``price``, told in real costs."""
+def _priced(items: Sequence[Item], real: dict[str, dict[Hashable, Option]], budget: int, price: float) -> Solution:
+    """The relaxation's answer with each option's seconds added to its cost at ``price``, told in real costs
+    (``real``: each item's options by label)."""
     priced = [Item(it.key, tuple(Option(o.label, o.bytes, o.cost + price * o.seconds, o.seconds)
                                  for o in it.options)) for it in items]
     sol = solve(priced, budget, exact=False)
-    real = {it.key: {o.label: o for o in it.options} for it in items}
     return _solution({k: real[k][label] for k, label in sol.choice.items()}, sol.lam)
 
 
