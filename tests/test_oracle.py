@@ -169,6 +169,44 @@ def test_gains_fitted_from_oracle_scores_become_the_architectures_table(tmp_path
     assert "--oracle chunks=1,ctx=" in after["by_arch"]["llama"]["provenance_by_table"]["plain"]
 
 
+def test_gain_probes_are_evaluated_one_at_a_time_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+    import sys
+
+    from scriptload import load_script
+    from tinymodel import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "two-block.f16.gguf", n_layer=2, n_embd=256, n_ff=256, n_vocab=384, seed=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text())
+    monkeypatch.setenv("GGUFMIX_CACHE", str(tmp_path / "cache"))
+    cal = load_script("calibrate_gains.py")
+    gains_file = Path(shutil.copy(cal.GAINS, tmp_path / "role_gains.json"))
+    monkeypatch.setattr(cal, "GAINS", gains_file)
+    work = tmp_path / "probes"
+    built: list[str] = []
+    quantize = cal.quantize_plan
+
+    def counted(source, out, plan, imatrix, progress):  # noqa: ANN001, ANN202
+        built.append(out.name)
+        assert not [p for p in work.glob("*.gguf") if p != out]  # the previous probe is gone
+        return quantize(source, out, plan, imatrix, progress=progress)
+    monkeypatch.setattr(cal, "quantize_plan", counted)
+    argv = ["calibrate_gains.py", str(model), str(calib), "--chunks", "1", "--ctx", str(CTX), "--probe", "Q2_K",
+            "--for-arch", "--workdir", str(work)]
+    monkeypatch.setattr(sys, "argv", argv)
+    cal.main()
+
+    table = json.loads(gains_file.read_text())["by_arch"]["llama"]["plain"]
+    journal = json.loads((work / "kld.json").read_text())
+    assert set(journal["kld"]) == {"floor", *table} and len(built) == len(table) + 1
+    assert all(v > 0 for v in table.values()) and not list(work.glob("*.gguf"))
+    del built[:]
+    cal.main()  # every probe's KLD is in the journal: nothing is built again, the same gains
+    assert not built and json.loads(gains_file.read_text())["by_arch"]["llama"]["plain"] == table
+
+
 def test_the_oracles_chunks_are_spread_over_the_text() -> None:
     from ggufmix.score.oracle import ScoredFrom
 
