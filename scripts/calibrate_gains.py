@@ -15,7 +15,9 @@ ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its p
 ``--for-arch`` writes the table as the one for the source's architecture (``by_arch``): the planner uses it for
 models of that architecture, the default table for the rest. ``--roles`` probes only those roles and adds their
 gains to the default table (the others stay as they are): the roles the calibration model lacks, e.g. an untied
-``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not). ``--probe`` probes at another type than Q4_0.
+``output`` (SmolLM2 ties it to the embedding; Qwen2.5 does not). ``--probe`` probes at another type than Q4_0 and
+writes the table as ``MODE@TYPE``; the planner reads ``MODE@Q2_K`` as each role's gain at Q2_K's noise and follows
+the curve through the two probes (planner.gain_at).
 
 Or from the KLD oracle's per-tensor measurements (``ggufmix score --strategy kld``), no probe files: each
 group's gain is the sum of its tensors' measured KLDs over the sum of their noise-to-signal ratios at the
@@ -40,12 +42,12 @@ from pathlib import Path
 
 from ggufmix.evaluate.evaluation import evaluate
 from ggufmix.io.text import read_text
-from ggufmix.plan.planner import gain_key, plan_from_types
+from ggufmix.plan.planner import GAIN_PROBE, gain_key, plan_from_types
 from ggufmix.realize.build import quantize_plan
 from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.types import QuantType
 
-PROBE = QuantType.Q4_0
+PROBE = GAIN_PROBE  # a table probed at another type is written as MODE@TYPE (the planner reads MODE@LOW_PROBE)
 FLOOR = QuantType.Q8_0
 GAINS = Path(__file__).resolve().parent.parent / "ggufmix" / "data" / "role_gains.json"
 logger = logging.getLogger("calibrate")
@@ -98,7 +100,8 @@ def main() -> None:
         command = (f"scripts/calibrate_gains.py {src.path.name} {args.text.name} --chunks {args.chunks} --ctx {args.ctx}"
                    + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
                    + f"; probe {probe.name} vs floor {FLOOR.name}")
-        _write(gains, "imatrix" if args.imatrix else "plain", command,
+        mode = "imatrix" if args.imatrix else "plain"
+        _write(gains, mode if probe == PROBE else f"{mode}@{probe.name}", command,
                arch=src.arch if args.for_arch else None, roles=args.roles)
 
 

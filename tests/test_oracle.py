@@ -198,13 +198,13 @@ def test_gain_probes_are_evaluated_one_at_a_time_and_resume(tmp_path: Path, monk
     monkeypatch.setattr(sys, "argv", argv)
     cal.main()
 
-    table = json.loads(gains_file.read_text())["by_arch"]["llama"]["plain"]
+    table = json.loads(gains_file.read_text())["by_arch"]["llama"]["plain@Q2_K"]
     journal = json.loads((work / "kld.json").read_text())
     assert set(journal["kld"]) == {"floor", *table} and len(built) == len(table) + 1
     assert all(v > 0 for v in table.values()) and not list(work.glob("*.gguf"))
     del built[:]
     cal.main()  # every probe's KLD is in the journal: nothing is built again, the same gains
-    assert not built and json.loads(gains_file.read_text())["by_arch"]["llama"]["plain"] == table
+    assert not built and json.loads(gains_file.read_text())["by_arch"]["llama"]["plain@Q2_K"] == table
 
 
 def test_the_oracles_chunks_are_spread_over_the_text() -> None:

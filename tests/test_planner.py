@@ -126,6 +126,51 @@ def test_a_model_whose_architecture_has_its_own_table_is_planned_with_it() -> No
         assert load_gains(True, "qwen2") == load_gains(True)
 
 
+def test_gains_follow_the_noise_curve_between_the_two_probes() -> None:
+    from ggufmix.plan.planner import GAIN_PROBE, LOW_PROBE, gain_at
+    from ggufmix.types import QuantType
+
+    errors = {GAIN_PROBE: 0.01, LOW_PROBE: 0.09, QuantType.Q3_K: 0.03, QuantType.Q6_K: 0.001}
+    assert gain_at(0.001, 2.0, 0.5, errors) == 2.0  # at or below the Q4_0 probe's noise: its gain
+    assert gain_at(0.2, 2.0, 0.5, errors) == 0.5  # at or past the Q2_K probe's noise: that one's
+    assert gain_at(0.03, 2.0, 0.5, errors) == pytest.approx(2.0 * 0.25 ** 0.5)  # halfway in log noise: geometric
+    assert gain_at(0.2, 2.0, None, errors) == 2.0  # no low table
+    assert gain_at(0.2, 2.0, 0.5, {GAIN_PROBE: 0.01}) == 2.0  # a tensor that cannot take Q2_K
+
+
+def test_the_low_probe_table_is_the_architectures_own_or_none() -> None:
+    import json
+    from importlib import resources
+
+    from ggufmix.plan.planner import LOW_PROBE
+
+    doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
+    qwen = doc["by_arch"]["qwen2"]
+    assert load_gains(False, "qwen2", LOW_PROBE) == {k: float(v) for k, v in qwen["plain@Q2_K"].items()}
+    assert "probe Q2_K" in qwen["provenance_by_table"]["plain@Q2_K"]
+    assert load_gains(True, "qwen2", LOW_PROBE) == {}  # the oracle's imatrix table has no curve
+    assert load_gains(False, "llama", LOW_PROBE) == doc.get("plain@Q2_K", {})
+
+
+def test_a_plan_prices_low_bit_types_at_the_low_probes_gain(tiny_model) -> None:  # noqa: ANN001
+    """With a low-probe table, a Q2_K tensor's cost is its Q2_K noise times the low-probe gain; plan.json keeps
+    both tables."""
+    from ggufmix.plan.budget import Budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import QuantType
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions("measured"), None, progress=False)
+    gains = {"other@none": 1.0}
+    plain = make_plan(scores, Budget(3.0, "bpw"), gains=gains, speed_tradeoff=0)
+    curved = make_plan(scores, Budget(3.0, "bpw"), gains=gains, low_gains={"other@none": 0.25}, speed_tradeoff=0)
+    low = [e for e in curved.quantized() if e.qtype == QuantType.Q2_K]
+    assert low and curved.settings["gains@Q2_K"] == {"other@none": 0.25} and "gains@Q2_K" not in plain.settings
+    for e in low:
+        ts = scores.tensors[e.name]
+        assert e.cost == pytest.approx(0.25 * ts.importance * ts.errors[QuantType.Q2_K], rel=1e-6)
+
+
 @pytest.mark.parametrize("bpw", [4.0, 5.0])
 def test_a_plan_gives_up_at_most_its_speed_tradeoff_for_a_faster_quantize(tiny_model, bpw: float) -> None:  # noqa: ANN001
     """The default plan may cost up to 2% more predicted error than the least-error one, for less predicted

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -50,12 +51,22 @@ def parse_pin(text: str) -> Pin:
     return Pin(rx, parse_type(tname))
 
 
-def load_gains(imatrix: bool = False, arch: str | None = None) -> dict[str, float]:
+# The probe type of role_gains.json's tables (scripts/calibrate_gains.py), and of the tables named
+# ``MODE@LOW_PROBE``: the same gains measured where 2-3 bpw budgets put most tensors. Qwen2.5-Coder-1.5B's Q2_K
+# probes gave 0.62-1.57x the Q4_0 probes' gains by group (docs/results.md).
+GAIN_PROBE = QuantType.Q4_0
+LOW_PROBE = QuantType.Q2_K
+
+
+def load_gains(imatrix: bool = False, arch: str | None = None, probe: QuantType = GAIN_PROBE) -> dict[str, float]:
     """Objective weights per ``role@depth`` shipped in ggufmix/data/role_gains.json (see gain_key): the table
-    calibrated on a model of ``arch`` when there is one for this mode (``by_arch``), else the default's."""
+    calibrated on a model of ``arch`` when there is one for this mode (``by_arch``), else the default's. For
+    ``probe`` LOW_PROBE, the table measured at it (``MODE@Q2_K``), empty where none was."""
     doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
     mode = "imatrix" if imatrix and "imatrix" in doc else "plain"
-    table = doc.get("by_arch", {}).get(arch or "", {}).get(mode) or doc[mode]
+    name = mode if probe == GAIN_PROBE else f"{mode}@{probe.name}"
+    own = doc.get("by_arch", {}).get(arch or "", {})
+    table = (own if mode in own else doc).get(name, {})  # the architecture's tables, or else the default's
     return {k: float(v) for k, v in table.items()}
 
 
@@ -93,9 +104,21 @@ def lookup_gain(gains: dict[str, float], key: str) -> float:
     return sum(same) / len(same) if same else gains.get("other@none", 1.0)
 
 
+def gain_at(error: float, gain: float, low_gain: float | None, errors: dict[QuantType, float]) -> float:
+    """The gain at a type whose measured noise is ``error``: ``gain`` (measured at GAIN_PROBE) at or below the
+    tensor's own noise at GAIN_PROBE, ``low_gain`` at or above its noise at LOW_PROBE, geometric in between
+    (the role's noise-to-KLD curve through its two probes)."""
+    high, low = errors.get(GAIN_PROBE, 0.0), errors.get(LOW_PROBE, 0.0)
+    if low_gain is None or error <= high or not 0.0 < high < low:
+        return gain
+    frac = min(math.log(error / high) / math.log(low / high), 1.0)
+    return gain * (low_gain / gain) ** frac
+
+
 def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | None = None,
               pins: Sequence[Pin] = (), ties: Sequence[tuple[str, str]] = DEFAULT_TIES,
-              gains: dict[str, float] | None = None, speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> Plan:
+              gains: dict[str, float] | None = None, low_gains: dict[str, float] | None = None,
+              speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> Plan:
     """Solve the budget over the scored candidates, then take the plan llama.cpp writes fastest among those
     whose predicted error is within ``speed_tradeoff`` (a fraction; 0: the least error whatever the time) of
     the least (plan/speed.py).
@@ -107,6 +130,8 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     share of the quantized weights, so that equal importances give every tensor the same bits per weight
     (the papers' starting point) instead of starving the biggest tensors: with one unit of cost per
     tensor, a 28M-parameter tied embedding went to 2 bits while 0.1M-parameter attn_k stayed at 8.
+    Where role_gains.json also has the gains measured at LOW_PROBE (``low_gains``), each type's gain follows its
+    role's noise-to-KLD curve through the two probes (:func:`gain_at`).
 
     Raises:
         UsageError: a pin or palette no tensor can take.
@@ -114,10 +139,12 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     """
     if budget.is_rule:
         return rule_plan(scores, types=types, pins=pins)
-    if gains is None:
-        gains = load_gains(scores.settings.get("imatrix") is not None, scores.layout.arch) if scores.calibrated else {}
+    if gains is None and scores.calibrated:
+        imatrix_given, arch = scores.settings.get("imatrix") is not None, scores.layout.arch
+        gains, low_gains = load_gains(imatrix_given, arch), load_gains(imatrix_given, arch, LOW_PROBE)
+    gains, low_gains = gains or {}, (low_gains or {}) if gains else {}
     slots = [s for s in scores.layout.slots if s.quantized]
-    weight = _weighting(scores, slots, gains)
+    weight = _weighting(scores, slots, gains, low_gains)
     imatrix = scores.settings.get("imatrix") is not None
     options = {s.name: _options(s, scores, types, pins, weight(s), imatrix) for s in slots}
     _check_pins_used(pins, options)
@@ -132,6 +159,7 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     end_to_end = scores.settings.get("units") == "kld"
     settings = {"types": None if types is None else [t.name for t in types],
                 "pins": [f"{p.pattern.pattern}={p.qtype.name}" for p in pins], "gains": gains,
+                **({f"gains@{LOW_PROBE.name}": low_gains} if low_gains else {}),
                 "weights": "none (end-to-end KLD)" if end_to_end else "role gains" if gains else "elements",
                 "speed": _speed_settings(best, sol, speed_tradeoff)}
     plan = _assemble(scores, str(budget), target, chosen, options, settings)
@@ -178,18 +206,21 @@ def _speed_settings(best: Solution, chosen: Solution, tradeoff: float) -> dict[s
             "least_error_quantize_seconds": round(best.seconds, 3), "error_given_up": round(lost, 6)}
 
 
-def _weighting(scores: Scores, slots: Sequence[Slot], gains: dict[str, float]) -> Callable[[Slot], float]:
-    """Each tensor's weight in the objective (see :func:`make_plan`)."""
+def _weighting(scores: Scores, slots: Sequence[Slot], gains: dict[str, float],
+               low_gains: dict[str, float]) -> Callable[[Slot], tuple[float, float | None]]:
+    """Each tensor's weight in the objective (see :func:`make_plan`), and its gain at LOW_PROBE where
+    ``low_gains`` has one (see :func:`gain_at`)."""
     n_layers = scores.layout.n_layers
     quantized_elements = sum(s.n_elements for s in slots)
     end_to_end = scores.settings.get("units") == "kld"  # the oracle's KLDs are the objective itself
 
-    def weight(s: Slot) -> float:
+    def weight(s: Slot) -> tuple[float, float | None]:
         if end_to_end:
-            return 1.0
+            return 1.0, None
         if gains:
-            return lookup_gain(gains, gain_key(s, n_layers, scores.layout.tied_embeddings))
-        return s.n_elements / quantized_elements
+            key = gain_key(s, n_layers, scores.layout.tied_embeddings)
+            return lookup_gain(gains, key), lookup_gain(low_gains, key) if low_gains else None
+        return s.n_elements / quantized_elements, None
     return weight
 
 
@@ -209,7 +240,7 @@ def _target(budget: Budget, total_elements: int, fixed: int, feasible: tuple[int
 
 
 def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
-             gain: float, imatrix: bool = False) -> dict[QuantType, Option]:
+             gain: tuple[float, float | None], imatrix: bool = False) -> dict[QuantType, Option]:
     """The tensor's allowed types as solver options: bytes, weighted error, and predicted quantize seconds
     (with the importance matrix where llama-imatrix collects the tensor)."""
     allowed = dict(slot.candidates)
@@ -227,9 +258,9 @@ def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins
     ts = scores.tensors.get(slot.name)
     if ts is None:
         raise UsageError(f"{slot.name!r}: no scores for this tensor; re-run ggufmix score")
-    weight = gain * ts.importance
     searched = imatrix and collected_by_imatrix(slot.name)
-    return {t: Option(t, b, weight * ts.errors[t], quantize_seconds(t, slot.n_elements, searched))
+    return {t: Option(t, b, ts.importance * gain_at(ts.errors[t], *gain, ts.errors) * ts.errors[t],
+                      quantize_seconds(t, slot.n_elements, searched))
             for t, b in allowed.items()}
 
 
@@ -254,7 +285,7 @@ def rule_plan(scores: Scores, *, types: Sequence[QuantType] | None = None, pins:
     chosen = {}
     for s in slots:
         tier = int(scores.tensors[s.name].stats.get("ewq_tier", len(TIER_TYPES) - 1))
-        opts = _options(s, scores, types, pins, 1.0)
+        opts = _options(s, scores, types, pins, (1.0, None))
         want = TIER_TYPES[tier]
         chosen[s.name] = want if want in opts else min(
             opts, key=lambda t: (abs(bits_per_weight(t) - bits_per_weight(want)), -bits_per_weight(t)))
