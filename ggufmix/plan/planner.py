@@ -142,7 +142,8 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     if gains is None and scores.calibrated:
         imatrix_given, arch = scores.settings.get("imatrix") is not None, scores.layout.arch
         gains, low_gains = load_gains(imatrix_given, arch), load_gains(imatrix_given, arch, LOW_PROBE)
-    gains, low_gains = gains or {}, (low_gains or {}) if gains else {}
+    gains = gains or {}
+    low_gains = (low_gains or {}) if gains else {}  # a curve bends a gains table: none without one
     slots = [s for s in scores.layout.slots if s.quantized]
     weight = _weighting(scores, slots, gains, low_gains)
     imatrix = scores.settings.get("imatrix") is not None
