@@ -243,7 +243,8 @@ def _target(budget: Budget, total_elements: int, fixed: int, feasible: tuple[int
 def _options(slot: Slot, scores: Scores, types: Sequence[QuantType] | None, pins: Sequence[Pin],
              gain: tuple[float, float | None], imatrix: bool = False) -> dict[QuantType, Option]:
     """The tensor's allowed types as solver options: bytes, weighted error, and predicted quantize seconds
-    (with the importance matrix where llama-imatrix collects the tensor)."""
+    (with the importance matrix where llama-imatrix collects the tensor). ``gain`` is the tensor's weight and its
+    gain at LOW_PROBE, None without a curve (:func:`gain_at`)."""
     allowed = dict(slot.candidates)
     if types is not None:
         allowed = {t: b for t, b in allowed.items() if t in types}
