@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from importlib import resources
 
 from ggufmix.errors import BudgetError, UsageError
@@ -62,12 +63,18 @@ def load_gains(imatrix: bool = False, arch: str | None = None, probe: QuantType 
     """Objective weights per ``role@depth`` shipped in ggufmix/data/role_gains.json (see gain_key): the table
     calibrated on a model of ``arch`` when there is one for this mode (``by_arch``), else the default's. For
     ``probe`` LOW_PROBE, the table measured at it (``MODE@Q2_K``), empty where none was."""
-    doc = json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
+    doc = _role_gains()
     mode = "imatrix" if imatrix and "imatrix" in doc else "plain"
     name = mode if probe == GAIN_PROBE else f"{mode}@{probe.name}"
     own = doc.get("by_arch", {}).get(arch or "", {})
     table = (own if mode in own else doc).get(name, {})  # the architecture's tables, or else the default's
     return {k: float(v) for k, v in table.items()}
+
+
+@cache
+def _role_gains() -> dict:
+    """role_gains.json, read once (a plan loads two of its tables, ``--fit`` plans several times)."""
+    return json.loads(resources.files("ggufmix.data").joinpath("role_gains.json").read_text())
 
 
 def depth_bucket(layer: int | None, n_layers: int) -> str:
@@ -139,14 +146,14 @@ def make_plan(scores: Scores, budget: Budget, *, types: Sequence[QuantType] | No
     """
     if budget.is_rule:
         return rule_plan(scores, types=types, pins=pins)
+    imatrix = scores.settings.get("imatrix") is not None
     if gains is None and scores.calibrated:
-        imatrix_given, arch = scores.settings.get("imatrix") is not None, scores.layout.arch
-        gains, low_gains = load_gains(imatrix_given, arch), load_gains(imatrix_given, arch, LOW_PROBE)
+        arch = scores.layout.arch
+        gains, low_gains = load_gains(imatrix, arch), load_gains(imatrix, arch, LOW_PROBE)
     gains = gains or {}
     low_gains = (low_gains or {}) if gains else {}  # a curve bends a gains table: none without one
     slots = [s for s in scores.layout.slots if s.quantized]
     weight = _weighting(scores, slots, gains, low_gains)
-    imatrix = scores.settings.get("imatrix") is not None
     options = {s.name: _options(s, scores, types, pins, weight(s), imatrix) for s in slots}
     _check_pins_used(pins, options)
     groups = _groups([s.name for s in slots], ties)
