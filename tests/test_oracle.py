@@ -200,11 +200,25 @@ def test_gain_probes_are_evaluated_one_at_a_time_and_resume(tmp_path: Path, monk
 
     table = json.loads(gains_file.read_text())["by_arch"]["llama"]["plain@Q2_K"]
     journal = json.loads((work / "kld.json").read_text())
-    assert set(journal["kld"]) == {"floor", *table} and len(built) == len(table) + 1
+    assert set(journal["kld"][str(calib)]) == {"floor", *table} and len(built) == len(table) + 1
     assert all(v > 0 for v in table.values()) and not list(work.glob("*.gguf"))
     del built[:]
     cal.main()  # every probe's KLD is in the journal: nothing is built again, the same gains
     assert not built and json.loads(gains_file.read_text())["by_arch"]["llama"]["plain@Q2_K"] == table
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text(_text()[::-1])
+    monkeypatch.setattr(sys, "argv", [*argv[:3], str(prose), *argv[3:]])
+    cal.main()  # one more text: every probe is built once more and evaluated on that text only
+    klds = json.loads((work / "kld.json").read_text())["kld"]
+    assert len(built) == len(table) + 1 and klds[str(calib)] == journal["kld"][str(calib)]
+    both = json.loads(gains_file.read_text())["by_arch"]["llama"]["plain@Q2_K"]
+    one, two = klds[str(calib)], klds[str(prose)]
+
+    def rise(k: str) -> float:  # what the group adds to the floor's KLD, averaged over the texts given
+        return sum(t[k] - t["floor"] for t in (one, two)) / 2
+    # a gain is its KLD rise over its (text-free) noise: the two texts' gain is the one text's times the mean rise
+    assert both == pytest.approx({k: table[k] * rise(k) / (one[k] - one["floor"]) for k in table}, rel=1e-3, abs=1e-6)
 
 
 def test_the_oracles_chunks_are_spread_over_the_text() -> None:
