@@ -361,7 +361,10 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.pass_context
 def eval_(ctx: click.Context, base: Path, quants: tuple[Path, ...], text_file: Path, n_ctx: int,
           chunks: int | None, exact: bool, threads: int | None, gpu_layers: int, as_json: bool) -> None:
-    """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE."""
+    """Perplexity of BASE and QUANTS, and each QUANT's KL-divergence and top-1 agreement against BASE.
+
+    With several QUANTS, each later one's KLD is also given against the first's, paired on the same tokens: its
+    error is the difference's, smaller than either file's own (each token's difficulty cancels)."""
 
     report = evaluate(base, list(quants), read_text(text_file), ctx=n_ctx, chunks=chunks, cache=not exact,
                       n_threads=threads, progress=ctx.obj["progress"], n_gpu_layers=gpu_layers)

@@ -358,3 +358,35 @@ def test_backend_is_reported(models: tuple[Path, Path], reference: dict[str, obj
     gpu, info = system_info()
     assert "CPU" in info
     assert (rep.settings.backend == "CPU") != gpu
+
+
+def test_paired_difference_cancels_what_two_models_share() -> None:
+    from ggufmix.evaluate.metrics import mean_and_uncertainty, paired_difference
+
+    rng = np.random.default_rng(0)
+    hard = rng.exponential(0.4, 4000)  # each token's difficulty, shared by both models
+    better, worse = hard, hard * 1.01 + rng.normal(0, 0.001, hard.size)
+    d = paired_difference(better, worse)
+    alone = mean_and_uncertainty(float(worse.sum()), float(np.dot(worse, worse)), worse.size)
+    assert d.value == pytest.approx(worse.mean() - better.mean())
+    # 1% apart: the plain errors overlap, the paired one does not
+    assert alone.stderr > d.value > 3 * d.stderr and d.stderr < alone.stderr / 10
+    with pytest.raises(ValueError, match="4000 tokens against 3999"):
+        paired_difference(better, worse[1:])
+
+
+def test_evaluate_reports_each_models_kld_against_the_first_paired(models: tuple[Path, Path],
+                                                                    reference: dict[str, object]) -> None:
+    from ggufmix.evaluate.evaluation import evaluate, format_table
+
+    rep = evaluate(models[0], [models[1], models[1], models[0]], reference["text"], ctx=CTX, chunks=2, cache=False,
+                   n_threads=2, progress=False)
+    quant = rep.quants[0].divergence.kld
+    (same, d_same), (base, d_base) = rep.kld_against_first()
+    assert (same.path, base.path) == (str(models[1]), str(models[0]))
+    assert d_same.value == 0 and d_same.stderr == 0  # the same file on the same tokens
+    assert d_base.value == pytest.approx(-quant.value, abs=1e-6)  # the base against itself has no divergence
+    assert d_base.stderr == pytest.approx(quant.stderr, rel=1e-3)
+    doc = rep.to_json()["kld_against_first"]
+    assert [e["path"] for e in doc] == [str(models[1]), str(models[0])] and doc[0]["stderr"] == 0
+    assert f"KLD against {models[1].name}, paired on the same tokens:" in format_table(rep)

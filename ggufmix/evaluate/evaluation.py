@@ -41,8 +41,10 @@ from ggufmix.evaluate.basecache import (
 from ggufmix.evaluate.metrics import (
     DivergenceAccumulator,
     DivergenceStats,
+    Estimate,
     PerplexityAccumulator,
     PerplexityStats,
+    paired_difference,
     token_stats_full,
 )
 from ggufmix.io.text import text_sha256
@@ -110,6 +112,7 @@ class QuantResult:
     perplexity: PerplexityStats
     divergence: DivergenceStats
     throughput: Throughput
+    kld_per_token: np.ndarray | None = field(default=None, repr=False, compare=False)  # for paired comparisons
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "file_bytes": self.file_bytes, "perplexity": self.perplexity.to_json(),
@@ -148,9 +151,21 @@ class EvalReport:
     base: BaseResult
     quants: tuple[QuantResult, ...] = field(default_factory=tuple)
 
+    def kld_against_first(self) -> list[tuple[QuantResult, Estimate]]:
+        """Each later model's mean KLD minus the first's, paired on the same tokens (its error is the difference's)."""
+        first = self.quants[0] if self.quants else None
+        if first is None or first.kld_per_token is None:
+            return []
+        return [(q, paired_difference(first.kld_per_token, q.kld_per_token)) for q in self.quants[1:]
+                if q.kld_per_token is not None]
+
     def to_json(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "settings": vars(self.settings).copy(),
-                "base": self.base.to_json(), "quants": [q.to_json() for q in self.quants]}
+        doc = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "settings": vars(self.settings).copy(),
+               "base": self.base.to_json(), "quants": [q.to_json() for q in self.quants]}
+        paired = self.kld_against_first()
+        if paired:
+            doc["kld_against_first"] = [{"path": q.path, **d.to_json()} for q, d in paired]
+        return doc
 
 
 def backend_report(n_gpu_layers: int) -> str:
@@ -335,7 +350,7 @@ class _Run:
 
 def _quant_result(path: Path, acc: DivergenceAccumulator, tp: Throughput) -> QuantResult:
     div = acc.result()
-    res = QuantResult(str(path), path.stat().st_size, acc.perplexity(), div, tp)
+    res = QuantResult(str(path), path.stat().st_size, acc.perplexity(), div, tp, acc.kld_per_token())
     logger.info("%s: PPL %.4f, KLD %.6f, same top %.2f%%, %.0f tok/s forward", path.name, res.perplexity.ppl.value,
                 div.kld.value, 100 * div.same_top.value, tp.forward_tokens_per_s)
     return res
@@ -388,4 +403,11 @@ def format_table(report: EvalReport) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
         lines.append("")
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    paired = report.kld_against_first()
+    if paired:
+        first = report.quants[0]
+        lines += ["", f"KLD against {Path(first.path).name}, paired on the same tokens:"]
+        base_kld = first.divergence.kld.value
+        lines += [f"  {Path(q.path).name}  {d.value:+.6f} ± {d.stderr:.6f}"
+                  + (f"  ({q.divergence.kld.value / base_kld:.3f}x)" if base_kld > 0 else "") for q, d in paired]
     return "\n".join(lines)
