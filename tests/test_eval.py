@@ -232,8 +232,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _reference(path: Path, text: str, n_chunks: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Scored log-softmax rows per chunk straight from llama-cpp-python, perplexity.cpp style."""
-    import llama_cpp
+    from ggufmix.engine.llamalib import llama
 
+    # llama_cpp as ggufmix sets it up: on AMX CPUs models load without extra buffer types (llamalib), which moves
+    # the tiny model's PPL by 7e-5; a bare `import llama_cpp` made this module fail when run before any engine use
+    llama_cpp = llama()
     llm = llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False, n_threads=2)
     tokens = np.asarray(llm.tokenize(text.encode(), add_bos=True, special=False))
     assert tokens[0] == llm.token_bos()  # the tiny vocabulary adds BOS
