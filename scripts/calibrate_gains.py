@@ -13,7 +13,7 @@ ggufmix/data/role_gains.json under "plain" (no imatrix) or "imatrix", with its p
     python scripts/calibrate_gains.py SOURCE.f16.gguf CALIB.txt [MORE.txt ...] [--imatrix FILE] [--chunks 8]
 
 Given several texts, each probe is evaluated on ``--chunks`` of every text and its KLD is the mean over the texts:
-the gains of a role differ between kinds of text (the output head's is 1.6x higher on English prose than on web,
+the gains of a role differ between kinds of text (the output head's is 1.7-2.1x higher on English prose than on web,
 technical and code text), so a table fitted on one kind under-prices the roles another kind leans on.
 
 ``--for-arch`` writes the table as the one for the source's architecture (``by_arch``): the planner uses it for
