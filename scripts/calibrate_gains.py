@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ggufmix.evaluate.evaluation import evaluate
 from ggufmix.io.text import read_text
-from ggufmix.plan.planner import GAIN_PROBE, gain_key, plan_from_types
+from ggufmix.plan.planner import GAIN_PROBE, gain_key, gain_table, plan_from_types
 from ggufmix.realize.build import quantize_plan
 from ggufmix.score.measure import ScoreOptions, load_imatrix, open_source, score_source
 from ggufmix.types import QuantType
@@ -106,7 +106,7 @@ def main() -> None:
                    + (f" --imatrix {args.imatrix.name}" if args.imatrix else "")
                    + f"; probe {probe.name} vs floor {FLOOR.name}")
         mode = "imatrix" if args.imatrix else "plain"
-        _write(gains, mode if probe == PROBE else f"{mode}@{probe.name}", command,
+        _write(gains, gain_table(mode, probe), command,
                arch=src.arch if args.for_arch else None, roles=args.roles)
 
 

@@ -65,10 +65,16 @@ def load_gains(imatrix: bool = False, arch: str | None = None, probe: QuantType 
     ``probe`` LOW_PROBE, the table measured at it (``MODE@Q2_K``), empty where none was."""
     doc = _role_gains()
     mode = "imatrix" if imatrix and "imatrix" in doc else "plain"
-    name = mode if probe == GAIN_PROBE else f"{mode}@{probe.name}"
+    name = gain_table(mode, probe)
     own = doc.get("by_arch", {}).get(arch or "", {})
     table = (own if mode in own else doc).get(name, {})  # the architecture's tables, or else the default's
     return {k: float(v) for k, v in table.items()}
+
+
+def gain_table(mode: str, probe: QuantType) -> str:
+    """role_gains.json's name for the ``mode`` ("plain" or "imatrix") table probed at ``probe``: ``MODE`` at
+    GAIN_PROBE, ``MODE@TYPE`` at another type."""
+    return mode if probe == GAIN_PROBE else f"{mode}@{probe.name}"
 
 
 @cache
