@@ -316,7 +316,7 @@ class DivergenceAccumulator:
         if self.count == 0:
             raise ValueError("DivergenceAccumulator: no tokens were added")
         s, n = self.sums, self.count
-        kld_all = np.concatenate(self._kld_values).astype(np.float64)
+        kld_all = self.kld_per_token().astype(np.float64)
         median, p90, p99, p999 = np.quantile(kld_all, [0.5, 0.9, 0.99, 0.999])
         ln_q = mean_and_uncertainty(s["nll"], s["nll2"], n)
         ln_b = mean_and_uncertainty(s["nll_base"], s["nll_base2"], n)
