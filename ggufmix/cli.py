@@ -169,7 +169,9 @@ _fit_options = [
               help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @click.option("--gptq", is_flag=True, help="GPTQ-style error feedback: each weight block's rounding error is cancelled "
               "by the blocks after it, using the inputs' covariance on --calib (--calib-chunks: 16-32, docs/results.md). "
-              "llama.cpp's own quantizer and the same file format.")
+              "llama.cpp's own quantizer and the same file format. ffn_down is rounded plainly (see --gptq-all).")
+@click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input makes --gptq "
+              "about 4x slower, for a little more; docs/results.md).")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -180,7 +182,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          gptq: bool, revision: str | None,
+          gptq: bool, gptq_all: bool, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -198,7 +200,9 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                        measuring=scores_path is None)
     if gptq and calib is None:
         raise click.UsageError("--gptq measures each weight's inputs on calibration text: give --calib TEXT")
-    compensation = GptqOptions(read_text(calib), calib_chunks) if gptq and calib else None
+    if gptq_all and not gptq:
+        raise click.UsageError("--gptq-all widens --gptq: give --gptq too")
+    compensation = GptqOptions(read_text(calib), calib_chunks, every_role=gptq_all) if gptq and calib else None
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -426,10 +430,11 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
               help="kld: refine each plan end to end this long.")
 @click.option("--gptq-chunks", default=0, show_default=True, type=click.IntRange(0),
               help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
+@click.option("--gptq-all", is_flag=True, help="Those files with build --gptq --gptq-all (ffn_down compensated too).")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
-          output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int) -> None:
+          output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int, gptq_all: bool) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
 
     try:
@@ -438,7 +443,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
                       n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
-                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks)
+                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks, gptq_all)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

@@ -124,3 +124,6 @@ def test_bench_adds_the_gptq_files_beside_the_plain_ones(tiny_model: Path, tmp_p
     res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(text), "--modes", "none",
                                    "--gptq-chunks", "2", "-o", str(tmp_path / "b2")])
     assert res.exit_code != 0 and "--calib" in str(res.exception)
+    res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(text), "--calib", str(text),
+                                   "--gptq-all", "-o", str(tmp_path / "b3")])
+    assert res.exit_code != 0 and "--gptq-chunks" in str(res.exception)

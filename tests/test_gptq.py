@@ -117,6 +117,11 @@ def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
     assert np.sum((parts - w) ** 2) == pytest.approx(np.sum((whole - w) ** 2), rel=0.01)
 
 
+# Types of 32-value blocks: the tiny model's 256-column weights hold eight, so every block but the last has later
+# columns to move its error onto (with one 256-value K block per row there is none, only ffn_down has two).
+SMALL_BLOCKS = ("--budget", "5bpw", "--types", "Q4_0,Q5_0,Q8_0")
+
+
 def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     """The same build of ``model`` without and with --gptq, on a random text of ten words."""
     text = tmp_path / "calib.txt"
@@ -144,7 +149,7 @@ def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
     left behind."""
     from ggufmix.io.gguf_source import open_gguf
 
-    plain, fed = _plain_and_gptq(tiny_model, tmp_path, "--budget", "4.5bpw")
+    plain, fed = _plain_and_gptq(tiny_model, tmp_path, *SMALL_BLOCKS)
     a, b = open_gguf(plain), open_gguf(fed)
     assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
     assert a.total_bytes == b.total_bytes
@@ -152,7 +157,22 @@ def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
     assert settings["weights"] > 0 and settings["output_error_ratio"] < 1.0, settings
     changed = _changed(plain, fed)
     assert "token_embd.weight" not in changed and any(n.startswith("blk.") for n in changed), changed
+    assert not [n for n in changed if "ffn_down" in n] and settings["plain_roles"] == ["ffn_down"], changed
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_gptq_all_compensates_ffn_down_too(tiny_model: Path, tmp_path: Path) -> None:
+    """--gptq-all: the ffn_down weights --gptq rounds plainly change as well, and nothing else changes with them."""
+    plain, fed = _plain_and_gptq(tiny_model, tmp_path, *SMALL_BLOCKS)
+    every = tmp_path / "all.gguf"
+    res = CliRunner().invoke(cli, ["-q", "build", str(tiny_model), "--rows", "32", "--no-smoke", "--calib",
+                                   str(tmp_path / "calib.txt"), "--calib-chunks", "2", *SMALL_BLOCKS, "--gptq",
+                                   "--gptq-all", "-o", str(every)])
+    assert res.exit_code == 0, res.output
+    downs = {n for n in _changed(plain, every) if "ffn_down" in n}
+    assert downs and _changed(fed, every) == downs, (downs, _changed(fed, every))
+    settings = json.loads(every.with_suffix(".plan.json").read_text())["settings"]["gptq"]
+    assert settings["plain_roles"] == [] and settings["output_error_ratio"] < 1.0, settings
 
 
 def test_a_tied_embedding_is_compensated_as_the_output_head(odd_model: Path, tmp_path: Path) -> None:
@@ -172,3 +192,7 @@ def test_gptq_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--gptq", "-o",
                                    str(tmp_path / "o.gguf")])
     assert res.exit_code != 0 and "--calib" in res.output and not (tmp_path / "o.gguf").exists()
+    (tmp_path / "t.txt").write_text("some calibration text " * 50)
+    res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--gptq-all", "--calib",
+                                   str(tmp_path / "t.txt"), "-o", str(tmp_path / "o.gguf")])
+    assert res.exit_code != 0 and "--gptq" in res.output and not (tmp_path / "o.gguf").exists()

@@ -55,6 +55,7 @@ class BenchConfig:
     oracle: Any = None          # kld: score.oracle.OracleSettings (its widths: the targets' bpw)
     search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
     gptq_chunks: int = 0         # > 0: also build every ggufmix file with --gptq on this many chunks of calib
+    gptq_all: bool = False       # those files with --gptq-all (ffn_down compensated too)
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -75,6 +76,8 @@ class BenchConfig:
             raise UsageError("--modes imatrix needs --calib (the text the imatrix is computed on)")
         if self.gptq_chunks and self.calib is None:
             raise UsageError("--gptq-chunks needs --calib (the text the weights' inputs are measured on)")
+        if self.gptq_all and not self.gptq_chunks:
+            raise UsageError("--gptq-all widens the --gptq files: give --gptq-chunks too")
         if not self.baselines and not self.budgets:
             raise UsageError("nothing to compare: give --baselines or --budgets")
 
@@ -205,9 +208,10 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     from ggufmix.score.measure import ScoreOptions
     from ggufmix.scores import Scores
 
-    kind = f"{strategy}-gptq" if gptq else strategy
+    kind = (f"{strategy}-gptq-all" if cfg.gptq_all else f"{strategy}-gptq") if gptq else strategy
     out = cfg.out / f"ggufmix-{kind}-{mode}-{label}.gguf"
-    compensation = GptqOptions(read_text(cfg.calib), cfg.gptq_chunks) if gptq and cfg.calib else None
+    compensation = (GptqOptions(read_text(cfg.calib), cfg.gptq_chunks, every_role=cfg.gptq_all)
+                    if gptq and cfg.calib else None)
     seconds = None
     if out.exists() and _planned_otherwise(out, scores, budget, compensation):
         logger.warning("%s: this ggufmix plans or compensates it otherwise; building it again", out.name)
@@ -229,7 +233,8 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
 def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOptions | None = None) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
     planner change would otherwise leave stale files in the folder): its recipe against a fresh plan, and for
-    a ``--gptq`` file the chunks of text its feedback was measured on against ``gptq``'s."""
+    a ``--gptq`` file the chunks of text its feedback was measured on and the roles it left plain against
+    ``gptq``'s."""
     from ggufmix.errors import InputError
     from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
@@ -239,7 +244,9 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
     kept = out.with_suffix(".recipe.txt")
     try:
         plan, current = Plan.load(out.with_suffix(".plan.json")), Scores.load(scores)
-        if gptq is not None and plan.settings.get("gptq", {}).get("chunks") != gptq.chunks:
+        done = plan.settings.get("gptq", {})
+        if gptq is not None and (done.get("chunks"), done.get("plain_roles", [])) != (gptq.chunks,
+                                                                                     sorted(gptq.plain_roles)):
             return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)

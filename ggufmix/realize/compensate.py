@@ -42,15 +42,26 @@ SAMPLE_ROWS = 256
 # Values a block of columns must hold before its quantization is split over threads (a thread pool per call
 # costs more than quantizing a few rows of one block).
 PARALLEL_VALUES = 1 << 18
+# Roles rounded plainly unless GptqOptions.every_role. ffn_down reads the FFN's hidden width (8960 columns on
+# Qwen2.5-Coder-1.5B against 1536 for every other weight): its input matrices, their factors and the second pass
+# of llama.cpp they need were about three quarters of the time, for a small part of the gain (docs/results.md).
+WIDE_ROLES = frozenset({"ffn_down"})
 
 
 @dataclass(frozen=True)
 class GptqOptions:
-    """The calibration text and how much of it (512-token chunks) builds the input matrices."""
+    """The calibration text and how much of it (512-token chunks) builds the input matrices; ``every_role``
+    compensates the WIDE_ROLES too."""
 
     text: str
     chunks: int = 16
     ctx: int = 512
+    every_role: bool = False
+
+    @property
+    def plain_roles(self) -> frozenset[str]:
+        """Roles rounded without feedback."""
+        return frozenset() if self.every_role else WIDE_ROLES
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.ctx <= 512:
@@ -74,7 +85,7 @@ class Compensated:
     def summary(self) -> dict[str, float | int]:
         """What the plan records: the text's size and the summed output error after / before."""
         return {"chunks": self.opts.chunks, "ctx": self.opts.ctx, "weights": len(self.compensated),
-                "output_error_ratio": round(self.ratio, 4)}
+                "plain_roles": sorted(self.opts.plain_roles), "output_error_ratio": round(self.ratio, 4)}
 
 
 @contextmanager
@@ -101,10 +112,11 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
         copy.unlink(missing_ok=True)
 
 
-def compensable(e: PlanEntry, tied: bool) -> bool:
-    """Quantized 2-D weights a matrix multiplication reads: token_embd only when it is the output head too."""
+def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str] = frozenset()) -> bool:
+    """Quantized 2-D weights a matrix multiplication reads, but for ``plain_roles``: token_embd only when it is the
+    output head too."""
     head = tied or e.name != "token_embd.weight"
-    return e.quantized and len(e.shape) == 2 and head and e.qtype not in FLOAT_TYPES
+    return e.quantized and len(e.shape) == 2 and head and e.qtype not in FLOAT_TYPES and e.role not in plain_roles
 
 
 def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions,
@@ -122,7 +134,7 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
     tied = tied_embeddings(e.name for e in plan.entries)
-    todo = [e for e in plan.quantized() if compensable(e, tied)]
+    todo = [e for e in plan.quantized() if compensable(e, tied, opts.plain_roles)]
     for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
         w, stored, raw = _float_weight(tensors[e.name])
         steps = inputs.steps(block_size(e.qtype))
