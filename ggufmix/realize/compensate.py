@@ -35,7 +35,8 @@ from ggufmix.types import QuantType, block_size
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
-# Input matrices held at once (float32): Qwen2.5-1.5B needs ~0.37 GB a block, so two passes over the text.
+# Input matrices held at once (float32): Qwen2.5-1.5B needs ~0.03 GB a block, or ~0.35 GB with ffn_down's
+# (--gptq-all), and then two passes over the text.
 PASS_BYTES = 6 << 30
 # Rows of each weight whose output error the plan's output_error_ratio sums (evenly spaced).
 SAMPLE_ROWS = 256
@@ -43,8 +44,8 @@ SAMPLE_ROWS = 256
 # costs more than quantizing a few rows of one block).
 PARALLEL_VALUES = 1 << 18
 # Roles rounded plainly unless GptqOptions.every_role. ffn_down reads the FFN's hidden width (8960 columns on
-# Qwen2.5-Coder-1.5B against 1536 for every other weight): its input matrices, their factors and the second pass
-# of llama.cpp they need were about three quarters of the time, for a small part of the gain (docs/results.md).
+# Qwen2.5-Coder-1.5B against 1536 for every other weight): compensating it too took 2.9x the time and 3x the memory
+# there for no measurable gain; 3-9% lower KLD on SmolLM2-135M for 1.25x (docs/results.md).
 WIDE_ROLES = frozenset({"ffn_down"})
 
 
