@@ -83,8 +83,8 @@ class Compensated:
     def ratio(self) -> float:
         return sum(self.compensated.values()) / max(sum(self.plain.values()), 1e-30)
 
-    def summary(self) -> dict[str, float | int]:
-        """What the plan records: the text's size and the summed output error after / before."""
+    def summary(self) -> dict[str, float | int | list[str]]:
+        """What the plan records: the text's size, the roles left plain and the summed output error after / before."""
         return {"chunks": self.opts.chunks, "ctx": self.opts.ctx, "weights": len(self.compensated),
                 "plain_roles": sorted(self.opts.plain_roles), "output_error_ratio": round(self.ratio, 4)}
 
