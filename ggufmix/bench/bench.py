@@ -245,8 +245,8 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
     try:
         plan, current = Plan.load(out.with_suffix(".plan.json")), Scores.load(scores)
         done = plan.settings.get("gptq", {})
-        if gptq is not None and (done.get("chunks"), done.get("plain_roles", [])) != (gptq.chunks,
-                                                                                     sorted(gptq.plain_roles)):
+        fed = (done.get("chunks"), done.get("plain_roles", []))  # plans from before plain_roles compensated all
+        if gptq is not None and fed != (gptq.chunks, sorted(gptq.plain_roles)):
             return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)

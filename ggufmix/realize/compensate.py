@@ -113,7 +113,7 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
         copy.unlink(missing_ok=True)
 
 
-def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str] = frozenset()) -> bool:
+def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str]) -> bool:
     """Quantized 2-D weights a matrix multiplication reads, but for ``plain_roles``: token_embd only when it is the
     output head too."""
     head = tied or e.name != "token_embd.weight"
