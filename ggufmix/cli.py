@@ -25,7 +25,7 @@ from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import make_plan, parse_pin
 from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.build import check_output, versions
-from ggufmix.realize.compensate import GptqOptions
+from ggufmix.realize.compensate import GPTQ_CHUNKS, GptqOptions
 from ggufmix.realize.overrides import recipe as tensor_type_file
 from ggufmix.score.base import scorers
 from ggufmix.score.cluster import check_ray
@@ -57,7 +57,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, allow_requantize: bool,  # noqa: ANN202
-                calib: Path | None = None, calib_chunks: int = 8, ray: str | None = None,
+                calib: Path | None = None, calib_chunks: int | None = None, ray: str | None = None,
                 oracle: str | None = None, assume_imatrix: bool = False, measuring: bool = True):
     """The scoring flags as ScoreOptions; ``measuring`` False (``--scores`` given): no --calib needed, the
     saved scores say what they were measured on."""
@@ -67,7 +67,8 @@ def _score_opts(strategy: str, imatrix: Path | None, rows: int, threads: int, al
         raise click.UsageError(f"--strategy {strategy} ranks blocks by their activations: give --calib TEXT")
     if ray is not None:
         check_ray(ray)  # a missing extra or an unreachable cluster fails now, not after the conversion
-    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, calib_chunks, ray,
+    chunks = calib_chunks or ScoreOptions.calib_chunks
+    return ScoreOptions(strategy, imatrix, rows, threads, allow_requantize, calib, chunks, ray,
                         oracle=parse_oracle(oracle) if oracle else None, assume_imatrix=assume_imatrix)
 
 
@@ -91,8 +92,8 @@ _score_options = [
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
                                              "(lim, lieq and their measured+ hybrids)."),
-    click.option("--calib-chunks", default=8, show_default=True, type=click.IntRange(1),
-                 help="512-token chunks of --calib to run."),
+    click.option("--calib-chunks", type=click.IntRange(1),
+                 help="512-token chunks of --calib to run (default 8; 32 for build --gptq)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
                  help="Score each tensor as a Ray task: 'auto', a cluster ADDRESS (host:port), or no value to start "
                       "a local cluster of --threads workers (pip install 'ggufmix[cluster]'). Give it after MODEL."),
@@ -168,14 +169,14 @@ _fit_options = [
 @click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @click.option("--gptq", is_flag=True, help="GPTQ-style error feedback: each weight block's rounding error is cancelled "
-              "by the blocks after it, using the inputs' covariance on --calib (--calib-chunks: 16-32, docs/results.md). "
+              "by the blocks after it, using the inputs' covariance on --calib (32 chunks unless --calib-chunks). "
               "llama.cpp's own quantizer and the same file format. ffn_down is rounded plainly (see --gptq-all).")
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int | None, ray: str | None,
           oracle: str | None,
           budget: str | None,
           types: str | None, palette: str | None, pins: tuple[str, ...], speed_tradeoff: float,
@@ -202,7 +203,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError("--gptq measures each weight's inputs on calibration text: give --calib TEXT")
     if gptq_all and not gptq:
         raise click.UsageError("--gptq-all widens --gptq: give --gptq too")
-    compensation = GptqOptions(read_text(calib), calib_chunks, every_role=gptq_all) if gptq and calib else None
+    compensation = (GptqOptions(read_text(calib), calib_chunks or GPTQ_CHUNKS, every_role=gptq_all)
+                    if gptq and calib else None)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -277,7 +279,7 @@ def push(ctx: click.Context, bundle: Path, repo: str, private: bool) -> None:
                    "plan then needs --imatrix.")
 @click.pass_context
 def score(ctx: click.Context, model: Path, output: Path, strategy: str, imatrix: Path | None, rows: int,
-          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int, ray: str | None,
+          threads: int, allow_requantize: bool, calib: Path | None, calib_chunks: int | None, ray: str | None,
           oracle: str | None, revision: str | None, outtype: str | None, llama_cpp_dir: Path | None,
           assume_imatrix: bool) -> None:
     """Measure every tensor of MODEL (GGUF, Hugging Face folder or hub id) once; plan any budget from the result."""

@@ -122,13 +122,13 @@ def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
 SMALL_BLOCKS = ("--budget", "5bpw", "--types", "Q4_0,Q5_0,Q8_0")
 
 
-def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str, chunks: tuple[str, ...] = ("--calib-chunks", "2")
+                    ) -> tuple[Path, Path]:
     """The same build of ``model`` without and with --gptq, on a random text of ten words."""
     text = tmp_path / "calib.txt"
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
     text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
-    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(text), "--calib-chunks", "2",
-              *extra]
+    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(text), *chunks, *extra]
     plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
     for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
         res = CliRunner().invoke(cli, args)
@@ -155,6 +155,7 @@ def test_build_gptq_on_a_real_model(tiny_model: Path, tmp_path: Path) -> None:
     assert a.total_bytes == b.total_bytes
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["weights"] > 0 and settings["output_error_ratio"] < 1.0, settings
+    assert settings["chunks"] == settings["text_chunks"] == 2, settings
     changed = _changed(plain, fed)
     assert "token_embd.weight" not in changed and any(n.startswith("blk.") for n in changed), changed
     assert not [n for n in changed if "ffn_down" in n] and settings["plain_roles"] == ["ffn_down"], changed
@@ -186,6 +187,14 @@ def test_a_tied_embedding_is_compensated_as_the_output_head(odd_model: Path, tmp
     assert "token_embd.weight" in _changed(plain, fed)
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["output_error_ratio"] < 1.0, settings
+
+
+def test_gptq_reads_32_chunks_unless_told(tiny_model: Path, tmp_path: Path) -> None:
+    """Without --calib-chunks, --gptq asks for 32 chunks (lim and lieq keep 8); the plan records how many the text
+    held, here fewer."""
+    _, fed = _plain_and_gptq(tiny_model, tmp_path, *SMALL_BLOCKS, chunks=())
+    settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
+    assert settings["chunks"] == 32 and 2 < settings["text_chunks"] < 32, settings
 
 
 def test_gptq_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:

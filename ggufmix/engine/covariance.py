@@ -36,10 +36,12 @@ from ggufmix.errors import InputError, UsageError
 
 @dataclass
 class Covariances:
-    """What one pass measured: weight name -> the graph node it reads, and node -> ``sum x x^T``."""
+    """What one pass measured: weight name -> the graph node it reads, node -> ``sum x x^T``, and the chunks
+    of text it ran (fewer than asked where the text is short)."""
 
     input_of: dict[str, str]
     matrices: dict[str, np.ndarray]
+    chunks: int
 
     def of(self, weight: str) -> np.ndarray:
         """The weight's input matrix; InputError when the pass never saw the weight multiply anything."""
@@ -72,7 +74,7 @@ def collect_covariances(model_path: str | os.PathLike[str], tokens_or_text: str 
                 decode_chunk(ctx, batch, chunk, collector)
         finally:
             llama_cpp.llama_batch_free(batch)
-    return Covariances(collector.input_of, collector.matrices)
+    return Covariances(collector.input_of, collector.matrices, len(chunks))
 
 
 class _Gram(EvalCallback):
