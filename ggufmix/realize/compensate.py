@@ -48,7 +48,7 @@ PARALLEL_VALUES = 1 << 18
 # there for no measurable gain; 3-9% lower KLD on SmolLM2-135M for 1.25x (docs/results.md).
 WIDE_ROLES = frozenset({"ffn_down"})
 # 512-token chunks of calibration text by default. Every weight gains from more text: Qwen2.5-Coder-1.5B at Q4_K_M's
-# size, held-out KLD 0.0124 / 0.0100 (wiki / tiny) on 32 chunks against 0.0138 / 0.0105 on 16, for 1.5x the
+# size, held-out KLD 0.0124 / 0.0100 (wiki / tiny) on 32 chunks against 0.0138 / 0.0105 on 16, for 1.6x the
 # feedback's time (614 s against 388 s); SmolLM2-135M 0.0288 on 32 against 0.0336 on 8 (docs/results.md).
 GPTQ_CHUNKS = 32
 
