@@ -122,13 +122,18 @@ def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
 SMALL_BLOCKS = ("--budget", "5bpw", "--types", "Q4_0,Q5_0,Q8_0")
 
 
-def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str, chunks: tuple[str, ...] = ("--calib-chunks", "2")
-                    ) -> tuple[Path, Path]:
-    """The same build of ``model`` without and with --gptq, on a random text of ten words."""
+def _calib_text(tmp_path: Path) -> Path:
+    """A random text of ten words, about a dozen 512-token chunks."""
     text = tmp_path / "calib.txt"
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
     text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
-    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(text), *chunks, *extra]
+    return text
+
+
+def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """The same build of ``model`` without and with --gptq, on ``_calib_text``."""
+    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(_calib_text(tmp_path)),
+              "--calib-chunks", "2", *extra]
     plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
     for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
         res = CliRunner().invoke(cli, args)
@@ -192,7 +197,10 @@ def test_a_tied_embedding_is_compensated_as_the_output_head(odd_model: Path, tmp
 def test_gptq_reads_32_chunks_unless_told(tiny_model: Path, tmp_path: Path) -> None:
     """Without --calib-chunks, --gptq asks for 32 chunks (lim and lieq keep 8); the plan records how many the text
     held, here fewer."""
-    _, fed = _plain_and_gptq(tiny_model, tmp_path, *SMALL_BLOCKS, chunks=())
+    fed = tmp_path / "gptq.gguf"
+    res = CliRunner().invoke(cli, ["-q", "build", str(tiny_model), "--rows", "32", "--no-smoke", "--calib",
+                                   str(_calib_text(tmp_path)), *SMALL_BLOCKS, "--gptq", "-o", str(fed)])
+    assert res.exit_code == 0, res.output
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["chunks"] == 32 and 2 < settings["text_chunks"] < 32, settings
 
