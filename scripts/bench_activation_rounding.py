@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""How much of a quantized file's KLD comes from llama.cpp's CPU backend rounding each matmul's input, not
+from the weights.
+
+    python scripts/bench_activation_rounding.py BASE.gguf QUANT.gguf [QUANT.gguf ...] --text eval.txt \
+        [--chunks 4] [--tmp DIR]
+
+On the CPU backend a quantized weight's matrix multiplication rounds its input to 8 bits first (ggml-cpu.c,
+``vec_dot_type``): in blocks of 256 values for the K and IQ types (Q8_K), of 32 for Q4_0..Q8_0 and IQ4_NL (Q8_0,
+Q8_1). An F16 weight takes its input in F16. Each QUANT is dequantized into an F16 file with the same weight values
+(scripts/dequantize_gguf.py, in ``--tmp``, removed afterwards) and both are scored against BASE on the same
+tokens: the difference is what the input rounding costs. Prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dequantize_gguf import dequantize_file  # noqa: E402 - a sibling script, not part of the package
+
+from ggufmix.errors import GgufmixError  # noqa: E402
+from ggufmix.evaluate.evaluation import evaluate  # noqa: E402
+from ggufmix.io.text import read_text  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One quantized file: its mean KLD as llama.cpp's CPU backend runs it, the same weights' in F16, and the
+    paired difference (F16 minus file) with its standard error."""
+
+    name: str
+    file_kld: float
+    f16_kld: float
+    difference: float
+    stderr: float
+
+    @property
+    def rounding_share(self) -> float:
+        """The file's KLD that the input rounding accounts for."""
+        return -self.difference / self.file_kld if self.file_kld > 0 else 0.0
+
+
+def measure(base: Path, quant: Path, text: str, *, chunks: int | None, ctx: int, tmp: Path | None) -> Row:
+    """Score ``quant`` and its F16 copy against ``base`` on the same tokens."""
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        f16 = Path(d) / f"{quant.stem}.f16.gguf"
+        dequantize_file(quant, f16)
+        report = evaluate(base, [quant, f16], text, ctx=ctx, chunks=chunks)
+    file_kld, f16_kld = (q.divergence.kld.value for q in report.quants)
+    (_, paired), = report.kld_against_first()
+    return Row(quant.name, file_kld, f16_kld, paired.value, paired.stderr)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| file | KLD (CPU) | KLD (weights in F16) | F16 - CPU (paired) | input rounding's share |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.file_kld:.5f} | {r.f16_kld:.5f} | {r.difference:+.5f} ± {r.stderr:.5f} | "
+              f"{r.rounding_share:.0%} |" for r in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base", type=Path, help="the float GGUF the files were made from")
+    p.add_argument("quants", type=Path, nargs="+", help="quantized GGUFs")
+    p.add_argument("--text", type=Path, required=True, help="evaluation text")
+    p.add_argument("--chunks", type=int, default=None, help="512-token chunks to score (default: all)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
+    p.add_argument("--tmp", type=Path, default=None, help="where the F16 copies go (one at a time)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        text = read_text(args.text)
+        rows = [measure(args.base, q, text, chunks=args.chunks, ctx=args.ctx, tmp=args.tmp) for q in args.quants]
+    except (GgufmixError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
