@@ -27,6 +27,19 @@ _SIZES: dict[int, tuple[int, int]] = {**{int(k): v for k, v in gguf.GGML_QUANT_S
                                       **{v[0]: v[1:] for v in _NEWER_TYPES.values()}}
 
 FLOAT_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
+# What llama.cpp's CPU backend rounds a weight's input to before the dot products (ggml-cpu.c type_traits_cpu
+# ``vec_dot_type``, llama-cpp-python 0.3.36): Q8_K (blocks of 256) for the K and IQ types, Q8_0 or Q8_1 (blocks of
+# 32) for these; float weights take their input in their own type.
+_CPU_INPUT_32 = {QuantType.Q4_0: QuantType.Q8_0, QuantType.Q5_0: QuantType.Q8_0, QuantType.Q8_0: QuantType.Q8_0,
+                 QuantType.IQ4_NL: QuantType.Q8_0, QuantType.Q2_0: QuantType.Q8_0, QuantType.MXFP4: QuantType.Q8_0,
+                 QuantType.Q4_1: QuantType.Q8_1, QuantType.Q5_1: QuantType.Q8_1}
+
+
+def cpu_input_type(qtype: QuantType) -> QuantType:
+    """The type the CPU backend rounds a ``qtype`` weight's input to (the weight's own for float types)."""
+    if qtype in FLOAT_TYPES:
+        return qtype
+    return _CPU_INPUT_32.get(qtype, QuantType.Q8_K)
 
 # Types the planner may choose by default, by row-block family. IQ1_*, TQ* and Q1_0 are left out:
 # they are ternary/1-bit formats that need models trained for them.

@@ -90,3 +90,19 @@ def test_f16_to_f32_gives_numpy_s_value_for_every_f16_bit_pattern() -> None:
     np.testing.assert_array_equal(out.view(np.uint32)[finite], ref.view(np.uint32)[finite])
     with pytest.raises(ValueError, match="into 3"):
         f16_to_f32(bits[:4], out[:3])
+
+
+def test_reference_roundtrip_rounds_like_the_cpu_backends_input() -> None:
+    """Q8_K: one step of max|x| / 127 per block of 256 (ggml-quants.c quantize_row_q8_K_ref); Q8_0 the same per 32,
+    its step stored in F16 (up to max|x| / 1024 more). A loud value coarsens only its own block."""
+    from ggufmix.engine.kernels import reference_roundtrip
+
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    x[0, 5] = 60.0
+    for qtype, block in ((QuantType.Q8_K, 256), (QuantType.Q8_0, 32)):
+        err = np.abs(reference_roundtrip(x, qtype) - x).reshape(2, -1, block)
+        amax = np.abs(x).reshape(2, -1, block).max(axis=2)
+        assert np.all(err.max(axis=2) <= 0.5 * amax / 127 + amax / 1024)
+        assert err[0, 0].max() > 10 * err[0, 1].max()  # the loud block's step, not the next one's
+    with pytest.raises(EngineError):
+        reference_roundtrip(x[:, :100], QuantType.Q8_K)

@@ -102,3 +102,47 @@ class _Gram(EvalCallback):
             self.matrices[key] = np.zeros((x.shape[1], x.shape[1]), np.float32)
         self.matrices[key] += x.T @ x
         return True
+
+
+def collect_inputs(model_path: str | os.PathLike[str], tokens_or_text: str | Sequence[int], weight: str, *,
+                   n_ctx: int = 512, n_chunks: int | None = None, n_threads: int | None = None) -> np.ndarray:
+    """The rows ``weight``'s matrix multiplication reads over the chunks of the text, float32 (tokens, cols).
+
+    Raises:
+        InputError: the model file is missing, the text shorter than one chunk, or no matmul read ``weight``.
+        EngineError: llama.cpp failed.
+    """
+    collector = _Rows(_ggml(), weight)
+    llama_cpp = llama()
+    with _session(Path(model_path), n_ctx, n_threads, 0, collector) as (model, ctx):
+        chunks = _chunks(_tokens(model, tokens_or_text), n_ctx, n_chunks, _bos(model))
+        batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        try:
+            for chunk in chunks:
+                collector.taken = False
+                decode_chunk(ctx, batch, chunk, collector)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+    if not collector.rows:
+        raise InputError(f"{weight!r}: no matrix multiplication read this weight on the calibration text")
+    return np.concatenate(collector.rows)
+
+
+class _Rows(EvalCallback):
+    """The input rows of one weight's MUL_MAT, once per chunk."""
+
+    def __init__(self, lib: ctypes.CDLL, weight: str) -> None:
+        self._lib, self._weight = lib, weight
+        self.rows: list[np.ndarray] = []
+        self.taken = False
+
+    def _wants(self, t: GgmlTensor) -> bool:
+        return t.op == GGML_OP_MUL_MAT and _weight_name(_src(t, 0)) == self._weight
+
+    def _take(self, t: GgmlTensor, addr: int) -> bool:
+        if not self.taken:
+            node = _src(t, 1)
+            x = read_node(self._lib, t.src[1], self._weight).reshape(-1, int(node.ne[0]))
+            self.rows.append(np.array(x, dtype=np.float32))
+            self.taken = True
+        return True

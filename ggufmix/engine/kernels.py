@@ -20,6 +20,7 @@ from ggufmix.types import QuantType, block_size, fits, row_bytes
 logger = logging.getLogger(__name__)
 
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+_from_float_t = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
 
 
 class _TypeTraits(ctypes.Structure):
@@ -141,6 +142,31 @@ def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None
             n = sum(pool.map(chunk, parts))
     if n != out.size:
         raise EngineError(f"ggml_quantize_chunk wrote {n} bytes for {qtype.name}, expected {out.size}")
+    return out
+
+
+def reference_roundtrip(rows: np.ndarray, qtype: QuantType) -> np.ndarray:
+    """``dequantize_row_X(quantize_row_X_ref(rows))`` of libggml-base, for the 8-bit types the CPU backend rounds a
+    quantized weight's input to (ggml-cpu.c ``vec_dot_type``: Q8_K for K and IQ types, Q8_0 for Q4_0..Q8_0), which
+    ``ggml_quantize_chunk`` does not take and whose type traits carry no converters in ggml-base.
+
+    Args:
+        rows: float32 (nrows, ncols); ncols a whole number of the type's blocks.
+    """
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, ncols = x.shape
+    name = ggml().ggml_get_type_traits(int(qtype)).contents.type_name.decode()
+    try:
+        quantize = _from_float_t(("quantize_row_" + name + "_ref", ggml()))
+        dequantize = _to_float_t(("dequantize_row_" + name, ggml()))
+    except AttributeError:
+        raise EngineError(f"libggml-base exports no reference quantizer for {qtype.name}") from None
+    if not fits(qtype, ncols):
+        raise EngineError(f"{qtype.name} does not fit rows of {ncols} (blocks of {block_size(qtype)})")
+    blocks = np.empty((nrows, row_bytes(qtype, ncols)), dtype=np.uint8)
+    out = np.empty_like(x)
+    quantize(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), blocks.ctypes.data_as(ctypes.c_void_p), x.size)
+    dequantize(blocks.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size)
     return out
 
 
