@@ -21,6 +21,7 @@ from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
 from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.compensate import GptqOptions, compensated_source
+from ggufmix.realize.smooth import SmoothOptions, smoothed_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
 from ggufmix.realize.verify import Verified, verify
 from ggufmix.score.measure import Measured, ScoreOptions, measure
@@ -54,7 +55,7 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = ScoreOptions(),
           types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = (), scores: Scores | None = None,
           force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True,
-          search_minutes: float = 0.0, gptq: GptqOptions | None = None,
+          search_minutes: float = 0.0, gptq: GptqOptions | None = None, smooth: SmoothOptions | None = None,
           speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """The three stages in memory: measure (or take ``scores``), plan ``budget`` (for ``kld`` scores with
     ``search_minutes``, refined end to end by the oracle: search/refine.py), realize the file.
@@ -70,7 +71,7 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
                             progress=progress, seconds=seconds, search_minutes=search_minutes, gptq=gptq,
-                            speed_tradeoff=speed_tradeoff)
+                            smooth=smooth, speed_tradeoff=speed_tradeoff)
 
 
 def budget_width(source: Path, budget: Budget) -> float:
@@ -109,10 +110,12 @@ def type_floor(opts: ScoreOptions, width: float, keep: Sequence[QuantType]) -> S
 def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Sequence[QuantType] | None = None,
                      pins: Sequence[Pin] = (), smoke: bool = True, nthread: int = 0, progress: bool = True,
                      seconds: dict[str, float] | None = None, search_minutes: float = 0.0,
-                     gptq: GptqOptions | None = None, speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
+                     gptq: GptqOptions | None = None, smooth: SmoothOptions | None = None,
+                     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
-    sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. With ``gptq`` the
-    quantizer reads a compensated copy of the source (realize/compensate.py), removed afterwards."""
+    sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. With ``smooth`` and
+    ``gptq`` the quantizer reads a copy of the source with the head's input smoothed (realize/smooth.py), then
+    compensated (realize/compensate.py), each removed afterwards."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins,
@@ -125,11 +128,16 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
-    with compensated_source(measured.source.path, out, plan, measured.imatrix, gptq, progress) as (source, done):
+    t0 = time.perf_counter()
+    with (smoothed_source(measured.source.path, out, plan, measured.imatrix, smooth) as (smoothed, imatrix, head),
+          compensated_source(smoothed, out, plan, imatrix, gptq, progress) as (source, done)):
+        if head is not None:
+            t["smooth"] = time.perf_counter() - t0 - (done.seconds if done is not None else 0.0)
+            plan = replace(plan, settings={**plan.settings, "smooth_head": head.summary()})
         if done is not None:
             t["gptq"] = done.seconds
             plan = replace(plan, settings={**plan.settings, "gptq": done.summary()})
-        verified, text = quantize_plan(source, out, plan, measured.imatrix, smoke=smoke, nthread=nthread,
+        verified, text = quantize_plan(source, out, plan, imatrix, smoke=smoke, nthread=nthread,
                                        progress=progress, seconds=t)
     sidecars(out, plan, verified, t, text)
     return BuildResult(out, plan, verified, text, t)

@@ -104,10 +104,7 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
     if opts is None:
         yield source, None
         return
-    free = shutil.disk_usage(out.parent).free
-    if free < source.stat().st_size + plan.total_bytes + (16 << 20):
-        raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free; --gptq needs room for a copy of {source.name} "
-                         f"({source.stat().st_size / 1e6:.0f} MB) and the output ({plan.total_bytes / 1e6:.0f} MB)")
+    check_room_for_copy(source, out, plan, "--gptq")
     copy = temp_beside(out)
     try:
         t0 = time.perf_counter()
@@ -118,6 +115,14 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
         yield copy, done
     finally:
         copy.unlink(missing_ok=True)
+
+
+def check_room_for_copy(source: Path, out: Path, plan: Plan, flag: str) -> None:
+    """Raises: UsageError: ``out``'s folder cannot hold a copy of ``source`` and the output besides."""
+    free = shutil.disk_usage(out.parent).free
+    if free < source.stat().st_size + plan.total_bytes + (16 << 20):
+        raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free; {flag} needs room for a copy of {source.name} "
+                         f"({source.stat().st_size / 1e6:.0f} MB) and the output ({plan.total_bytes / 1e6:.0f} MB)")
 
 
 def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str]) -> bool:

@@ -1,0 +1,116 @@
+"""--smooth-head: the head's input scaled for the CPU backend's input rounding (realize/smooth.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ggufmix.cli import cli
+from ggufmix.realize.smooth import channel_scales, choose, head_error
+from ggufmix.types import QuantType
+
+
+def _round_input(x: np.ndarray, qtype: QuantType) -> np.ndarray:
+    from ggufmix.engine import kernels
+
+    return kernels.reference_roundtrip(x, qtype)
+
+
+def _round_weights(w: np.ndarray, qtype: QuantType, col: np.ndarray | None) -> np.ndarray:
+    from ggufmix.engine.oracle import quant_roundtrip
+
+    return quant_roundtrip(w, qtype, None if col is None else col[None, :])
+
+
+def _loud_inputs(rng: np.random.Generator, tokens: int = 256, cols: int = 512) -> np.ndarray:
+    """Inputs with four channels 40x the others, the shape of a final norm's output."""
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    x[:, :4] *= 40
+    return x
+
+
+def test_scales_shrink_only_the_loud_channels() -> None:
+    rms = np.array([1.0, 1.0, 1.0, 4.0, 16.0])
+    assert np.array_equal(channel_scales(rms, 0.0), np.ones(5))
+    assert np.allclose(channel_scales(rms, 0.5), [1, 1, 1, 2, 4])
+
+
+def test_loud_channels_choose_a_scale_that_lowers_the_head_error() -> None:
+    """Q6_K's input is rounded in blocks of 256 (Q8_K): the loud channels set the step of their block. Scaling them
+    down lowers the head's output error; alpha 0 is always a candidate, so the choice never raises it."""
+    rng = np.random.default_rng(0)
+    x, w = _loud_inputs(rng), rng.standard_normal((64, 512)).astype(np.float32)
+    found = choose(x, w, QuantType.Q6_K, None, _round_input, _round_weights)
+    assert found.alpha > 0 and found.errors[found.alpha] < 0.8 * found.errors[0.0], found.errors
+    assert found.scales[:4].min() > 1 and np.all(found.scales[4:] < 1.2)
+    same = head_error(x, w, np.ones(512, np.float32), QuantType.Q6_K, None, _round_input, _round_weights)
+    assert same == pytest.approx(found.errors[0.0])
+
+
+def _loud_head_model(tiny_model: Path, tmp_path: Path) -> Path:
+    """tiny_model with output_norm's first four channels 40x louder: a final norm output like a trained model's."""
+    from gguf import GGUFReader
+
+    model = tmp_path / "loud.f16.gguf"
+    shutil.copyfile(tiny_model, model)
+    reader = GGUFReader(model, "r+")
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    np.asarray(norm.data)[:4] *= 40
+    reader.data.flush()
+    return model
+
+
+def _calib(tmp_path: Path) -> Path:
+    text = tmp_path / "calib.txt"
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
+    text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
+    return text
+
+
+def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: Path) -> None:
+    from ggufmix.evaluate.evaluation import evaluate
+    from ggufmix.realize.smooth import write_smoothed
+
+    model = _loud_head_model(tiny_model, tmp_path)
+    copy = tmp_path / "smoothed.gguf"
+    write_smoothed(model, copy, channel_scales(np.r_[np.full(4, 40.0), np.ones(252)], 0.5))
+    rep = evaluate(model, [copy], _calib(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
+                   progress=False)
+    assert abs(rep.quants[0].divergence.kld.value) < 1e-5  # the same function, up to F16 rounding of the head
+
+
+def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
+    """`build --smooth-head` on a head whose input has loud channels: a scale is chosen and recorded with the head's
+    output error at each alpha, output_norm and the head change and nothing else, no copy is left behind."""
+    from gguf import GGUFReader
+
+    model, calib = _loud_head_model(tiny_model, tmp_path), _calib(tmp_path)
+    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
+    plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
+    for args in ([*common, "-o", str(plain)], [*common, "--smooth-head", "-o", str(smooth)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth_head"]
+    errors = {float(a): e for a, e in settings["relative_error"].items()}
+    assert settings["alpha"] > 0 and errors[settings["alpha"]] < errors[0.0], settings
+    ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, smooth))
+    assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == {"output_norm.weight", "output.weight"}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tied.gguf"
+    res = CliRunner().invoke(cli, ["-q", "build", str(odd_model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw",
+                                   "--calib", str(_calib(tmp_path)), "--smooth-head", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "smooth_head" not in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
+
+
+def test_smooth_head_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--smooth-head",
+                                   "-o", str(tmp_path / "x.gguf")])
+    assert res.exit_code != 0 and "--calib" in res.output
