@@ -132,9 +132,10 @@ def _choose_for(source: Path, qtype: QuantType, imatrix: Imatrix | None,
         return None
     x = collect_inputs(source, opts.text, HEAD, n_ctx=opts.ctx, n_chunks=opts.chunks)
     t = tensors[HEAD]
-    cols = int(t.shape[0])
-    w = to_float32(np.asarray(t.data).reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))).reshape(-1, cols)
-    w = w[np.unique(np.linspace(0, len(w) - 1, min(len(w), HEAD_ROWS)).astype(int))]
+    cols, rows = int(t.shape[0]), int(np.prod([int(n) for n in t.shape[1:]]))
+    picked = np.unique(np.linspace(0, rows - 1, min(rows, HEAD_ROWS)).astype(int))  # not the whole head in float32
+    raw = np.asarray(t.data).reshape(rows, -1)[picked]
+    w = to_float32(raw.reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))).reshape(len(picked), cols)
     im = imatrix.values(HEAD) if imatrix is not None and HEAD in imatrix else None
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
