@@ -3,7 +3,7 @@
 The CPU backend rounds a K or IQ weight's input to 8 bits in blocks of 256 values (Q8_K, ggml-cpu.c
 ``vec_dot_type``) before the dot products. The final norm's output has a few channels tens of times louder than
 the rest, and every block that holds one rounds the others coarsely: in Qwen2.5-Coder-1.5B's file at Q5_K_M's size
-that rounding cost the Q6_K head 0.001 of mean KLD, more than its weights' rounding (docs/results.md). Dividing
+the rounding of the Q6_K head's input cost 0.001 of mean KLD, a fifth of the file's (docs/results.md). Dividing
 channel ``j`` of the head's input by ``s_j`` (folded into output_norm's weight) and multiplying the head's column
 ``j`` by ``s_j`` gives the same logits in exact arithmetic and moves noise from the input's rounding to the
 weights'. ``s_j = max(rms_j / median(rms), 1) ** alpha``, with ``alpha`` in ALPHAS chosen by the head's output
