@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tinymodel import write_calib_text
 
 from ggufmix.cli import cli
 from ggufmix.realize.gptq import compensate, feedback_steps, inverse_factor, output_error
@@ -122,17 +123,9 @@ def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
 SMALL_BLOCKS = ("--budget", "5bpw", "--types", "Q4_0,Q5_0,Q8_0")
 
 
-def _calib_text(tmp_path: Path) -> Path:
-    """A random text of ten words, about a dozen 512-token chunks."""
-    text = tmp_path / "calib.txt"
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
-    text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
-    return text
-
-
 def _plain_and_gptq(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
-    """The same build of ``model`` without and with --gptq, on ``_calib_text``."""
-    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(_calib_text(tmp_path)),
+    """The same build of ``model`` without and with --gptq, on ``write_calib_text``."""
+    common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--calib", str(write_calib_text(tmp_path)),
               "--calib-chunks", "2", *extra]
     plain, fed = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
     for args in ([*common, "-o", str(plain)], [*common, "--gptq", "-o", str(fed)]):
@@ -199,7 +192,7 @@ def test_gptq_reads_32_chunks_unless_told(tiny_model: Path, tmp_path: Path) -> N
     held, here fewer."""
     fed = tmp_path / "gptq.gguf"
     res = CliRunner().invoke(cli, ["-q", "build", str(tiny_model), "--rows", "32", "--no-smoke", "--calib",
-                                   str(_calib_text(tmp_path)), *SMALL_BLOCKS, "--gptq", "-o", str(fed)])
+                                   str(write_calib_text(tmp_path)), *SMALL_BLOCKS, "--gptq", "-o", str(fed)])
     assert res.exit_code == 0, res.output
     settings = json.loads(fed.with_suffix(".plan.json").read_text())["settings"]["gptq"]
     assert settings["chunks"] == 32 and 2 < settings["text_chunks"] < 32, settings

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tinymodel import write_calib_text
 
 from ggufmix.cli import cli
 from ggufmix.realize.smooth import channel_scales, choose, head_error
@@ -64,13 +65,6 @@ def _loud_head_model(tiny_model: Path, tmp_path: Path) -> Path:
     return model
 
 
-def _calib(tmp_path: Path) -> Path:
-    text = tmp_path / "calib.txt"
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
-    text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
-    return text
-
-
 def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: Path) -> None:
     from ggufmix.evaluate.evaluation import evaluate
     from ggufmix.realize.smooth import write_smoothed
@@ -78,7 +72,7 @@ def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: 
     model = _loud_head_model(tiny_model, tmp_path)
     copy = tmp_path / "smoothed.gguf"
     write_smoothed(model, copy, channel_scales(np.r_[np.full(4, 40.0), np.ones(252)], 0.5))
-    rep = evaluate(model, [copy], _calib(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
+    rep = evaluate(model, [copy], write_calib_text(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
                    progress=False)
     assert abs(rep.quants[0].divergence.kld.value) < 1e-5  # the same function, up to F16 rounding of the head
 
@@ -88,7 +82,7 @@ def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
     output error at each alpha, output_norm and the head change and nothing else, no copy is left behind."""
     from gguf import GGUFReader
 
-    model, calib = _loud_head_model(tiny_model, tmp_path), _calib(tmp_path)
+    model, calib = _loud_head_model(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
     plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
     for args in ([*common, "-o", str(plain)], [*common, "--smooth-head", "-o", str(smooth)]):
@@ -105,7 +99,7 @@ def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
 def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "tied.gguf"
     res = CliRunner().invoke(cli, ["-q", "build", str(odd_model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw",
-                                   "--calib", str(_calib(tmp_path)), "--smooth-head", "-o", str(out)])
+                                   "--calib", str(write_calib_text(tmp_path)), "--smooth-head", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "smooth_head" not in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
 

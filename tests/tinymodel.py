@@ -80,6 +80,14 @@ def write_tiny_llama(
     return p
 
 
+def write_calib_text(folder: Path) -> Path:
+    """``folder/calib.txt``: a random text of ten words, about a dozen 512-token chunks for the tiny vocabulary."""
+    text = Path(folder) / "calib.txt"
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
+    text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
+    return text
+
+
 def tiny_llama_shapes(*, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int, n_vocab: int,
                       n_expert: int = 0, tied: bool = False) -> dict[str, tuple[int, ...]]:
     """Tensor name -> numpy shape (ggml's ne reversed) of a llama model, in file order."""

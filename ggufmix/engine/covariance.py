@@ -61,9 +61,17 @@ def collect_covariances(model_path: str | os.PathLike[str], tokens_or_text: str 
         InputError: the model file is missing or the text shorter than one chunk.
         EngineError: llama.cpp failed, or a weight's input could not be read.
     """
-    if not 1 <= n_ctx <= 512:  # one ubatch a chunk: a node is summed once per chunk
-        raise UsageError(f"n_ctx {n_ctx}: the input matrices are collected over chunks of 1..512 tokens")
     collector = _Gram(_ggml(), frozenset(weights))
+    chunks = _run_chunks(model_path, tokens_or_text, collector, n_ctx, n_chunks, n_threads)
+    return Covariances(collector.input_of, collector.matrices, chunks)
+
+
+def _run_chunks(model_path: str | os.PathLike[str], tokens_or_text: str | Sequence[int], collector: EvalCallback,
+                n_ctx: int, n_chunks: int | None, n_threads: int | None) -> int:
+    """Decode the chunks of the text with ``collector`` as the eval callback, its ``chunk`` set to each chunk's
+    index; the number of chunks run."""
+    if not 1 <= n_ctx <= 512:  # one ubatch a chunk: a node is seen once per chunk
+        raise UsageError(f"n_ctx {n_ctx}: matmul inputs are collected over chunks of 1..512 tokens")
     llama_cpp = llama()
     with _session(Path(model_path), n_ctx, n_threads, 0, collector) as (model, ctx):
         chunks = _chunks(_tokens(model, tokens_or_text), n_ctx, n_chunks, _bos(model))
@@ -74,7 +82,7 @@ def collect_covariances(model_path: str | os.PathLike[str], tokens_or_text: str 
                 decode_chunk(ctx, batch, chunk, collector)
         finally:
             llama_cpp.llama_batch_free(batch)
-    return Covariances(collector.input_of, collector.matrices, len(chunks))
+    return len(chunks)
 
 
 class _Gram(EvalCallback):
@@ -109,20 +117,12 @@ def collect_inputs(model_path: str | os.PathLike[str], tokens_or_text: str | Seq
     """The rows ``weight``'s matrix multiplication reads over the chunks of the text, float32 (tokens, cols).
 
     Raises:
+        UsageError: n_ctx is over 512.
         InputError: the model file is missing, the text shorter than one chunk, or no matmul read ``weight``.
         EngineError: llama.cpp failed.
     """
     collector = _Rows(_ggml(), weight)
-    llama_cpp = llama()
-    with _session(Path(model_path), n_ctx, n_threads, 0, collector) as (model, ctx):
-        chunks = _chunks(_tokens(model, tokens_or_text), n_ctx, n_chunks, _bos(model))
-        batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        try:
-            for chunk in chunks:
-                collector.taken = False
-                decode_chunk(ctx, batch, chunk, collector)
-        finally:
-            llama_cpp.llama_batch_free(batch)
+    _run_chunks(model_path, tokens_or_text, collector, n_ctx, n_chunks, n_threads)
     if not collector.rows:
         raise InputError(f"{weight!r}: no matrix multiplication read this weight on the calibration text")
     return np.concatenate(collector.rows)
@@ -134,15 +134,15 @@ class _Rows(EvalCallback):
     def __init__(self, lib: ctypes.CDLL, weight: str) -> None:
         self._lib, self._weight = lib, weight
         self.rows: list[np.ndarray] = []
-        self.taken = False
+        self._taken: set[int] = set()
+        self.chunk = 0
 
     def _wants(self, t: GgmlTensor) -> bool:
         return t.op == GGML_OP_MUL_MAT and _weight_name(_src(t, 0)) == self._weight
 
     def _take(self, t: GgmlTensor, addr: int) -> bool:
-        if not self.taken:
-            node = _src(t, 1)
-            x = read_node(self._lib, t.src[1], self._weight).reshape(-1, int(node.ne[0]))
+        if self.chunk not in self._taken:
+            self._taken.add(self.chunk)
+            x = read_node(self._lib, t.src[1], self._weight).reshape(-1, int(_src(t, 1).ne[0]))
             self.rows.append(np.array(x, dtype=np.float32))
-            self.taken = True
         return True

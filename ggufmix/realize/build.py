@@ -128,11 +128,10 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with (smoothed_source(measured.source.path, out, plan, measured.imatrix, smooth) as (smoothed, imatrix, head),
+    with (smoothed_source(measured.source, out, plan, measured.imatrix, smooth) as (smoothed, imatrix, head),
           compensated_source(smoothed, out, plan, imatrix, gptq, progress) as (source, done)):
         if head is not None:
-            t["smooth"] = time.perf_counter() - t0 - (done.seconds if done is not None else 0.0)
+            t["smooth"] = head.seconds
             plan = replace(plan, settings={**plan.settings, "smooth_head": head.summary()})
         if done is not None:
             t["gptq"] = done.seconds

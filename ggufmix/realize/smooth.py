@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.covariance import collect_inputs
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.imatrix import Imatrix
+from ggufmix.io.gguf_source import GGUFSource
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.compensate import check_room_for_copy
 from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
@@ -57,6 +59,7 @@ class HeadSmoothing:
     scales: np.ndarray
     errors: dict[float, float]
     tokens: int
+    seconds: float = 0.0  # choosing and writing the copy
 
     def summary(self) -> dict[str, object]:
         return {"alpha": self.alpha, "max_scale": round(float(self.scales.max()), 3), "tokens": self.tokens,
@@ -92,50 +95,41 @@ def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray |
 
 
 @contextmanager
-def smoothed_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
+def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
                     ) -> Iterator[tuple[Path, Imatrix | None, HeadSmoothing | None]]:
-    """The file to quantize and the imatrix to quantize it with: ``source`` itself without ``opts``, for a tied or
+    """The file to quantize and the imatrix to quantize it with: the source itself without ``opts``, for a tied or
     float head, or where no scaling helps; else a smoothed copy beside ``out``, removed on exit whatever happens."""
     head = next((e for e in plan.entries if e.name == HEAD), None)
     if opts is None or head is None or head.qtype in FLOAT_TYPES:
         if opts is not None:
             logger.info("--smooth-head: no untied quantized %s in the plan; the source is used as it is", HEAD)
-        yield source, imatrix, None
+        yield src.path, imatrix, None
         return
-    found = _choose_for(source, head.qtype, imatrix, opts)
-    if found is None:
-        logger.info("--smooth-head: %s has no float %s and %s to scale; the source is used as it is", source.name,
-                    HEAD, NORM)
-        yield source, imatrix, None
+    if any(n not in src.tensors or src.tensors[n].qtype not in FLOAT_TYPES for n in (HEAD, NORM)):
+        logger.info("--smooth-head: %s has no float %s and %s to scale (a requantized source, another norm); the "
+                    "source is used as it is", src.path.name, HEAD, NORM)
+        yield src.path, imatrix, None
         return
+    t0 = time.perf_counter()
+    found = _choose_for(src, head.qtype, imatrix, opts)
     logger.info("--smooth-head: alpha %.2f (head output error %s)", found.alpha,
                 ", ".join(f"{a}: {e:.2e}" for a, e in found.errors.items()))
     if found.alpha == 0:
-        yield source, imatrix, found
+        yield src.path, imatrix, replace(found, seconds=time.perf_counter() - t0)
         return
-    check_room_for_copy(source, out, plan, "--smooth-head")
+    check_room_for_copy(src.path, out, plan, "--smooth-head")
     copy = temp_beside(out)
     try:
-        write_smoothed(source, copy, found.scales)
-        yield copy, scaled_imatrix(imatrix, found.scales), found
+        write_smoothed(src.path, copy, found.scales)
+        yield copy, scaled_imatrix(imatrix, found.scales), replace(found, seconds=time.perf_counter() - t0)
     finally:
         copy.unlink(missing_ok=True)
 
 
-def _choose_for(source: Path, qtype: QuantType, imatrix: Imatrix | None,
-                opts: SmoothOptions) -> HeadSmoothing | None:
-    """None where the source lacks a float head or final norm weight (a requantized source, another norm)."""
-    from gguf import GGUFReader
-
-    tensors = {t.name: t for t in GGUFReader(source).tensors}
-    if any(n not in tensors or QuantType(int(tensors[n].tensor_type)) not in FLOAT_TYPES for n in (HEAD, NORM)):
-        return None
-    x = collect_inputs(source, opts.text, HEAD, n_ctx=opts.ctx, n_chunks=opts.chunks)
-    t = tensors[HEAD]
-    cols, rows = int(t.shape[0]), int(np.prod([int(n) for n in t.shape[1:]]))
-    picked = np.unique(np.linspace(0, rows - 1, min(rows, HEAD_ROWS)).astype(int))  # not the whole head in float32
-    raw = np.asarray(t.data).reshape(rows, -1)[picked]
-    w = to_float32(raw.reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))).reshape(len(picked), cols)
+def _choose_for(src: GGUFSource, qtype: QuantType, imatrix: Imatrix | None, opts: SmoothOptions) -> HeadSmoothing:
+    x = collect_inputs(src.path, opts.text, HEAD, n_ctx=opts.ctx, n_chunks=opts.chunks)
+    rows = src.tensors[HEAD].nrows
+    w = src.rows(HEAD, np.unique(np.linspace(0, rows - 1, min(rows, HEAD_ROWS)).astype(int)))
     im = imatrix.values(HEAD) if imatrix is not None and HEAD in imatrix else None
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
