@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tinymodel import write_calib_text
+from tinymodel import loud_head_copy, write_calib_text
 
 from ggufmix.cli import cli
 from ggufmix.realize.smooth import channel_scales, choose, head_error
@@ -52,24 +51,11 @@ def test_loud_channels_choose_a_scale_that_lowers_the_head_error() -> None:
     assert same == pytest.approx(found.errors[0.0])
 
 
-def _loud_head_model(tiny_model: Path, tmp_path: Path) -> Path:
-    """tiny_model with output_norm's first four channels 40x louder: a final norm output like a trained model's."""
-    from gguf import GGUFReader
-
-    model = tmp_path / "loud.f16.gguf"
-    shutil.copyfile(tiny_model, model)
-    reader = GGUFReader(model, "r+")
-    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
-    np.asarray(norm.data)[:4] *= 40
-    reader.data.flush()
-    return model
-
-
 def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: Path) -> None:
     from ggufmix.evaluate.evaluation import evaluate
     from ggufmix.realize.smooth import write_smoothed
 
-    model = _loud_head_model(tiny_model, tmp_path)
+    model = loud_head_copy(tiny_model, tmp_path)
     copy = tmp_path / "smoothed.gguf"
     write_smoothed(model, copy, channel_scales(np.r_[np.full(4, 40.0), np.ones(252)], 0.5))
     rep = evaluate(model, [copy], write_calib_text(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
@@ -82,7 +68,7 @@ def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
     output error at each alpha, output_norm and the head change and nothing else, no copy is left behind."""
     from gguf import GGUFReader
 
-    model, calib = _loud_head_model(tiny_model, tmp_path), write_calib_text(tmp_path)
+    model, calib = loud_head_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
     plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
     for args in ([*common, "-o", str(plain)], [*common, "--smooth-head", "-o", str(smooth)]):
@@ -108,3 +94,40 @@ def test_smooth_head_needs_calibration_text(tiny_model: Path, tmp_path: Path) ->
     res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--smooth-head",
                                    "-o", str(tmp_path / "x.gguf")])
     assert res.exit_code != 0 and "--calib" in res.output
+
+
+def test_the_patched_file_holds_the_bytes_llama_cpp_writes_from_the_smoothed_copy(tiny_model: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Without --gptq the head is smoothed in the quantized file (no copy of the source): every tensor's bytes
+    equal those llama.cpp writes from the smoothed copy with the scaled imatrix."""
+    from functools import partial
+
+    from gguf import GGUFReader
+
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.realize.build import quantize_plan
+    from ggufmix.realize.smooth import (
+        SmoothOptions,
+        choose_smoothing,
+        patch_quantized,
+        scaled_imatrix,
+        write_smoothed,
+    )
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    model, calib = loud_head_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
+    im = collect_imatrix(model, calib.read_text(), n_ctx=64, n_chunks=4, include_output=True, progress=False)
+    src = open_gguf(model)
+    plan = make_plan(score_source(open_source(model, False), ScoreOptions(max_rows=32), im, progress=False),
+                     parse_budget("4.5bpw"))
+    head = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64))
+    assert head is not None and head.alpha > 0 and "output.weight" in im
+    patched, copied, copy = tmp_path / "patched.gguf", tmp_path / "copied.gguf", tmp_path / "copy.f16.gguf"
+    quantize_plan(model, patched, plan, im, patch=partial(patch_quantized, src=src, head=head, imatrix=im))
+    write_smoothed(model, copy, head.scales)
+    quantize_plan(copy, copied, plan, scaled_imatrix(im, head.scales))
+    a, b = ({t.name: np.asarray(t.data).tobytes() for t in GGUFReader(p).tensors} for p in (patched, copied))
+    assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []

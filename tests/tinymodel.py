@@ -11,6 +11,7 @@ Every weight can be read back with ``read_tiny_weights`` for independent numpy c
 from __future__ import annotations
 
 import itertools
+import shutil
 import string
 from pathlib import Path
 
@@ -86,6 +87,18 @@ def write_calib_text(folder: Path) -> Path:
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
     text.write_text(" ".join(np.random.default_rng(5).choice(words, 4000)))
     return text
+
+
+def loud_head_copy(model: Path, folder: Path) -> Path:
+    """``folder/loud.f16.gguf``: ``model`` with output_norm's first four channels 40x louder, a final norm output
+    like a trained model's (what ``--smooth-head`` acts on)."""
+    out = Path(folder) / "loud.f16.gguf"
+    shutil.copyfile(model, out)
+    reader = gguf.GGUFReader(out, "r+")
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    np.asarray(norm.data)[:4] *= 40
+    reader.data.flush()
+    return out
 
 
 def tiny_llama_shapes(*, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int, n_vocab: int,

@@ -6,8 +6,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from ggufmix import __version__
@@ -21,7 +22,7 @@ from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
 from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
 from ggufmix.realize.compensate import GptqOptions, compensated_source
-from ggufmix.realize.smooth import SmoothOptions, smoothed_source
+from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized, smoothed_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
 from ggufmix.realize.verify import Verified, verify
 from ggufmix.score.measure import Measured, ScoreOptions, measure
@@ -113,9 +114,9 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                      gptq: GptqOptions | None = None, smooth: SmoothOptions | None = None,
                      speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
-    sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. With ``smooth`` and
-    ``gptq`` the quantizer reads a copy of the source with the head's input smoothed (realize/smooth.py), then
-    compensated (realize/compensate.py), each removed afterwards."""
+    sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. ``smooth`` scales the
+    head's input (realize/smooth.py): in the quantized file, or with ``gptq`` in a copy of the source that is then
+    compensated (realize/compensate.py), each copy removed afterwards."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins,
@@ -128,25 +129,31 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
-    with (smoothed_source(measured.source, out, plan, measured.imatrix, smooth) as (smoothed, imatrix, head),
+    head = choose_smoothing(measured.source, plan, measured.imatrix, smooth)
+    if head is not None:
+        t["smooth"] = head.seconds
+        plan = replace(plan, settings={**plan.settings, "smooth_head": head.summary()})
+    patch = None  # --smooth-head without --gptq: the quantized file is smoothed in place, the source not copied
+    if head is not None and head.alpha > 0 and gptq is None:
+        patch = partial(patch_quantized, src=measured.source, head=head, imatrix=measured.imatrix, threads=nthread)
+    with (smoothed_source(measured.source, out, plan, measured.imatrix, None if patch else head) as (smoothed, imatrix),
           compensated_source(smoothed, out, plan, imatrix, gptq, progress) as (source, done)):
-        if head is not None:
-            t["smooth"] = head.seconds
-            plan = replace(plan, settings={**plan.settings, "smooth_head": head.summary()})
         if done is not None:
             t["gptq"] = done.seconds
             plan = replace(plan, settings={**plan.settings, "gptq": done.summary()})
         verified, text = quantize_plan(source, out, plan, imatrix, smoke=smoke, nthread=nthread,
-                                       progress=progress, seconds=t)
+                                       progress=progress, seconds=t, patch=patch)
     sidecars(out, plan, verified, t, text)
     return BuildResult(out, plan, verified, text, t)
 
 
 def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, *, smoke: bool = False,
                   nthread: int = 0, progress: bool = True,
-                  seconds: dict[str, float] | None = None) -> tuple[Verified, str | None]:
-    """llama_model_quantize into a temporary file beside ``out``, verify it, with ``smoke`` load it in llama.cpp
-    and generate a few tokens, then rename it into place: a file that fails any check never appears at ``out``.
+                  seconds: dict[str, float] | None = None,
+                  patch: Callable[[Path], None] | None = None) -> tuple[Verified, str | None]:
+    """llama_model_quantize into a temporary file beside ``out``, ``patch`` it in place (--smooth-head), verify it,
+    with ``smoke`` load it in llama.cpp and generate a few tokens, then rename it into place: a file that fails any
+    check never appears at ``out``.
 
     Returns:
         What was verified, and the smoke test's text (None without ``smoke``).
@@ -164,6 +171,8 @@ def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, 
         t0 = time.perf_counter()
         quantize_file(source, tmp, ftype=base_ftype(plan), overrides=overrides(plan), imatrix=imatrix,
                       nthread=nthread, progress=progress, allow_requantize=True)
+        if patch is not None:
+            patch(tmp)
         verified = verify(tmp, plan)
         t["quantize"] = time.perf_counter() - t0
         t0 = time.perf_counter()

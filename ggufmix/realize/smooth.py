@@ -35,9 +35,10 @@ from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
 
 logger = logging.getLogger(__name__)
 
-HEAD, NORM = "output.weight", "output_norm.weight"
+HEAD, NORM, BIAS = "output.weight", "output_norm.weight", "output_norm.bias"
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 HEAD_ROWS = 1024  # head rows (vocabulary entries, evenly spaced) whose output error picks alpha
+PATCH_ROWS = 8192  # head rows quantized at once by patch_quantized (an 8192-wide head: 256 MB of float32)
 
 Rounding = Callable[[np.ndarray, QuantType, np.ndarray | None], np.ndarray]  # (rows, type, column weights) -> rows
 
@@ -94,34 +95,43 @@ def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray |
     return HeadSmoothing(best, channel_scales(rms, best), errors, len(x))
 
 
-@contextmanager
-def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
-                    ) -> Iterator[tuple[Path, Imatrix | None, HeadSmoothing | None]]:
-    """The file to quantize and the imatrix to quantize it with: the source itself without ``opts``, for a tied or
-    float head, or where no scaling helps; else a smoothed copy beside ``out``, removed on exit whatever happens."""
+def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
+                     ) -> HeadSmoothing | None:
+    """The head's scales for ``plan``: None without ``opts``, for a tied or float head or a source without a float
+    head and final norm; alpha 0 where no scaling lowers the head's error (the source is then used as it is)."""
     head = next((e for e in plan.entries if e.name == HEAD), None)
-    if opts is None or head is None or head.qtype in FLOAT_TYPES:
-        if opts is not None:
-            logger.info("--smooth-head: no untied quantized %s in the plan; the source is used as it is", HEAD)
-        yield src.path, imatrix, None
-        return
+    if opts is None:
+        return None
+    if head is None or head.qtype in FLOAT_TYPES:
+        logger.info("--smooth-head: no untied quantized %s in the plan; the source is used as it is", HEAD)
+        return None
     if any(n not in src.tensors or src.tensors[n].qtype not in FLOAT_TYPES for n in (HEAD, NORM)):
         logger.info("--smooth-head: %s has no float %s and %s to scale (a requantized source, another norm); the "
                     "source is used as it is", src.path.name, HEAD, NORM)
-        yield src.path, imatrix, None
-        return
+        return None
     t0 = time.perf_counter()
     found = _choose_for(src, head.qtype, imatrix, opts)
     logger.info("--smooth-head: alpha %.2f (head output error %s)", found.alpha,
                 ", ".join(f"{a}: {e:.2e}" for a, e in found.errors.items()))
-    if found.alpha == 0:
-        yield src.path, imatrix, replace(found, seconds=time.perf_counter() - t0)
+    return replace(found, seconds=time.perf_counter() - t0)
+
+
+@contextmanager
+def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | None, head: HeadSmoothing | None,
+                    ) -> Iterator[tuple[Path, Imatrix | None]]:
+    """The file to quantize and its imatrix: the source itself where ``head`` scales nothing, else a smoothed copy
+    beside ``out``, removed on exit whatever happens (what ``--gptq`` compensates; without it, patch_quantized
+    smooths the quantized file instead, no copy)."""
+    if head is None or head.alpha == 0:
+        yield src.path, imatrix
         return
+    t0 = time.perf_counter()
     check_room_for_copy(src.path, out, plan, "--smooth-head")
     copy = temp_beside(out)
     try:
-        write_smoothed(src.path, copy, found.scales)
-        yield copy, scaled_imatrix(imatrix, found.scales), replace(found, seconds=time.perf_counter() - t0)
+        write_smoothed(src.path, copy, head.scales)
+        logger.info("--smooth-head: smoothed copy written in %.1f s", time.perf_counter() - t0)
+        yield copy, scaled_imatrix(imatrix, head.scales)
     finally:
         copy.unlink(missing_ok=True)
 
@@ -145,14 +155,41 @@ def write_smoothed(source: Path, dest: Path, scales: np.ndarray) -> None:
     shutil.copyfile(source, dest)
     reader = GGUFReader(dest, "r+")
     for t in reader.tensors:
-        if t.name not in (HEAD, NORM, "output_norm.bias"):
-            continue
-        stored = QuantType(int(t.tensor_type))
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        values = to_float32(raw, stored).reshape(-1, scales.size)
-        values = values * scales if t.name == HEAD else values / scales
-        raw[:] = from_float32(values.reshape(-1).astype(np.float32), stored)
+        if t.name in (HEAD, NORM, BIAS):
+            raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+            raw[:] = _scaled(t.name, raw, QuantType(int(t.tensor_type)), scales)
     reader.data.flush()
+
+
+def patch_quantized(quantized: Path, src: GGUFSource, head: HeadSmoothing, imatrix: Imatrix | None,
+                    threads: int = 0) -> None:
+    """Smooth an already quantized file in place: output_norm (float) scaled as write_smoothed scales it, and the
+    head quantized again, at the type it has there, from the source's rows as the smoothed copy would hold them,
+    with the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(quantized, "r+")
+    im = scaled_imatrix(imatrix, head.scales)
+    col = im.values(HEAD) if im is not None and HEAD in im else None
+    stored = src.tensors[HEAD].qtype
+    for t in reader.tensors:
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+        if t.name in (NORM, BIAS):
+            raw[:] = _scaled(t.name, raw, QuantType(int(t.tensor_type)), head.scales)
+        elif t.name == HEAD:
+            qtype, n = QuantType(int(t.tensor_type)), src.tensors[HEAD].nrows
+            out = raw.reshape(n, -1)
+            for r0 in range(0, n, PATCH_ROWS):
+                rows = to_float32(from_float32(src.rows(HEAD, np.arange(r0, min(n, r0 + PATCH_ROWS))) * head.scales,
+                                               stored), stored).reshape(-1, head.scales.size)
+                out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
+    reader.data.flush()
+
+
+def _scaled(name: str, raw: np.ndarray, stored: QuantType, scales: np.ndarray) -> np.ndarray:
+    """A float tensor's bytes with the head's columns multiplied, or the norm's channels divided, by ``scales``."""
+    values = to_float32(raw, stored).reshape(-1, scales.size)
+    return from_float32((values * scales if name == HEAD else values / scales).reshape(-1), stored)
 
 
 def scaled_imatrix(imatrix: Imatrix | None, scales: np.ndarray) -> Imatrix | None:
