@@ -92,7 +92,8 @@ _score_options = [
                  help="Scoring threads (processes for ewq, ewq-norm and zd, where the OS forks)."),
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
-                                             "(lim, lieq and their measured+ hybrids)."),
+                                             "(lim, lieq and their measured+ hybrids); build also smooths the "
+                                             "output head on it (--smooth-head) and --gptq needs it."),
     click.option("--calib-chunks", type=click.IntRange(1),
                  help="512-token chunks of --calib to run (default 8; 32 for build --gptq)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
@@ -174,10 +175,10 @@ _fit_options = [
               "llama.cpp's own quantizer and the same file format. ffn_down is rounded plainly (see --gptq-all).")
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")
-@click.option("--smooth-head", is_flag=True, help="Scale the output head's input channels down and its columns up "
-              "(the same logits) so that llama.cpp's CPU backend rounds the input more finely before multiplying; the "
-              "scale is chosen on --calib (0.00667 -> 0.00553 mean KLD on Qwen2.5-Coder-1.5B at Q5_K_M's size). "
-              "Untied heads only.")
+@click.option("--smooth-head/--no-smooth-head", default=None, help="Scale the output head's input channels down and "
+              "its columns up (the same logits) so that llama.cpp's CPU backend rounds the input more finely before "
+              "multiplying; the scale is chosen on --calib (0.00667 -> 0.00553 mean KLD on Qwen2.5-Coder-1.5B at "
+              "Q5_K_M's size). Untied heads only. On whenever --calib is given.")
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -188,7 +189,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          gptq: bool, gptq_all: bool, smooth_head: bool, revision: str | None,
+          gptq: bool, gptq_all: bool, smooth_head: bool | None, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -212,7 +213,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                     if gptq and calib else None)
     if smooth_head and calib is None:
         raise click.UsageError("--smooth-head picks its scales on calibration text: give --calib TEXT")
-    smooth = SmoothOptions(read_text(calib)) if smooth_head and calib else None
+    smooth = SmoothOptions(read_text(calib)) if smooth_head is not False and calib else None
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -441,10 +442,13 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--gptq-chunks", default=0, show_default=True, type=click.IntRange(0),
               help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
 @click.option("--gptq-all", is_flag=True, help="Those files with build --gptq --gptq-all (ffn_down compensated too).")
+@click.option("--smooth-head", is_flag=True, help="Also build every ggufmix file (and --gptq file) with build "
+              "--smooth-head on --calib; a tied head is left alone, so such a model gets no extra files.")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
-          output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int, gptq_all: bool) -> None:
+          output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int, gptq_all: bool,
+          smooth_head: bool) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
 
     try:
@@ -453,7 +457,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
                       n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
-                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks, gptq_all)
+                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks, gptq_all, smooth_head)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

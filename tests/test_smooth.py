@@ -64,14 +64,15 @@ def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: 
 
 
 def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --smooth-head` on a head whose input has loud channels: a scale is chosen and recorded with the head's
-    output error at each alpha, output_norm and the head change and nothing else, no copy is left behind."""
+    """`build --calib` smooths a head whose input has loud channels (--smooth-head is on with --calib): a scale is
+    chosen and recorded with the head's output error at each alpha, output_norm and the head change and nothing
+    else (against --no-smooth-head), no copy is left behind."""
     from gguf import GGUFReader
 
     model, calib = loud_head_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
     plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
-    for args in ([*common, "-o", str(plain)], [*common, "--smooth-head", "-o", str(smooth)]):
+    for args in ([*common, "--no-smooth-head", "-o", str(plain)], [*common, "-o", str(smooth)]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
     settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth_head"]

@@ -56,6 +56,7 @@ class BenchConfig:
     search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
     gptq_chunks: int = 0         # > 0: also build every ggufmix file with --gptq on this many chunks of calib
     gptq_all: bool = False       # those files with --gptq-all (ffn_down compensated too)
+    smooth_head: bool = False    # also build every ggufmix file (and --gptq file) with --smooth-head
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -78,6 +79,8 @@ class BenchConfig:
             raise UsageError("--gptq-chunks needs --calib (the text the weights' inputs are measured on)")
         if self.gptq_all and not self.gptq_chunks:
             raise UsageError("--gptq-all widens the --gptq files: give --gptq-chunks too")
+        if self.smooth_head and self.calib is None:
+            raise UsageError("--smooth-head picks its scales on calibration text: give --calib TEXT")
         if not self.baselines and not self.budgets:
             raise UsageError("nothing to compare: give --baselines or --budgets")
 
@@ -118,8 +121,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         widths = tuple(sorted({_width(cfg.source, b) for _, b in targets}))
         for strategy in cfg.strategies:
             scores = _scores(cfg, strategy, mode, imatrix, widths)
-            for gptq in (False, True) if cfg.gptq_chunks else (False,):
-                files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget, gptq)
+            for gptq, smooth in _variants(cfg):
+                files += [f for f in (_ours(cfg, strategy, mode, imatrix, scores, label, budget, gptq, smooth)
                                       for label, budget in targets) if f is not None]
     done = {f.path: row for f in files if (row := _cached_row(cfg, text, f)) is not None}
     todo = [f for f in files if f.path not in done]
@@ -132,6 +135,19 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     results["score_s"] = _score_seconds(cfg)
     _write_outputs(cfg, results)
     return results
+
+
+def _variants(cfg: BenchConfig) -> list[tuple[bool, bool]]:
+    """(--gptq, --smooth-head) of each ggufmix file built per strategy and target; smoothing only where the source
+    has a head of its own (a tied head is the token embedding: --smooth-head leaves it alone)."""
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.realize.smooth import HEAD
+
+    smooth = cfg.smooth_head and HEAD in open_gguf(cfg.source, check_data=False).tensors
+    if cfg.smooth_head and not smooth:
+        logger.warning("--smooth-head: %s has no output head of its own (tied); no smoothed files", cfg.source.name)
+    gptqs = (False, True) if cfg.gptq_chunks else (False,)
+    return [(g, s) for g in gptqs for s in ((False, True) if smooth else (False,))]
 
 
 def _imatrix(cfg: BenchConfig) -> Path:
@@ -201,19 +217,22 @@ def _scores(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, wi
 
 
 def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scores: Path, label: str,
-          budget: Budget, gptq: bool = False) -> BenchFile | None:
+          budget: Budget, gptq: bool = False, smooth: bool = False) -> BenchFile | None:
     from ggufmix.io.text import read_text
     from ggufmix.realize.build import build
     from ggufmix.realize.compensate import GptqOptions
+    from ggufmix.realize.smooth import SmoothOptions
     from ggufmix.score.measure import ScoreOptions
     from ggufmix.scores import Scores
 
     kind = (f"{strategy}-gptq-all" if cfg.gptq_all else f"{strategy}-gptq") if gptq else strategy
+    kind += "-smooth" if smooth else ""
     out = cfg.out / f"ggufmix-{kind}-{mode}-{label}.gguf"
     compensation = (GptqOptions(read_text(cfg.calib), cfg.gptq_chunks, every_role=cfg.gptq_all)
                     if gptq and cfg.calib else None)
+    smoothing = SmoothOptions(read_text(cfg.calib)) if smooth and cfg.calib else None
     seconds = None
-    if out.exists() and _planned_otherwise(out, scores, budget, compensation):
+    if out.exists() and _planned_otherwise(out, scores, budget, compensation, smooth):
         logger.warning("%s: this ggufmix plans or compensates it otherwise; building it again", out.name)
         out.unlink()
     if not out.exists():
@@ -222,7 +241,7 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
             loaded = Scores.load(scores)
             search = cfg.search_minutes if loaded.settings.get("units") == "kld" else 0.0
             build(cfg.source, out, budget, opts=ScoreOptions(strategy, imatrix), scores=loaded, smoke=False,
-                  progress=cfg.progress, search_minutes=search, gptq=compensation)
+                  progress=cfg.progress, search_minutes=search, gptq=compensation, smooth=smoothing)
         except BudgetError as e:
             logger.warning("%s at %s skipped: %s", strategy, label, e)
             return None
@@ -230,11 +249,12 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     return BenchFile(out, kind, mode, label, seconds)
 
 
-def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOptions | None = None) -> bool:
+def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOptions | None = None,
+                       smooth: bool = False) -> bool:
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
-    planner change would otherwise leave stale files in the folder): its recipe against a fresh plan, and for
+    planner change would otherwise leave stale files in the folder): its recipe against a fresh plan, for
     a ``--gptq`` file the chunks of text its feedback was measured on and the roles it left plain against
-    ``gptq``'s."""
+    ``gptq``'s, and for a ``--smooth-head`` file whether its head was smoothed at all."""
     from ggufmix.errors import InputError
     from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
@@ -247,6 +267,8 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
         done = plan.settings.get("gptq", {})
         fed = (done.get("chunks"), done.get("plain_roles", []))  # plans from before plain_roles compensated all
         if gptq is not None and fed != (gptq.chunks, sorted(gptq.plain_roles)):
+            return True
+        if smooth and "smooth_head" not in plan.settings:
             return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)
