@@ -92,8 +92,8 @@ _score_options = [
                  help="Scoring threads (processes for ewq, ewq-norm and zd, where the OS forks)."),
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
-                                             "(lim, lieq and their measured+ hybrids); build also smooths the "
-                                             "output head on it (--smooth-head) and --gptq needs it."),
+                                             "(lim, lieq and their measured+ hybrids); build also smooths "
+                                             "weights' inputs on it (--smooth) and --gptq needs it."),
     click.option("--calib-chunks", type=click.IntRange(1),
                  help="512-token chunks of --calib to run (default 8; 32 for build --gptq)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
@@ -175,10 +175,12 @@ _fit_options = [
               "llama.cpp's own quantizer and the same file format. ffn_down is rounded plainly (see --gptq-all).")
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")
-@click.option("--smooth-head/--no-smooth-head", default=None, help="Scale the output head's input channels down and "
-              "its columns up (the same logits) so that llama.cpp's CPU backend rounds the input more finely before "
-              "multiplying; the scale is chosen on --calib (0.00667 -> 0.00553 mean KLD on Qwen2.5-Coder-1.5B at "
-              "Q5_K_M's size). Untied heads only. On whenever --calib is given.")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Turn down the loud input channels that llama.cpp's CPU backend rounds coarsely (the output "
+              "head's, each gated FFN's ffn_down's) and scale those weights' columns up: the same function, chosen per "
+              "weight on --calib (on Qwen2.5-Coder-1.5B at Q5_K_M's size 0.00667 -> 0.00553 mean KLD). On whenever "
+              "--calib is given.")
+@click.option("--smooth-head/--no-smooth-head", "smooth_head", default=None, hidden=True)  # --smooth before 2026-12-06
 @_apply(_hf_options)
 @click.pass_context
 def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, imatrix: Path | None, rows: int,
@@ -189,7 +191,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          gptq: bool, gptq_all: bool, smooth_head: bool | None, revision: str | None,
+          gptq: bool, gptq_all: bool, smooth: bool | None, smooth_head: bool | None, revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -211,15 +213,16 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError("--gptq-all widens --gptq: give --gptq too")
     compensation = (GptqOptions(read_text(calib), calib_chunks or GPTQ_CHUNKS, every_role=gptq_all)
                     if gptq and calib else None)
-    if smooth_head and calib is None:
-        raise click.UsageError("--smooth-head picks its scales on calibration text: give --calib TEXT")
-    smooth = SmoothOptions(read_text(calib)) if smooth_head is not False and calib else None
+    smooth = smooth_head if smooth is None else smooth
+    if smooth and calib is None:
+        raise click.UsageError("--smooth picks its scales on calibration text: give --calib TEXT")
+    smoothing = SmoothOptions(read_text(calib)) if smooth is not False and calib else None
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
     recipe = ship.Recipe(_palette(types, palette, str(meta.get("general.architecture", "unknown")), pin_list, fit),
                          pin_list, Scores.load(scores_path) if scores_path else None, not no_smoke, search_minutes,
-                         compensation, speed_tradeoff, smooth)
+                         compensation, speed_tradeoff, smoothing)
     target = _fit_settings(fit, n_ctx, ubatch, kv_type, swa_full) if fit else parse_budget(budget)
     done = ship.deliver(model, meta, target, delivery, opts=opts, recipe=recipe, progress=ctx.obj["progress"])
     _print_delivered(done)
@@ -442,13 +445,13 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
 @click.option("--gptq-chunks", default=0, show_default=True, type=click.IntRange(0),
               help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
 @click.option("--gptq-all", is_flag=True, help="Those files with build --gptq --gptq-all (ffn_down compensated too).")
-@click.option("--smooth-head", is_flag=True, help="Also build every ggufmix file (and --gptq file) with build "
-              "--smooth-head on --calib; a tied head is left alone, so such a model gets no extra files.")
+@click.option("--smooth", is_flag=True, help="Also build every ggufmix file (and --gptq file) with build --smooth "
+              "on --calib (where the model has an untied head or a gated FFN to smooth).")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,
           output: Path, oracle: str | None, search_minutes: float, gptq_chunks: int, gptq_all: bool,
-          smooth_head: bool) -> None:
+          smooth: bool) -> None:
     """Stock llama.cpp mixes against ggufmix at equal sizes: results.json, results.md, pareto.png."""
 
     try:
@@ -457,7 +460,7 @@ def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baseli
         raise click.BadParameter(f"{budgets!r}: expected numbers such as 4.5,5,5.5", param_hint="--budgets") from None
     cfg = BenchConfig(model, text_file, output, bpws, _names(baselines), _names(strategies), calib, imatrix_chunks,
                       n_ctx, chunks, exact, ctx.obj["progress"], _names(modes),
-                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks, gptq_all, smooth_head)
+                      parse_oracle(oracle) if oracle else None, search_minutes, gptq_chunks, gptq_all, smooth)
     run_bench(cfg)
     click.echo((output / "results.md").read_text(), nl=False)
 

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from tinymodel import loud_head_copy, write_calib_text
+from tinymodel import loud_copy, write_calib_text
 
 from ggufmix.bench.report import by_strategy, markdown, versus_stock
 from ggufmix.cli import cli
@@ -130,27 +130,20 @@ def test_bench_adds_the_gptq_files_beside_the_plain_ones(tiny_model: Path, tmp_p
     assert res.exit_code != 0 and "--gptq-chunks" in str(res.exception)
 
 
-def test_bench_adds_the_smoothed_files_where_the_head_is_untied(tiny_model: Path, odd_model: Path,
-                                                               tmp_path: Path) -> None:
-    """--smooth-head: a smoothed twin of every ggufmix file, same bytes, its alpha in the plan; a tied head
-    (odd_model) gets none, and the flag needs --calib."""
+def test_bench_adds_the_smoothed_files(tiny_model: Path, tmp_path: Path) -> None:
+    """--smooth: a smoothed twin of every ggufmix file, same bytes, its alphas in the plan; the flag needs --calib."""
     calib = write_calib_text(tmp_path)
-
-    def bench(model: Path, out: Path, *extra: str) -> list[dict]:
-        res = CliRunner().invoke(cli, ["-q", "bench", str(model), "--text", str(calib), "--baselines", "Q4_K_M",
-                                       "--modes", "none", "--strategies", "measured", "--ctx", "64", "--chunks", "2",
-                                       "-o", str(out), *extra])
-        assert res.exit_code == 0, res.output
-        return json.loads((out / "results.json").read_text())["rows"]
     out = tmp_path / "b1"
-    rows = {r["kind"]: r for r in bench(loud_head_copy(tiny_model, tmp_path), out, "--calib", str(calib),
-                                         "--smooth-head")}
+    res = CliRunner().invoke(cli, ["-q", "bench", str(loud_copy(tiny_model, tmp_path)), "--text", str(calib),
+                                   "--baselines", "Q4_K_M", "--modes", "none", "--strategies", "measured", "--ctx",
+                                   "64", "--chunks", "2", "-o", str(out), "--calib", str(calib), "--smooth"])
+    assert res.exit_code == 0, res.output
+    rows = {r["kind"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {"stock", "measured", "measured-smooth"}
     assert rows["measured-smooth"]["tensor_bytes"] == rows["measured"]["tensor_bytes"]
     plan = json.loads((out / "ggufmix-measured-smooth-none-Q4_K_M.plan.json").read_text())
-    assert plan["settings"]["smooth_head"]["alpha"] > 0
-    tied = bench(odd_model, tmp_path / "b2", "--calib", str(calib), "--smooth-head")
-    assert {r["kind"] for r in tied} == {"stock", "measured"}
+    assert plan["settings"]["smooth"]["head"]["alpha"] > 0
+    assert "smooth" not in json.loads((out / "ggufmix-measured-none-Q4_K_M.plan.json").read_text())["settings"]
     res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(calib), "--modes", "none",
-                                   "--smooth-head", "-o", str(tmp_path / "b3")])
+                                   "--smooth", "-o", str(tmp_path / "b3")])
     assert res.exit_code != 0 and "--calib" in str(res.exception)

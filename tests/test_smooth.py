@@ -1,4 +1,4 @@
-"""--smooth-head: the head's input scaled for the CPU backend's input rounding (realize/smooth.py)."""
+"""--smooth: the head's and the FFNs' inputs scaled for the CPU backend's input rounding (realize/smooth.py)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tinymodel import loud_head_copy, write_calib_text
+from tinymodel import loud_copy, write_calib_text
 
 from ggufmix.cli import cli
-from ggufmix.realize.smooth import channel_scales, choose, head_error
+from ggufmix.realize.smooth import ChannelScales, Smoothing, channel_scales, choose, output_error
 from ggufmix.types import QuantType
 
 
@@ -39,7 +39,7 @@ def test_scales_shrink_only_the_loud_channels() -> None:
     assert np.allclose(channel_scales(rms, 0.5), [1, 1, 1, 2, 4])
 
 
-def test_loud_channels_choose_a_scale_that_lowers_the_head_error() -> None:
+def test_loud_channels_choose_a_scale_that_lowers_the_output_error() -> None:
     """Q6_K's input is rounded in blocks of 256 (Q8_K): the loud channels set the step of their block. Scaling them
     down lowers the head's output error; alpha 0 is always a candidate, so the choice never raises it."""
     rng = np.random.default_rng(0)
@@ -47,60 +47,80 @@ def test_loud_channels_choose_a_scale_that_lowers_the_head_error() -> None:
     found = choose(x, w, QuantType.Q6_K, None, _round_input, _round_weights)
     assert found.alpha > 0 and found.errors[found.alpha] < 0.8 * found.errors[0.0], found.errors
     assert found.scales[:4].min() > 1 and np.all(found.scales[4:] < 1.2)
-    same = head_error(x, w, np.ones(512, np.float32), QuantType.Q6_K, None, _round_input, _round_weights)
+    same = output_error(x, w, np.ones(512, np.float32), QuantType.Q6_K, None, _round_input, _round_weights)
     assert same == pytest.approx(found.errors[0.0])
+
+
+def _scaled_head_and_ffn() -> Smoothing:
+    """The head's input and block 1's ffn_down's input scaled (tiny_model: 256 channels, 512 FFN channels)."""
+    def chosen(n: int) -> ChannelScales:
+        return ChannelScales(0.5, channel_scales(np.r_[np.full(4, 40.0), np.ones(n - 4)], 0.5), {}, 0)
+    return Smoothing({"output.weight": chosen(256), "blk.1.ffn_down.weight": chosen(512)},
+                     {"output.weight": ("output_norm.weight",), "blk.1.ffn_down.weight": ("blk.1.ffn_up.weight",)})
 
 
 def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: Path) -> None:
     from ggufmix.evaluate.evaluation import evaluate
     from ggufmix.realize.smooth import write_smoothed
 
-    model = loud_head_copy(tiny_model, tmp_path)
+    model = loud_copy(tiny_model, tmp_path)
     copy = tmp_path / "smoothed.gguf"
-    write_smoothed(model, copy, channel_scales(np.r_[np.full(4, 40.0), np.ones(252)], 0.5))
+    write_smoothed(model, copy, _scaled_head_and_ffn())
     rep = evaluate(model, [copy], write_calib_text(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
                    progress=False)
-    assert abs(rep.quants[0].divergence.kld.value) < 1e-5  # the same function, up to F16 rounding of the head
+    assert abs(rep.quants[0].divergence.kld.value) < 1e-5  # the same function, up to F16 rounding of the weights
 
 
-def test_build_smooth_head(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --calib` smooths a head whose input has loud channels (--smooth-head is on with --calib): a scale is
-    chosen and recorded with the head's output error at each alpha, output_norm and the head change and nothing
-    else (against --no-smooth-head), no copy is left behind."""
+def _changed_by(settings: dict) -> set[str]:
+    """The tensors a plan's smoothing changes: each scaled weight and the tensor that makes its input."""
+    out = {"output_norm.weight", "output.weight"} if (settings["head"] or {}).get("alpha") else set()
+    for name, alpha in settings["ffn_down_alpha"].items():
+        out |= {name, name.replace("ffn_down", "ffn_up")} if alpha else set()
+    return out
+
+
+def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
+    """`build --calib` smooths (--smooth is on with --calib) a head and an ffn_down whose inputs have loud channels:
+    each alpha is recorded with the output error at each alpha, exactly the scaled weights and their partners change
+    (against --no-smooth), no copy is left behind."""
     from gguf import GGUFReader
 
-    model, calib = loud_head_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
+    model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
     plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
-    for args in ([*common, "--no-smooth-head", "-o", str(plain)], [*common, "-o", str(smooth)]):
+    for args in ([*common, "--no-smooth", "-o", str(plain)], [*common, "-o", str(smooth)]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
-    settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth_head"]
-    errors = {float(a): e for a, e in settings["relative_error"].items()}
-    assert settings["alpha"] > 0 and errors[settings["alpha"]] < errors[0.0], settings
+    settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth"]
+    head = settings["head"]
+    errors = {float(a): e for a, e in head["relative_error"].items()}
+    assert head["alpha"] > 0 and errors[head["alpha"]] < errors[0.0], settings
+    assert settings["ffn_down_alpha"]["blk.1.ffn_down.weight"] > 0, settings
     ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, smooth))
-    assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == {"output_norm.weight", "output.weight"}
+    assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == _changed_by(settings)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "tied.gguf"
     res = CliRunner().invoke(cli, ["-q", "build", str(odd_model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw",
-                                   "--calib", str(write_calib_text(tmp_path)), "--smooth-head", "-o", str(out)])
+                                   "--calib", str(write_calib_text(tmp_path)), "--smooth", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "smooth_head" not in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
+    settings = json.loads(out.with_suffix(".plan.json").read_text())["settings"]["smooth"]
+    assert settings["head"] is None and "output.weight" not in settings["ffn_down_alpha"]
 
 
-def test_smooth_head_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
-    res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--smooth-head",
-                                   "-o", str(tmp_path / "x.gguf")])
-    assert res.exit_code != 0 and "--calib" in res.output
+def test_smooth_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
+    for flag in ("--smooth", "--smooth-head"):  # --smooth-head: the flag's name before 2026-12-06
+        res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", flag,
+                                       "-o", str(tmp_path / "x.gguf")])
+        assert res.exit_code != 0 and "--calib" in res.output
 
 
 def test_the_patched_file_holds_the_bytes_llama_cpp_writes_from_the_smoothed_copy(tiny_model: Path,
                                                                                   tmp_path: Path) -> None:
-    """Without --gptq the head is smoothed in the quantized file (no copy of the source): every tensor's bytes
-    equal those llama.cpp writes from the smoothed copy with the scaled imatrix."""
+    """Without --gptq the file is smoothed after quantizing (no copy of the source): every tensor's bytes equal
+    those llama.cpp writes from the smoothed copy with the scaled imatrix, head and FFN alike."""
     from functools import partial
 
     from gguf import GGUFReader
@@ -119,16 +139,17 @@ def test_the_patched_file_holds_the_bytes_llama_cpp_writes_from_the_smoothed_cop
     )
     from ggufmix.score.measure import ScoreOptions, open_source, score_source
 
-    model, calib = loud_head_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
+    model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     im = collect_imatrix(model, calib.read_text(), n_ctx=64, n_chunks=4, include_output=True, progress=False)
     src = open_gguf(model)
     plan = make_plan(score_source(open_source(model, False), ScoreOptions(max_rows=32), im, progress=False),
                      parse_budget("4.5bpw"))
-    head = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64))
-    assert head is not None and head.alpha > 0 and "output.weight" in im
+    found = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64))
+    assert found is not None and "output.weight" in im
+    assert found.chosen["output.weight"].alpha > 0 and found.chosen["blk.1.ffn_down.weight"].alpha > 0
     patched, copied, copy = tmp_path / "patched.gguf", tmp_path / "copied.gguf", tmp_path / "copy.f16.gguf"
-    quantize_plan(model, patched, plan, im, patch=partial(patch_quantized, src=src, head=head, imatrix=im))
-    write_smoothed(model, copy, head.scales)
-    quantize_plan(copy, copied, plan, scaled_imatrix(im, head.scales))
+    quantize_plan(model, patched, plan, im, patch=partial(patch_quantized, src=src, smoothing=found, imatrix=im))
+    write_smoothed(model, copy, found)
+    quantize_plan(copy, copied, plan, scaled_imatrix(im, found))
     a, b = ({t.name: np.asarray(t.data).tobytes() for t in GGUFReader(p).tensors} for p in (patched, copied))
     assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []

@@ -89,14 +89,18 @@ def write_calib_text(folder: Path) -> Path:
     return text
 
 
-def loud_head_copy(model: Path, folder: Path) -> Path:
-    """``folder/loud.f16.gguf``: ``model`` with output_norm's first four channels 40x louder, a final norm output
-    like a trained model's (what ``--smooth-head`` acts on)."""
+def loud_copy(model: Path, folder: Path) -> Path:
+    """``folder/loud.f16.gguf``: ``model`` with output_norm's first four channels and ffn_up's first four rows in
+    block 1 40x louder: the head's and that ffn_down's inputs have a few loud channels, like a trained model's (what
+    ``--smooth`` acts on)."""
     out = Path(folder) / "loud.f16.gguf"
     shutil.copyfile(model, out)
     reader = gguf.GGUFReader(out, "r+")
-    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
-    np.asarray(norm.data)[:4] *= 40
+    for t in reader.tensors:
+        if t.name == "output_norm.weight":
+            np.asarray(t.data)[:4] *= 40
+        elif t.name == "blk.1.ffn_up.weight":
+            np.asarray(t.data)[:4] *= 40
     reader.data.flush()
     return out
 

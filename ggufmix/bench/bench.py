@@ -56,7 +56,7 @@ class BenchConfig:
     search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
     gptq_chunks: int = 0         # > 0: also build every ggufmix file with --gptq on this many chunks of calib
     gptq_all: bool = False       # those files with --gptq-all (ffn_down compensated too)
-    smooth_head: bool = False    # also build every ggufmix file (and --gptq file) with --smooth-head
+    smooth: bool = False         # also build every ggufmix file (and --gptq file) with --smooth
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -79,8 +79,8 @@ class BenchConfig:
             raise UsageError("--gptq-chunks needs --calib (the text the weights' inputs are measured on)")
         if self.gptq_all and not self.gptq_chunks:
             raise UsageError("--gptq-all widens the --gptq files: give --gptq-chunks too")
-        if self.smooth_head and self.calib is None:
-            raise UsageError("--smooth-head picks its scales on calibration text: give --calib TEXT")
+        if self.smooth and self.calib is None:
+            raise UsageError("--smooth picks its scales on calibration text: give --calib TEXT")
         if not self.baselines and not self.budgets:
             raise UsageError("nothing to compare: give --baselines or --budgets")
 
@@ -138,14 +138,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _variants(cfg: BenchConfig) -> list[tuple[bool, bool]]:
-    """(--gptq, --smooth-head) of each ggufmix file built per strategy and target; smoothing only where the source
-    has a head of its own (a tied head is the token embedding: --smooth-head leaves it alone)."""
+    """(--gptq, --smooth) of each ggufmix file built per strategy and target; smoothing only where the source has
+    something to smooth (a head of its own, or a gated FFN)."""
     from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.realize.smooth import HEAD
+    from ggufmix.realize.smooth import GATED_FFN_ARCHS, HEAD
 
-    smooth = cfg.smooth_head and HEAD in open_gguf(cfg.source, check_data=False).tensors
-    if cfg.smooth_head and not smooth:
-        logger.warning("--smooth-head: %s has no output head of its own (tied); no smoothed files", cfg.source.name)
+    src = open_gguf(cfg.source, check_data=False)
+    smooth = cfg.smooth and (HEAD in src.tensors or src.arch in GATED_FFN_ARCHS)
+    if cfg.smooth and not smooth:
+        logger.warning("--smooth: %s has no head of its own nor a gated FFN; no smoothed files", cfg.source.name)
     gptqs = (False, True) if cfg.gptq_chunks else (False,)
     return [(g, s) for g in gptqs for s in ((False, True) if smooth else (False,))]
 
@@ -254,7 +255,7 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
     """Whether a file kept from an earlier run was planned differently from what this code plans now (a
     planner change would otherwise leave stale files in the folder): its recipe against a fresh plan, for
     a ``--gptq`` file the chunks of text its feedback was measured on and the roles it left plain against
-    ``gptq``'s, and for a ``--smooth-head`` file whether its head was smoothed at all."""
+    ``gptq``'s, and for a ``--smooth`` file whether it was smoothed as this code smooths."""
     from ggufmix.errors import InputError
     from ggufmix.plan.plan import Plan
     from ggufmix.plan.planner import make_plan
@@ -268,7 +269,7 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
         fed = (done.get("chunks"), done.get("plain_roles", []))  # plans from before plain_roles compensated all
         if gptq is not None and fed != (gptq.chunks, sorted(gptq.plain_roles)):
             return True
-        if smooth and "smooth_head" not in plan.settings:
+        if smooth and "smooth" not in plan.settings:  # "smooth_head": the head alone, before 2026-12-06
             return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -112,37 +112,41 @@ class _Gram(EvalCallback):
         return True
 
 
-def collect_inputs(model_path: str | os.PathLike[str], tokens_or_text: str | Sequence[int], weight: str, *,
-                   n_ctx: int = 512, n_chunks: int | None = None, n_threads: int | None = None) -> np.ndarray:
-    """The rows ``weight``'s matrix multiplication reads over the chunks of the text, float32 (tokens, cols).
+def collect_inputs(model_path: str | os.PathLike[str], tokens_or_text: str | Sequence[int], weights: Sequence[str], *,
+                   n_ctx: int = 512, n_chunks: int | None = None, n_threads: int | None = None,
+                   every: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The rows each weight's matrix multiplication reads over the chunks of the text, in one pass: weight ->
+    float32 (tokens, cols); ``every[w]`` keeps every n-th token's row of ``w`` (the memory of wide inputs).
 
     Raises:
         UsageError: n_ctx is over 512.
-        InputError: the model file is missing, the text shorter than one chunk, or no matmul read ``weight``.
+        InputError: the model file is missing, the text shorter than one chunk, or no matmul read a weight.
         EngineError: llama.cpp failed.
     """
-    collector = _Rows(_ggml(), weight)
+    collector = _Rows(_ggml(), frozenset(weights), dict(every or {}))
     _run_chunks(model_path, tokens_or_text, collector, n_ctx, n_chunks, n_threads)
-    if not collector.rows:
-        raise InputError(f"{weight!r}: no matrix multiplication read this weight on the calibration text")
-    return np.concatenate(collector.rows)
+    missing = sorted(set(weights) - set(collector.rows))
+    if missing:
+        raise InputError(f"{missing[0]!r}: no matrix multiplication read this weight on the calibration text")
+    return {w: np.concatenate(collector.rows[w]) for w in weights}
 
 
 class _Rows(EvalCallback):
-    """The input rows of one weight's MUL_MAT, once per chunk."""
+    """The input rows of some weights' MUL_MATs, once per chunk each."""
 
-    def __init__(self, lib: ctypes.CDLL, weight: str) -> None:
-        self._lib, self._weight = lib, weight
-        self.rows: list[np.ndarray] = []
-        self._taken: set[int] = set()
+    def __init__(self, lib: ctypes.CDLL, weights: frozenset[str], every: dict[str, int]) -> None:
+        self._lib, self._weights, self._every = lib, weights, every
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self._taken: set[tuple[str, int]] = set()
         self.chunk = 0
 
     def _wants(self, t: GgmlTensor) -> bool:
-        return t.op == GGML_OP_MUL_MAT and _weight_name(_src(t, 0)) == self._weight
+        return t.op == GGML_OP_MUL_MAT and _weight_name(_src(t, 0)) in self._weights
 
     def _take(self, t: GgmlTensor, addr: int) -> bool:
-        if self.chunk not in self._taken:
-            self._taken.add(self.chunk)
-            x = read_node(self._lib, t.src[1], self._weight).reshape(-1, int(_src(t, 1).ne[0]))
-            self.rows.append(np.array(x, dtype=np.float32))
+        name = _weight_name(_src(t, 0))
+        if (name, self.chunk) not in self._taken:
+            self._taken.add((name, self.chunk))
+            x = read_node(self._lib, t.src[1], name).reshape(-1, int(_src(t, 1).ne[0]))
+            self.rows.setdefault(name, []).append(np.array(x[::self._every.get(name, 1)], dtype=np.float32))
         return True

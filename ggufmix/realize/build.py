@@ -115,8 +115,8 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                      speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. ``smooth`` scales the
-    head's input (realize/smooth.py): in the quantized file, or with ``gptq`` in a copy of the source that is then
-    compensated (realize/compensate.py), each copy removed afterwards."""
+    head's and the FFNs' inputs (realize/smooth.py): in the quantized file, or with ``gptq`` in a copy of the source
+    that is then compensated (realize/compensate.py), each copy removed afterwards."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins,
@@ -129,14 +129,16 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
-    head = choose_smoothing(measured.source, plan, measured.imatrix, smooth)
-    if head is not None:
-        t["smooth"] = head.seconds
-        plan = replace(plan, settings={**plan.settings, "smooth_head": head.summary()})
-    patch = None  # --smooth-head without --gptq: the quantized file is smoothed in place, the source not copied
-    if head is not None and head.alpha > 0 and gptq is None:
-        patch = partial(patch_quantized, src=measured.source, head=head, imatrix=measured.imatrix, threads=nthread)
-    with (smoothed_source(measured.source, out, plan, measured.imatrix, None if patch else head) as (smoothed, imatrix),
+    smoothing = choose_smoothing(measured.source, plan, measured.imatrix, smooth)
+    if smoothing is not None:
+        t["smooth"] = smoothing.seconds
+        plan = replace(plan, settings={**plan.settings, "smooth": smoothing.summary()})
+    patch = None  # --smooth without --gptq: the quantized file is smoothed in place, the source not copied
+    if smoothing is not None and smoothing.active and gptq is None:
+        patch = partial(patch_quantized, src=measured.source, smoothing=smoothing, imatrix=measured.imatrix,
+                        threads=nthread)
+    with (smoothed_source(measured.source, out, plan, measured.imatrix, None if patch else smoothing)
+          as (smoothed, imatrix),
           compensated_source(smoothed, out, plan, imatrix, gptq, progress) as (source, done)):
         if done is not None:
             t["gptq"] = done.seconds
@@ -151,7 +153,7 @@ def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, 
                   nthread: int = 0, progress: bool = True,
                   seconds: dict[str, float] | None = None,
                   patch: Callable[[Path], None] | None = None) -> tuple[Verified, str | None]:
-    """llama_model_quantize into a temporary file beside ``out``, ``patch`` it in place (--smooth-head), verify it,
+    """llama_model_quantize into a temporary file beside ``out``, ``patch`` it in place (--smooth), verify it,
     with ``smoke`` load it in llama.cpp and generate a few tokens, then rename it into place: a file that fails any
     check never appears at ``out``.
 

@@ -1,21 +1,23 @@
-"""Smoothing the output head's input for llama.cpp's CPU backend: the same logits, less rounding of the input.
+"""Smoothing weights' inputs for llama.cpp's CPU backend: the same function, less rounding of the inputs.
 
 The CPU backend rounds a K or IQ weight's input to 8 bits in blocks of 256 values (Q8_K, ggml-cpu.c
-``vec_dot_type``) before the dot products. The final norm's output has a few channels tens of times louder than
-the rest, and every block that holds one rounds the others coarsely: in Qwen2.5-Coder-1.5B's file at Q5_K_M's size
-the rounding of the Q6_K head's input cost 0.001 of mean KLD, a fifth of the file's (docs/results.md). Dividing
-channel ``j`` of the head's input by ``s_j`` (folded into output_norm's weight) and multiplying the head's column
-``j`` by ``s_j`` gives the same logits in exact arithmetic and moves noise from the input's rounding to the
-weights'. ``s_j = max(rms_j / median(rms), 1) ** alpha``, with ``alpha`` in ALPHAS chosen by the head's output
-error on calibration rows, input and weights rounded as the CPU backend and the planned type round them
-(``alpha`` 0 leaves the source as it is). Only an untied head: a tied one is also the token embedding.
+``vec_dot_type``) before the dot products, and every block that holds a loud channel rounds the others coarsely.
+Two inputs can be turned down exactly: the output head's (the final norm's output: a few channels tens of times
+louder than the rest; folded into output_norm's weight) and each gated FFN's ffn_down's (``act(gate(x)) * up(x)``:
+folded into ffn_up's rows). Channel ``j`` of the input is divided by ``s_j`` there and the weight's column ``j``
+multiplied by ``s_j``: the same output in exact arithmetic, and the loud columns now set the weight blocks'
+scales. ``s_j = max(rms_j / median(rms), 1) ** alpha``, ``alpha`` in ALPHAS chosen per weight by its output error
+on calibration rows, input and weights rounded as the CPU backend and the planned type round them (0 leaves it as
+it is). In Qwen2.5-Coder-1.5B's file at Q5_K_M's size the head's input rounding cost 0.001 of mean KLD, a fifth of
+the file's; in SmolLM2-135M's ffn_down's cost 0.0027, an eighth (docs/results.md). A tied head is also the token
+embedding: left alone.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,16 +38,26 @@ from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
 logger = logging.getLogger(__name__)
 
 HEAD, NORM, BIAS = "output.weight", "output_norm.weight", "output_norm.bias"
+# Architectures whose dense FFN is llama.cpp's build_ffn(..., LLM_FFN_PAR) with SILU or GELU and no clamp
+# (llama-graph.cpp; src/models/<arch>.cpp): act(ffn_gate(x)) * ffn_up(x), so dividing ffn_up's row j (and its bias)
+# divides ffn_down's input channel j and nothing else.
+GATED_FFN_ARCHS = frozenset({
+    "llama",     # Llama 2/3, SmolLM2, Mistral
+    "qwen2", "qwen3",
+    "gemma", "gemma2", "gemma3",
+    "granite", "mistral3", "olmo2", "smollm3", "exaone",
+})
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
-HEAD_ROWS = 1024  # head rows (vocabulary entries, evenly spaced) whose output error picks alpha
-PATCH_ROWS = 8192  # head rows quantized at once by patch_quantized (an 8192-wide head: 256 MB of float32)
+WEIGHT_ROWS = 1024  # a weight's rows (evenly spaced) whose output error picks alpha
+FFN_INPUT_ROWS = 512  # an FFN input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
+PATCH_ROWS = 8192  # rows quantized at once by patch_quantized (an 8192-wide weight: 256 MB of float32)
 
 Rounding = Callable[[np.ndarray, QuantType, np.ndarray | None], np.ndarray]  # (rows, type, column weights) -> rows
 
 
 @dataclass(frozen=True)
 class SmoothOptions:
-    """The calibration text and its 512-token chunks whose head inputs pick ``alpha``."""
+    """The calibration text and its 512-token chunks whose weight inputs pick each ``alpha``."""
 
     text: str
     chunks: int = 4
@@ -53,18 +65,45 @@ class SmoothOptions:
 
 
 @dataclass(frozen=True)
-class HeadSmoothing:
-    """The chosen ``alpha``, its channel scales and the head's output error (over the source's) at each alpha."""
+class ChannelScales:
+    """One weight's chosen ``alpha``, its input channels' scales and its output error (over the source's) at each
+    alpha."""
 
     alpha: float
     scales: np.ndarray
     errors: dict[float, float]
     tokens: int
-    seconds: float = 0.0  # choosing and writing the copy
 
     def summary(self) -> dict[str, object]:
         return {"alpha": self.alpha, "max_scale": round(float(self.scales.max()), 3), "tokens": self.tokens,
                 "relative_error": {str(a): round(e, 6) for a, e in self.errors.items()}}
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """What a build scales: each weight's choice, and the tensors that make its input (``partners``: the final norm
+    and its bias for the head, ffn_up and its bias for ffn_down), divided by the same scales."""
+
+    chosen: Mapping[str, ChannelScales]
+    partners: Mapping[str, tuple[str, ...]]
+    seconds: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any(c.alpha > 0 for c in self.chosen.values())
+
+    def scaling(self, name: str) -> tuple[bool, np.ndarray] | None:
+        """(True: columns multiplied, False: rows divided; the scales) for a tensor this changes, else None."""
+        c = self.chosen.get(name)
+        if c is not None:
+            return (True, c.scales) if c.alpha > 0 else None
+        weight = next((w for w, p in self.partners.items() if name in p), None)
+        return None if weight is None or self.chosen[weight].alpha == 0 else (False, self.chosen[weight].scales)
+
+    def summary(self) -> dict[str, object]:
+        ffn = {w: c.alpha for w, c in self.chosen.items() if w != HEAD}
+        return {"head": self.chosen[HEAD].summary() if HEAD in self.chosen else None,
+                "ffn_down_alpha": ffn, "seconds": round(self.seconds, 1)}
 
 
 def channel_scales(rms: np.ndarray, alpha: float) -> np.ndarray:
@@ -75,10 +114,10 @@ def channel_scales(rms: np.ndarray, alpha: float) -> np.ndarray:
     return (np.maximum(rms / med, 1.0) ** alpha).astype(np.float32)
 
 
-def head_error(x: np.ndarray, w: np.ndarray, scales: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
-               round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding) -> float:
-    """Mean squared error of the head's outputs, input and weights rounded as on the CPU, over the source's output
-    power: ``x`` (tokens, cols) the head's inputs, ``w`` (rows, cols) some of its rows."""
+def output_error(x: np.ndarray, w: np.ndarray, scales: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
+                 round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding) -> float:
+    """Mean squared error of a weight's outputs, input and weights rounded as on the CPU, over the source's output
+    power: ``x`` (tokens, cols) its inputs, ``w`` (rows, cols) some of its rows."""
     xs, ws = x / scales, w * scales
     im = None if imatrix is None else imatrix / scales**2
     y = x @ w.T
@@ -87,115 +126,153 @@ def head_error(x: np.ndarray, w: np.ndarray, scales: np.ndarray, qtype: QuantTyp
 
 
 def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
-           round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding) -> HeadSmoothing:
-    """The alpha of ALPHAS whose scales leave the least head output error."""
+           round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding) -> ChannelScales:
+    """The alpha of ALPHAS whose scales leave the least output error."""
     rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0))
-    errors = {a: head_error(x, w, channel_scales(rms, a), qtype, imatrix, round_input, round_weights) for a in ALPHAS}
+    errors = {a: output_error(x, w, channel_scales(rms, a), qtype, imatrix, round_input, round_weights)
+              for a in ALPHAS}
     best = min(errors, key=lambda a: (errors[a], a))
-    return HeadSmoothing(best, channel_scales(rms, best), errors, len(x))
+    return ChannelScales(best, channel_scales(rms, best), errors, len(x))
+
+
+def smoothable(src: GGUFSource, plan: Plan) -> dict[str, tuple[str, ...]]:
+    """The planned weights whose input can be scaled exactly, each with the tensors to divide: an untied quantized
+    head over a float final norm, and each quantized ffn_down of a gated FFN (GATED_FFN_ARCHS) over a float ffn_up.
+    Float tensors only: a requantized source is left as it is."""
+    planned = {e.name: e.qtype for e in plan.entries}
+
+    def floats(*names: str) -> bool:
+        return all(n in src.tensors and src.tensors[n].qtype in FLOAT_TYPES for n in names)
+
+    def with_bias(weight: str, bias: str) -> tuple[str, ...]:
+        return (weight, bias) if bias in src.tensors else (weight,)
+    out: dict[str, tuple[str, ...]] = {}
+    if planned.get(HEAD, QuantType.F16) not in FLOAT_TYPES and floats(HEAD, NORM):
+        out[HEAD] = with_bias(NORM, BIAS)
+    for name, qtype in planned.items() if src.arch in GATED_FFN_ARCHS else ():
+        blk = name.removesuffix(".ffn_down.weight")
+        if blk != name and qtype not in FLOAT_TYPES and f"{blk}.ffn_gate.weight" in src.tensors and floats(
+                name, f"{blk}.ffn_up.weight", *(n for n in [f"{blk}.ffn_up.bias"] if n in src.tensors)):
+            out[name] = with_bias(f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
+    return out
 
 
 def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
-                     ) -> HeadSmoothing | None:
-    """The head's scales for ``plan``: None without ``opts``, for a tied or float head or a source without a float
-    head and final norm; alpha 0 where no scaling lowers the head's error (the source is then used as it is)."""
-    head = next((e for e in plan.entries if e.name == HEAD), None)
+                     ) -> Smoothing | None:
+    """Each smoothable weight's scales for ``plan`` (alpha 0 where no scaling lowers its error); None without
+    ``opts`` or where nothing can be smoothed."""
     if opts is None:
         return None
-    if head is None or head.qtype in FLOAT_TYPES:
-        logger.info("--smooth-head: no untied quantized %s in the plan; the source is used as it is", HEAD)
-        return None
-    if any(n not in src.tensors or src.tensors[n].qtype not in FLOAT_TYPES for n in (HEAD, NORM)):
-        logger.info("--smooth-head: %s has no float %s and %s to scale (a requantized source, another norm); the "
-                    "source is used as it is", src.path.name, HEAD, NORM)
+    partners = smoothable(src, plan)
+    if not partners:
+        logger.info("--smooth: %s has no untied quantized head or gated FFN with float weights to scale; the "
+                    "source is used as it is", src.path.name)
         return None
     t0 = time.perf_counter()
-    found = _choose_for(src, head.qtype, imatrix, opts)
-    logger.info("--smooth-head: alpha %.2f (head output error %s)", found.alpha,
-                ", ".join(f"{a}: {e:.2e}" for a, e in found.errors.items()))
-    return replace(found, seconds=time.perf_counter() - t0)
+    every = {w: max(1, opts.chunks * opts.ctx // FFN_INPUT_ROWS) for w in partners if w != HEAD}
+    inputs = collect_inputs(src.path, opts.text, list(partners), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
+    planned = {e.name: e.qtype for e in plan.entries}
+    chosen = {w: _choose_for(src, w, planned[w], imatrix, inputs.pop(w)) for w in partners}
+    found = Smoothing(chosen, partners, time.perf_counter() - t0)
+    logger.info("--smooth: %s in %.0f s", ", ".join(f"{w} alpha {c.alpha:g}" for w, c in chosen.items()
+                                                    if c.alpha > 0) or "nothing scaled", found.seconds)
+    return found
 
 
 @contextmanager
-def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | None, head: HeadSmoothing | None,
+def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | None, smoothing: Smoothing | None,
                     ) -> Iterator[tuple[Path, Imatrix | None]]:
-    """The file to quantize and its imatrix: the source itself where ``head`` scales nothing, else a smoothed copy
-    beside ``out``, removed on exit whatever happens (what ``--gptq`` compensates; without it, patch_quantized
+    """The file to quantize and its imatrix: the source itself where ``smoothing`` scales nothing, else a smoothed
+    copy beside ``out``, removed on exit whatever happens (what ``--gptq`` compensates; without it, patch_quantized
     smooths the quantized file instead, no copy)."""
-    if head is None or head.alpha == 0:
+    if smoothing is None or not smoothing.active:
         yield src.path, imatrix
         return
     t0 = time.perf_counter()
-    check_room_for_copy(src.path, out, plan, "--smooth-head")
+    check_room_for_copy(src.path, out, plan, "--smooth")
     copy = temp_beside(out)
     try:
-        write_smoothed(src.path, copy, head.scales)
-        logger.info("--smooth-head: smoothed copy written in %.1f s", time.perf_counter() - t0)
-        yield copy, scaled_imatrix(imatrix, head.scales)
+        write_smoothed(src.path, copy, smoothing)
+        logger.info("--smooth: smoothed copy written in %.1f s", time.perf_counter() - t0)
+        yield copy, scaled_imatrix(imatrix, smoothing)
     finally:
         copy.unlink(missing_ok=True)
 
 
-def _choose_for(src: GGUFSource, qtype: QuantType, imatrix: Imatrix | None, opts: SmoothOptions) -> HeadSmoothing:
-    x = collect_inputs(src.path, opts.text, HEAD, n_ctx=opts.ctx, n_chunks=opts.chunks)
-    rows = src.tensors[HEAD].nrows
-    w = src.rows(HEAD, np.unique(np.linspace(0, rows - 1, min(rows, HEAD_ROWS)).astype(int)))
-    im = imatrix.values(HEAD) if imatrix is not None and HEAD in imatrix else None
+def _choose_for(src: GGUFSource, weight: str, qtype: QuantType, imatrix: Imatrix | None,
+                x: np.ndarray) -> ChannelScales:
+    rows = src.tensors[weight].nrows
+    w = src.rows(weight, np.unique(np.linspace(0, rows - 1, min(rows, WEIGHT_ROWS)).astype(int)))
+    im = imatrix.values(weight) if imatrix is not None and weight in imatrix else None
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
     return choose(x, w, qtype, im, kernels.reference_roundtrip, round_weights)
 
 
-def write_smoothed(source: Path, dest: Path, scales: np.ndarray) -> None:
-    """Copy ``source`` to ``dest`` with output_norm's weight (and bias) divided and the head's columns multiplied
-    by ``scales``."""
+def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
+    """Copy ``source`` to ``dest`` with each smoothed weight's columns multiplied, and its partners divided, by the
+    scales."""
     from gguf import GGUFReader
 
     shutil.copyfile(source, dest)
     reader = GGUFReader(dest, "r+")
     for t in reader.tensors:
-        if t.name in (HEAD, NORM, BIAS):
+        how = smoothing.scaling(t.name)
+        if how is not None:
             raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-            raw[:] = _scaled(t.name, raw, QuantType(int(t.tensor_type)), scales)
+            stored = QuantType(int(t.tensor_type))
+            raw[:] = from_float32(_apply(_as_rows(to_float32(raw, stored), how), how, 0), stored)
     reader.data.flush()
 
 
-def patch_quantized(quantized: Path, src: GGUFSource, head: HeadSmoothing, imatrix: Imatrix | None,
+def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imatrix: Imatrix | None,
                     threads: int = 0) -> None:
-    """Smooth an already quantized file in place: output_norm (float) scaled as write_smoothed scales it, and the
-    head quantized again, at the type it has there, from the source's rows as the smoothed copy would hold them,
-    with the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy."""
+    """Smooth an already quantized file in place: float tensors scaled as write_smoothed scales them, quantized ones
+    quantized again, at the type they have there, from the source's rows as the smoothed copy would hold them, with
+    the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy."""
     from gguf import GGUFReader
 
     reader = GGUFReader(quantized, "r+")
-    im = scaled_imatrix(imatrix, head.scales)
-    col = im.values(HEAD) if im is not None and HEAD in im else None
-    stored = src.tensors[HEAD].qtype
+    im = scaled_imatrix(imatrix, smoothing)
     for t in reader.tensors:
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        if t.name in (NORM, BIAS):
-            raw[:] = _scaled(t.name, raw, QuantType(int(t.tensor_type)), head.scales)
-        elif t.name == HEAD:
-            qtype, n = QuantType(int(t.tensor_type)), src.tensors[HEAD].nrows
-            out = raw.reshape(n, -1)
-            for r0 in range(0, n, PATCH_ROWS):
-                rows = to_float32(from_float32(src.rows(HEAD, np.arange(r0, min(n, r0 + PATCH_ROWS))) * head.scales,
-                                               stored), stored).reshape(-1, head.scales.size)
-                out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
+        how = smoothing.scaling(t.name)
+        if how is None:
+            continue
+        raw, qtype = np.asarray(t.data).reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))
+        if qtype in FLOAT_TYPES:
+            raw[:] = from_float32(_apply(_as_rows(to_float32(raw, qtype), how), how, 0), qtype)
+            continue
+        stored, n = src.tensors[t.name].qtype, src.tensors[t.name].nrows
+        col = im.values(t.name) if im is not None and t.name in im else None
+        out = raw.reshape(n, -1)
+        for r0 in range(0, n, PATCH_ROWS):
+            rows = _apply(src.rows(t.name, np.arange(r0, min(n, r0 + PATCH_ROWS))), how, r0)
+            rows = to_float32(from_float32(rows, stored), stored).reshape(len(rows), -1)
+            out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
     reader.data.flush()
 
 
-def _scaled(name: str, raw: np.ndarray, stored: QuantType, scales: np.ndarray) -> np.ndarray:
-    """A float tensor's bytes with the head's columns multiplied, or the norm's channels divided, by ``scales``."""
-    values = to_float32(raw, stored).reshape(-1, scales.size)
-    return from_float32((values * scales if name == HEAD else values / scales).reshape(-1), stored)
+def _as_rows(values: np.ndarray, how: tuple[bool, np.ndarray]) -> np.ndarray:
+    """A tensor's values as (rows, cols): a smoothed weight's columns, or a partner's rows (a 1-D one: one value a
+    row), match the scales."""
+    columns, scales = how
+    return values.reshape(-1, scales.size) if columns else values.reshape(scales.size, -1)
 
 
-def scaled_imatrix(imatrix: Imatrix | None, scales: np.ndarray) -> Imatrix | None:
-    """The imatrix for the smoothed copy: the head's columns' mean squares divided by ``scales ** 2``."""
-    if imatrix is None or HEAD not in imatrix:
-        return imatrix
+def _apply(rows: np.ndarray, how: tuple[bool, np.ndarray], first_row: int) -> np.ndarray:
+    """Rows ``first_row:`` of a tensor, scaled: a smoothed weight's columns multiplied, a partner's rows divided."""
+    columns, scales = how
+    return rows * scales if columns else rows / scales[first_row:first_row + len(rows), None]
+
+
+def scaled_imatrix(imatrix: Imatrix | None, smoothing: Smoothing) -> Imatrix | None:
+    """The imatrix for the smoothed copy: each smoothed weight's columns' mean squares divided by ``scales ** 2``
+    (its partners' inputs are unchanged)."""
+    if imatrix is None:
+        return None
     sums = dict(imatrix.sums)
-    sums[HEAD] = (np.asarray(sums[HEAD]).reshape(-1, scales.size) / scales**2).reshape(-1)
+    for w, c in smoothing.chosen.items():
+        if c.alpha > 0 and w in imatrix:
+            sums[w] = (np.asarray(sums[w]).reshape(-1, c.scales.size) / c.scales**2).reshape(-1)
     return replace(imatrix, sums=sums)
