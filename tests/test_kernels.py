@@ -93,13 +93,14 @@ def test_f16_to_f32_gives_numpy_s_value_for_every_f16_bit_pattern() -> None:
 
 
 def test_reference_roundtrip_rounds_like_the_cpu_backends_input() -> None:
-    """Q8_K: one step of max|x| / 127 per block of 256 (ggml-quants.c quantize_row_q8_K_ref); Q8_0 the same per 32,
-    its step stored in F16 (up to max|x| / 1024 more). A loud value coarsens only its own block."""
+    """Q8_K: one step of max|x| / 127 per block of 256 (ggml-quants.c quantize_row_q8_K_ref); Q8_0 and Q8_1 (Q4_1
+    and Q5_1's input, no ggml dequantizer) the same per 32, the step stored in F16 (up to max|x| / 1024 more). A loud
+    value coarsens only its own block."""
     from ggufmix.engine.kernels import reference_roundtrip
 
     x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
     x[0, 5] = 60.0
-    for qtype, block in ((QuantType.Q8_K, 256), (QuantType.Q8_0, 32)):
+    for qtype, block in ((QuantType.Q8_K, 256), (QuantType.Q8_0, 32), (QuantType.Q8_1, 32)):
         err = np.abs(reference_roundtrip(x, qtype) - x).reshape(2, -1, block)
         amax = np.abs(x).reshape(2, -1, block).max(axis=2)
         assert np.all(err.max(axis=2) <= 0.5 * amax / 127 + amax / 1024)

@@ -147,7 +147,7 @@ def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None
 
 def reference_roundtrip(rows: np.ndarray, qtype: QuantType) -> np.ndarray:
     """``dequantize_row_X(quantize_row_X_ref(rows))`` of libggml-base, for the 8-bit types the CPU backend rounds a
-    quantized weight's input to (ggml-cpu.c ``vec_dot_type``: Q8_K for K and IQ types, Q8_0 for Q4_0..Q8_0), which
+    quantized weight's input to (ggml-cpu.c ``vec_dot_type``: Q8_K for K and IQ types, Q8_0 or Q8_1 for Q4_0..Q8_0), which
     ``ggml_quantize_chunk`` does not take and whose type traits carry no converters in ggml-base.
 
     Args:
@@ -158,16 +158,25 @@ def reference_roundtrip(rows: np.ndarray, qtype: QuantType) -> np.ndarray:
     name = ggml().ggml_get_type_traits(int(qtype)).contents.type_name.decode()
     try:
         quantize = _from_float_t(("quantize_row_" + name + "_ref", ggml()))
-        dequantize = _to_float_t(("dequantize_row_" + name, ggml()))
     except AttributeError:
         raise EngineError(f"libggml-base exports no reference quantizer for {qtype.name}") from None
     if not fits(qtype, ncols):
         raise EngineError(f"{qtype.name} does not fit rows of {ncols} (blocks of {block_size(qtype)})")
-    blocks = np.empty((nrows, row_bytes(qtype, ncols)), dtype=np.uint8)
-    out = np.empty_like(x)
+    blocks = np.empty((nrows, ggml_row_size(qtype, ncols)), dtype=np.uint8)  # gguf-py has Q8_1's old 40-byte block
     quantize(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), blocks.ctypes.data_as(ctypes.c_void_p), x.size)
+    if qtype == QuantType.Q8_1:  # an input type only: ggml has no dequantizer for it
+        return _q8_1_values(blocks).reshape(nrows, ncols)
+    out = np.empty_like(x)
+    dequantize = _to_float_t(("dequantize_row_" + name, ggml()))
     dequantize(blocks.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size)
     return out
+
+
+def _q8_1_values(blocks: np.ndarray) -> np.ndarray:
+    """ggml-common.h ``block_q8_1``: a half scale ``d``, a half sum, 32 int8 ``qs``; value = d * q."""
+    b = blocks.reshape(-1, 36)
+    d = np.ascontiguousarray(b[:, :2]).view(np.float16).astype(np.float32)
+    return (d * b[:, 4:].view(np.int8).astype(np.float32)).reshape(-1)
 
 
 def dequantize_rows(blocks: np.ndarray, qtype: QuantType, ncols: int) -> np.ndarray:
