@@ -50,6 +50,7 @@ GATED_FFN_ARCHS = frozenset({
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 WEIGHT_ROWS = 1024  # a weight's rows (evenly spaced) whose output error picks alpha
 FFN_INPUT_ROWS = 512  # an FFN input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
+FFN_INPUT_BYTES = 1 << 30  # at most this much of them in all (a 70B model's 80 x 28672-wide inputs: 112 rows each)
 PATCH_ROWS = 8192  # rows quantized at once by patch_quantized (an 8192-wide weight: 256 MB of float32)
 
 Rounding = Callable[[np.ndarray, QuantType, np.ndarray | None], np.ndarray]  # (rows, type, column weights) -> rows
@@ -169,7 +170,7 @@ def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts:
                     "source is used as it is", src.path.name)
         return None
     t0 = time.perf_counter()
-    every = {w: max(1, opts.chunks * opts.ctx // FFN_INPUT_ROWS) for w in partners if w != HEAD}
+    every = _token_strides(src, [w for w in partners if w != HEAD], opts.chunks * opts.ctx)
     inputs = collect_inputs(src.path, opts.text, list(partners), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
     planned = {e.name: e.qtype for e in plan.entries}
     chosen = {w: _choose_for(src, w, planned[w], imatrix, inputs.pop(w)) for w in partners}
@@ -197,6 +198,13 @@ def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | N
         yield copy, scaled_imatrix(imatrix, smoothing)
     finally:
         copy.unlink(missing_ok=True)
+
+
+def _token_strides(src: GGUFSource, ffn: list[str], tokens: int) -> dict[str, int]:
+    """Every how many tokens each FFN input keeps a row: FFN_INPUT_ROWS each, FFN_INPUT_BYTES in all."""
+    width = sum(src.tensors[w].ncols for w in ffn)
+    rows = min(FFN_INPUT_ROWS, FFN_INPUT_BYTES // max(4 * width, 1))
+    return {w: max(1, -(-tokens // max(rows, 1))) for w in ffn}
 
 
 def _choose_for(src: GGUFSource, weight: str, qtype: QuantType, imatrix: Imatrix | None,
