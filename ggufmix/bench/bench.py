@@ -269,13 +269,22 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
         fed = (done.get("chunks"), done.get("plain_roles", []))  # plans from before plain_roles compensated all
         if gptq is not None and fed != (gptq.chunks, sorted(gptq.plain_roles)):
             return True
-        if smooth and "smooth" not in plan.settings:  # "smooth_head": the head alone, before 2026-12-06
+        if smooth and not smoothed_alike(plan):
             return True
         if "refine" in plan.settings:  # an end-to-end search moved it off the solver's plan on purpose
             return not planned_from(plan, current)
         return kept.read_text() != recipe(make_plan(current, budget))
     except (OSError, BudgetError, InputError):
         return True
+
+
+def smoothed_alike(plan: Plan) -> bool:
+    """Whether a ``--smooth`` file chose its alphas from the candidates this code offers ("smooth_head": the head
+    alone, before 2026-12-06)."""
+    from ggufmix.realize.smooth import ALPHAS, FFN_ALPHAS
+
+    done = plan.settings.get("smooth", {}).get("alphas")
+    return done == {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS)}
 
 
 def planned_from(plan: Plan, scores: Scores) -> bool:

@@ -48,6 +48,9 @@ GATED_FFN_ARCHS = frozenset({
     "granite", "mistral3", "olmo2", "smollm3", "exaone",
 })
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
+# ffn_down's: its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where 0.5 everywhere
+# lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
+FFN_ALPHAS = (0.0, 0.25)
 WEIGHT_ROWS = 1024  # a weight's rows (evenly spaced) whose output error picks alpha
 FFN_INPUT_ROWS = 512  # an FFN input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
 FFN_INPUT_BYTES = 1 << 30  # at most this much of them in all (a 70B model's 80 x 28672-wide inputs: 112 rows each)
@@ -104,7 +107,8 @@ class Smoothing:
     def summary(self) -> dict[str, object]:
         ffn = {w: c.alpha for w, c in self.chosen.items() if w != HEAD}
         return {"head": self.chosen[HEAD].summary() if HEAD in self.chosen else None,
-                "ffn_down_alpha": ffn, "seconds": round(self.seconds, 1)}
+                "ffn_down_alpha": ffn, "alphas": {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS)},
+                "seconds": round(self.seconds, 1)}
 
 
 def channel_scales(rms: np.ndarray, alpha: float) -> np.ndarray:
@@ -127,11 +131,12 @@ def output_error(x: np.ndarray, w: np.ndarray, scales: np.ndarray, qtype: QuantT
 
 
 def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
-           round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding) -> ChannelScales:
-    """The alpha of ALPHAS whose scales leave the least output error."""
+           round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding,
+           alphas: tuple[float, ...] = ALPHAS) -> ChannelScales:
+    """The alpha of ``alphas`` whose scales leave the least output error."""
     rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0))
     errors = {a: output_error(x, w, channel_scales(rms, a), qtype, imatrix, round_input, round_weights)
-              for a in ALPHAS}
+              for a in alphas}
     best = min(errors, key=lambda a: (errors[a], a))
     return ChannelScales(best, channel_scales(rms, best), errors, len(x))
 
@@ -215,7 +220,7 @@ def _choose_for(src: GGUFSource, weight: str, qtype: QuantType, imatrix: Imatrix
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
-    return choose(x, w, qtype, im, kernels.reference_roundtrip, round_weights)
+    return choose(x, w, qtype, im, kernels.reference_roundtrip, round_weights, ALPHAS if weight == HEAD else FFN_ALPHAS)
 
 
 def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
