@@ -157,9 +157,10 @@ def smoothable(src: GGUFSource, plan: Plan) -> dict[str, tuple[str, ...]]:
         out[HEAD] = with_bias(NORM, BIAS)
     for name, qtype in planned.items() if src.arch in GATED_FFN_ARCHS else ():
         blk = name.removesuffix(".ffn_down.weight")
+        partners = with_bias(f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
         if blk != name and qtype not in FLOAT_TYPES and f"{blk}.ffn_gate.weight" in src.tensors and floats(
-                name, f"{blk}.ffn_up.weight", *(n for n in [f"{blk}.ffn_up.bias"] if n in src.tensors)):
-            out[name] = with_bias(f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
+                name, *partners):
+            out[name] = partners
     return out
 
 
