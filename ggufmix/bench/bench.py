@@ -234,7 +234,7 @@ def _ours(cfg: BenchConfig, strategy: str, mode: str, imatrix: Path | None, scor
     smoothing = SmoothOptions(read_text(cfg.calib)) if smooth and cfg.calib else None
     seconds = None
     if out.exists() and _planned_otherwise(out, scores, budget, compensation, smooth):
-        logger.warning("%s: this ggufmix plans or compensates it otherwise; building it again", out.name)
+        logger.warning("%s: this ggufmix plans, compensates or smooths it otherwise; building it again", out.name)
         out.unlink()
     if not out.exists():
         t0 = time.perf_counter()
