@@ -176,10 +176,12 @@ _fit_options = [
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")
 @click.option("--smooth/--no-smooth", default=None,
-              help="Turn down the loud input channels that llama.cpp's CPU backend rounds coarsely (the output "
-              "head's, each gated FFN's ffn_down's) and scale those weights' columns up: the same function, chosen per "
-              "weight on --calib (on Qwen2.5-Coder-1.5B at Q5_K_M's size 0.00667 -> 0.00553 mean KLD). On whenever "
-              "--calib is given.")
+              help="Turn down the loud input channels of the output head that llama.cpp's CPU backend rounds "
+              "coarsely and scale its columns up: the same logits, the scale chosen on --calib (on Qwen2.5-Coder-1.5B "
+              "at Q5_K_M's size 0.00667 -> 0.00553 mean KLD). Untied heads. On whenever --calib is given.")
+@click.option("--smooth-ffn", is_flag=True, help="With --smooth: each gated FFN's ffn_down input too (ffn_up's rows "
+              "divided). Not by default: 3-10% lower KLD on SmolLM2-135M with --gptq, but 2x on one text at Q2_K's "
+              "size on Qwen2.5-Coder-1.5B (docs/results.md).")
 @click.option("--smooth-head/--no-smooth-head", "smooth_head", default=None, hidden=True)  # --smooth before 2026-12-06
 @_apply(_hf_options)
 @click.pass_context
@@ -191,7 +193,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          gptq: bool, gptq_all: bool, smooth: bool | None, smooth_head: bool | None, revision: str | None,
+          gptq: bool, gptq_all: bool, smooth: bool | None, smooth_ffn: bool, smooth_head: bool | None,
+          revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
 
@@ -214,9 +217,11 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
     compensation = (GptqOptions(read_text(calib), calib_chunks or GPTQ_CHUNKS, every_role=gptq_all)
                     if gptq and calib else None)
     smooth = smooth_head if smooth is None else smooth
-    if smooth and calib is None:
+    if (smooth or smooth_ffn) and calib is None:
         raise click.UsageError("--smooth picks its scales on calibration text: give --calib TEXT")
-    smoothing = SmoothOptions(read_text(calib)) if smooth is not False and calib else None
+    if smooth_ffn and smooth is False:
+        raise click.UsageError("--smooth-ffn widens --smooth: drop --no-smooth")
+    smoothing = SmoothOptions(read_text(calib), ffn=smooth_ffn) if smooth is not False and calib else None
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -446,7 +451,7 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
               help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
 @click.option("--gptq-all", is_flag=True, help="Those files with build --gptq --gptq-all (ffn_down compensated too).")
 @click.option("--smooth", is_flag=True, help="Also build every ggufmix file (and --gptq file) with build --smooth "
-              "on --calib (where the model has an untied head or a gated FFN to smooth).")
+              "on --calib (where the model has an untied head).")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,

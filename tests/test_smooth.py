@@ -80,15 +80,16 @@ def _changed_by(settings: dict) -> set[str]:
 
 
 def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --calib` smooths (--smooth is on with --calib) a head and an ffn_down whose inputs have loud channels:
-    each alpha is recorded with the output error at each alpha, exactly the scaled weights and their partners change
-    (against --no-smooth), no copy is left behind."""
+    """`build --calib --smooth-ffn` (--smooth is on with --calib) smooths a head and an ffn_down whose inputs have
+    loud channels: each alpha is recorded with the output error at each alpha, exactly the scaled weights and their
+    partners change (against --no-smooth), no copy is left behind; without --smooth-ffn only the head is scaled."""
     from gguf import GGUFReader
 
     model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
-    plain, smooth = tmp_path / "plain.gguf", tmp_path / "smooth.gguf"
-    for args in ([*common, "--no-smooth", "-o", str(plain)], [*common, "-o", str(smooth)]):
+    plain, smooth, head_only = tmp_path / "plain.gguf", tmp_path / "smooth.gguf", tmp_path / "head.gguf"
+    for args in ([*common, "--no-smooth", "-o", str(plain)], [*common, "--smooth-ffn", "-o", str(smooth)],
+                 [*common, "-o", str(head_only)]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
     settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth"]
@@ -99,6 +100,8 @@ def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
     ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, smooth))
     assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == _changed_by(settings)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    head = json.loads(head_only.with_suffix(".plan.json").read_text())["settings"]["smooth"]
+    assert head["ffn_down_alpha"] == {} and _changed_by(head) == {"output_norm.weight", "output.weight"}
 
 
 def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
@@ -106,12 +109,11 @@ def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["-q", "build", str(odd_model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw",
                                    "--calib", str(write_calib_text(tmp_path)), "--smooth", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    settings = json.loads(out.with_suffix(".plan.json").read_text())["settings"]["smooth"]
-    assert settings["head"] is None and "output.weight" not in settings["ffn_down_alpha"]
+    assert "smooth" not in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
 
 
 def test_smooth_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
-    for flag in ("--smooth", "--smooth-head"):  # --smooth-head: the flag's name before 2026-12-06
+    for flag in ("--smooth", "--smooth-head", "--smooth-ffn"):  # --smooth-head: --smooth's name before 2026-12-06
         res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", flag,
                                        "-o", str(tmp_path / "x.gguf")])
         assert res.exit_code != 0 and "--calib" in res.output
@@ -144,7 +146,7 @@ def test_the_patched_file_holds_the_bytes_llama_cpp_writes_from_the_smoothed_cop
     src = open_gguf(model)
     plan = make_plan(score_source(open_source(model, False), ScoreOptions(max_rows=32), im, progress=False),
                      parse_budget("4.5bpw"))
-    found = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64))
+    found = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64, ffn=True))
     assert found is not None and "output.weight" in im
     assert found.chosen["output.weight"].alpha > 0 and found.chosen["blk.1.ffn_down.weight"].alpha > 0
     patched, copied, copy = tmp_path / "patched.gguf", tmp_path / "copied.gguf", tmp_path / "copy.f16.gguf"

@@ -56,7 +56,7 @@ class BenchConfig:
     search_minutes: float = 0.0  # kld: end-to-end refine of each plan (search/refine.py)
     gptq_chunks: int = 0         # > 0: also build every ggufmix file with --gptq on this many chunks of calib
     gptq_all: bool = False       # those files with --gptq-all (ffn_down compensated too)
-    smooth: bool = False         # also build every ggufmix file (and --gptq file) with --smooth
+    smooth: bool = False         # also build every ggufmix file (and --gptq file) with --smooth (the head)
 
     def __post_init__(self) -> None:
         from ggufmix.score.base import scorers
@@ -138,15 +138,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _variants(cfg: BenchConfig) -> list[tuple[bool, bool]]:
-    """(--gptq, --smooth) of each ggufmix file built per strategy and target; smoothing only where the source has
-    something to smooth (a head of its own, or a gated FFN)."""
+    """(--gptq, --smooth) of each ggufmix file built per strategy and target; smoothing only where the source has a
+    head of its own (build's default smoothing: the head's input)."""
     from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.realize.smooth import GATED_FFN_ARCHS, HEAD
+    from ggufmix.realize.smooth import HEAD
 
-    src = open_gguf(cfg.source, check_data=False)
-    smooth = cfg.smooth and (HEAD in src.tensors or src.arch in GATED_FFN_ARCHS)
+    smooth = cfg.smooth and HEAD in open_gguf(cfg.source, check_data=False).tensors
     if cfg.smooth and not smooth:
-        logger.warning("--smooth: %s has no head of its own nor a gated FFN; no smoothed files", cfg.source.name)
+        logger.warning("--smooth: %s has no output head of its own (tied); no smoothed files", cfg.source.name)
     gptqs = (False, True) if cfg.gptq_chunks else (False,)
     return [(g, s) for g in gptqs for s in ((False, True) if smooth else (False,))]
 
@@ -281,10 +280,9 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
 def smoothed_alike(plan: Plan) -> bool:
     """Whether a ``--smooth`` file chose its alphas from the candidates this code offers ("smooth_head": the head
     alone, before 2026-12-06)."""
-    from ggufmix.realize.smooth import ALPHAS, FFN_ALPHAS
+    from ggufmix.realize.smooth import alphas_offered
 
-    done = plan.settings.get("smooth", {}).get("alphas")
-    return done == {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS)}
+    return plan.settings.get("smooth", {}).get("alphas") == alphas_offered(ffn=False)
 
 
 def planned_from(plan: Plan, scores: Scores) -> bool:

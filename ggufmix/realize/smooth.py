@@ -48,8 +48,8 @@ GATED_FFN_ARCHS = frozenset({
     "granite", "mistral3", "olmo2", "smollm3", "exaone",
 })
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
-# ffn_down's: its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where 0.5 everywhere
-# lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
+# ffn_down's (--smooth-ffn): its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where
+# 0.5 everywhere lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
 FFN_ALPHAS = (0.0, 0.25)
 WEIGHT_ROWS = 1024  # a weight's rows (evenly spaced) whose output error picks alpha
 FFN_INPUT_ROWS = 512  # an FFN input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
@@ -66,6 +66,7 @@ class SmoothOptions:
     text: str
     chunks: int = 4
     ctx: int = 512
+    ffn: bool = False  # --smooth-ffn: ffn_down's inputs too (not by default: docs/results.md)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Smoothing:
     chosen: Mapping[str, ChannelScales]
     partners: Mapping[str, tuple[str, ...]]
     seconds: float = 0.0
+    ffn: bool = False  # whether ffn_down's inputs were candidates (--smooth-ffn)
 
     @property
     def active(self) -> bool:
@@ -107,8 +109,13 @@ class Smoothing:
     def summary(self) -> dict[str, object]:
         ffn = {w: c.alpha for w, c in self.chosen.items() if w != HEAD}
         return {"head": self.chosen[HEAD].summary() if HEAD in self.chosen else None,
-                "ffn_down_alpha": ffn, "alphas": {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS)},
+                "ffn_down_alpha": ffn, "alphas": alphas_offered(self.ffn),
                 "seconds": round(self.seconds, 1)}
+
+
+def alphas_offered(ffn: bool) -> dict[str, list[float]]:
+    """The alphas each kind of weight chose from (a plan records them: bench rebuilds files smoothed otherwise)."""
+    return {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS) if ffn else []}
 
 
 def channel_scales(rms: np.ndarray, alpha: float) -> np.ndarray:
@@ -141,10 +148,10 @@ def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray |
     return ChannelScales(best, channel_scales(rms, best), errors, len(x))
 
 
-def smoothable(src: GGUFSource, plan: Plan) -> dict[str, tuple[str, ...]]:
+def smoothable(src: GGUFSource, plan: Plan, ffn: bool = False) -> dict[str, tuple[str, ...]]:
     """The planned weights whose input can be scaled exactly, each with the tensors to divide: an untied quantized
-    head over a float final norm, and each quantized ffn_down of a gated FFN (GATED_FFN_ARCHS) over a float ffn_up.
-    Float tensors only: a requantized source is left as it is."""
+    head over a float final norm, and with ``ffn`` each quantized ffn_down of a gated FFN (GATED_FFN_ARCHS) over a
+    float ffn_up. Float tensors only: a requantized source is left as it is."""
     planned = {e.name: e.qtype for e in plan.entries}
 
     def floats(*names: str) -> bool:
@@ -155,7 +162,7 @@ def smoothable(src: GGUFSource, plan: Plan) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     if planned.get(HEAD, QuantType.F16) not in FLOAT_TYPES and floats(HEAD, NORM):
         out[HEAD] = with_bias(NORM, BIAS)
-    for name, qtype in planned.items() if src.arch in GATED_FFN_ARCHS else ():
+    for name, qtype in planned.items() if ffn and src.arch in GATED_FFN_ARCHS else ():
         blk = name.removesuffix(".ffn_down.weight")
         partners = with_bias(f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
         if blk != name and qtype not in FLOAT_TYPES and f"{blk}.ffn_gate.weight" in src.tensors and floats(
@@ -170,17 +177,17 @@ def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts:
     ``opts`` or where nothing can be smoothed."""
     if opts is None:
         return None
-    partners = smoothable(src, plan)
+    partners = smoothable(src, plan, opts.ffn)
     if not partners:
-        logger.info("--smooth: %s has no untied quantized head or gated FFN with float weights to scale; the "
-                    "source is used as it is", src.path.name)
+        logger.info("--smooth: %s has no untied quantized head%s with float weights to scale; the source is used "
+                    "as it is", src.path.name, " or gated FFN" if opts.ffn else "")
         return None
     t0 = time.perf_counter()
     every = _token_strides(src, [w for w in partners if w != HEAD], opts.chunks * opts.ctx)
     inputs = collect_inputs(src.path, opts.text, list(partners), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
     planned = {e.name: e.qtype for e in plan.entries}
     chosen = {w: _choose_for(src, w, planned[w], imatrix, inputs.pop(w)) for w in partners}
-    found = Smoothing(chosen, partners, time.perf_counter() - t0)
+    found = Smoothing(chosen, partners, time.perf_counter() - t0, opts.ffn)
     logger.info("--smooth: %s in %.0f s", ", ".join(f"{w} alpha {c.alpha:g}" for w, c in chosen.items()
                                                     if c.alpha > 0) or "nothing scaled", found.seconds)
     return found
