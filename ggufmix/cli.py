@@ -93,7 +93,7 @@ _score_options = [
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
                                              "(lim, lieq and their measured+ hybrids); build also smooths "
-                                             "weights' inputs on it (--smooth) and --gptq needs it."),
+                                             "the head's input on it (--smooth) and --gptq needs it."),
     click.option("--calib-chunks", type=click.IntRange(1),
                  help="512-token chunks of --calib to run (default 8; 32 for build --gptq)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
@@ -218,7 +218,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
                     if gptq and calib else None)
     smooth = smooth_head if smooth is None else smooth
     if (smooth or smooth_ffn) and calib is None:
-        raise click.UsageError("--smooth picks its scales on calibration text: give --calib TEXT")
+        raise click.UsageError("--smooth and --smooth-ffn pick their scales on calibration text: give --calib TEXT")
     if smooth_ffn and smooth is False:
         raise click.UsageError("--smooth-ffn widens --smooth: drop --no-smooth")
     smoothing = SmoothOptions(read_text(calib), ffn=smooth_ffn) if smooth is not False and calib else None
