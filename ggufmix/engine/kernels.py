@@ -147,8 +147,8 @@ def quantize_rows(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None
 
 def reference_roundtrip(rows: np.ndarray, qtype: QuantType) -> np.ndarray:
     """``dequantize_row_X(quantize_row_X_ref(rows))`` of libggml-base, for the 8-bit types the CPU backend rounds a
-    quantized weight's input to (ggml-cpu.c ``vec_dot_type``: Q8_K for K and IQ types, Q8_0 or Q8_1 for Q4_0..Q8_0), which
-    ``ggml_quantize_chunk`` does not take and whose type traits carry no converters in ggml-base.
+    quantized weight's input to (ggml-cpu.c ``vec_dot_type``: Q8_K for K and IQ types, Q8_0 or Q8_1 for
+    Q4_0..Q8_0), which ``ggml_quantize_chunk`` does not take and whose type traits carry no converters in ggml-base.
 
     Args:
         rows: float32 (nrows, ncols); ncols a whole number of the type's blocks.

@@ -242,8 +242,7 @@ def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
         how = smoothing.scaling(t.name)
         if how is not None:
             raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-            stored = QuantType(int(t.tensor_type))
-            raw[:] = from_float32(_apply(_as_rows(to_float32(raw, stored), how), how, 0), stored)
+            raw[:] = _scaled_float(raw, QuantType(int(t.tensor_type)), how)
     reader.data.flush()
 
 
@@ -262,7 +261,7 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
             continue
         raw, qtype = np.asarray(t.data).reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))
         if qtype in FLOAT_TYPES:
-            raw[:] = from_float32(_apply(_as_rows(to_float32(raw, qtype), how), how, 0), qtype)
+            raw[:] = _scaled_float(raw, qtype, how)
             continue
         stored, n = src.tensors[t.name].qtype, src.tensors[t.name].nrows
         col = im.values(t.name) if im is not None and t.name in im else None
@@ -274,11 +273,13 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
     reader.data.flush()
 
 
-def _as_rows(values: np.ndarray, how: tuple[bool, np.ndarray]) -> np.ndarray:
-    """A tensor's values as (rows, cols): a smoothed weight's columns, or a partner's rows (a 1-D one: one value a
-    row), match the scales."""
+def _scaled_float(raw: np.ndarray, stored: QuantType, how: tuple[bool, np.ndarray]) -> np.ndarray:
+    """A float tensor's bytes, scaled: as (rows, cols), a smoothed weight's columns or a partner's rows (a 1-D one:
+    one value a row) match the scales."""
     columns, scales = how
-    return values.reshape(-1, scales.size) if columns else values.reshape(scales.size, -1)
+    values = to_float32(raw, stored)
+    rows = values.reshape(-1, scales.size) if columns else values.reshape(scales.size, -1)
+    return from_float32(_apply(rows, how, 0), stored)
 
 
 def _apply(rows: np.ndarray, how: tuple[bool, np.ndarray], first_row: int) -> np.ndarray:

@@ -64,7 +64,7 @@ class Recipe:
     search_minutes: float = 0.0  # --strategy kld: refine the plan end to end this long (search/refine.py)
     gptq: GptqOptions | None = None  # --gptq: error feedback from the calibration text (realize/compensate.py)
     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF  # predicted error given up for a faster quantize (plan/speed.py)
-    smooth: SmoothOptions | None = None  # --smooth: the head's and FFNs' inputs scaled (realize/smooth.py)
+    smooth: SmoothOptions | None = None  # --smooth: the head's input scaled (--smooth-ffn: FFNs' too)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ def deliver(model: Path, meta: dict[str, Any], target: Budget | FitSettings, del
 def _build_to(model: Path, out: Path, meta: dict[str, Any], target: Budget | FitSettings, force: bool,
               opts: ScoreOptions, recipe: Recipe, progress: bool) -> tuple[BuildResult, list[str] | None]:
     kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores,
-          "search_minutes": recipe.search_minutes, "gptq": recipe.gptq, "smooth": recipe.smooth, "speed_tradeoff": recipe.speed_tradeoff}
+          "search_minutes": recipe.search_minutes, "gptq": recipe.gptq, "smooth": recipe.smooth,
+          "speed_tradeoff": recipe.speed_tradeoff}
     if isinstance(target, Budget):
         return build(model, out, target, opts=opts, force=force, progress=progress, **kw), None
     res, report, measured = build_to_fit(model, out, meta, target, opts=opts, force=force, progress=progress, **kw)
