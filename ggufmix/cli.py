@@ -93,7 +93,7 @@ _score_options = [
     click.option("--allow-requantize", is_flag=True, help="Accept an already-quantized source (loses quality)."),
     click.option("--calib", type=_path, help="Calibration text for strategies that rank blocks by activations "
                                              "(lim, lieq and their measured+ hybrids); build also smooths "
-                                             "the head's input on it (--smooth) and --gptq needs it."),
+                                             "the head's and blocks' inputs on it (--smooth) and --gptq needs it."),
     click.option("--calib-chunks", type=click.IntRange(1),
                  help="512-token chunks of --calib to run (default 8; 32 for build --gptq)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
@@ -176,9 +176,11 @@ _fit_options = [
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")
 @click.option("--smooth/--no-smooth", default=None,
-              help="Turn down the loud input channels of the output head that llama.cpp's CPU backend rounds "
-              "coarsely and scale its columns up: the same logits, the scale chosen on --calib (on Qwen2.5-Coder-1.5B "
-              "at Q5_K_M's size 0.00667 -> 0.00553 mean KLD). Untied heads. On whenever --calib is given.")
+              help="Turn down the loud input channels that llama.cpp's CPU backend rounds coarsely and scale the "
+              "columns that read them up: the same logits, the scales chosen on --calib. The output head's (untied; "
+              "Qwen2.5-Coder-1.5B at Q5_K_M's size 0.00667 -> 0.00553 mean KLD) and the blocks' attention and FFN "
+              "inputs where that lowers their output error (SmolLM2-135M at Q5_K_M's size 0.0267 -> 0.0236). On "
+              "whenever --calib is given.")
 @click.option("--smooth-ffn", is_flag=True, help="With --smooth: each gated FFN's ffn_down input too (ffn_up's rows "
               "divided). Not by default: 3-10% lower KLD on SmolLM2-135M with --gptq, but 2x on one text at Q2_K's "
               "size on Qwen2.5-Coder-1.5B (docs/results.md).")

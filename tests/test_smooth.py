@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from tinymodel import loud_copy, write_calib_text
 
 from ggufmix.cli import cli
-from ggufmix.realize.smooth import ChannelScales, Smoothing, channel_scales, choose, output_error
+from ggufmix.realize.smooth import ChannelScales, SmoothGroup, Smoothing, channel_scales, choose, output_error
 from ggufmix.types import QuantType
 
 
@@ -51,12 +51,19 @@ def test_loud_channels_choose_a_scale_that_lowers_the_output_error() -> None:
     assert same == pytest.approx(found.errors[0.0])
 
 
-def _scaled_head_and_ffn() -> Smoothing:
-    """The head's input and block 1's ffn_down's input scaled (tiny_model: 256 channels, 512 FFN channels)."""
+def _scaled_everywhere() -> Smoothing:
+    """The head's input, block 1's ffn_down's, attention's and FFN's inputs scaled (ffn_up: its columns for its input,
+    its rows for ffn_down's), and block 0's attention input (tiny_model: 256 channels, 512 FFN channels)."""
     def chosen(n: int) -> ChannelScales:
         return ChannelScales(0.5, channel_scales(np.r_[np.full(4, 40.0), np.ones(n - 4)], 0.5), {}, 0)
-    return Smoothing({"output.weight": chosen(256), "blk.1.ffn_down.weight": chosen(512)},
-                     {"output.weight": ("output_norm.weight",), "blk.1.ffn_down.weight": ("blk.1.ffn_up.weight",)})
+    groups = {"output.weight": SmoothGroup("head", ("output.weight",), ("output_norm.weight",)),
+              "blk.1.ffn_down.weight": SmoothGroup("ffn_down", ("blk.1.ffn_down.weight",), ("blk.1.ffn_up.weight",)),
+              "blk.1.ffn_gate.weight": SmoothGroup("ffn_in", ("blk.1.ffn_gate.weight", "blk.1.ffn_up.weight"),
+                                                   ("blk.1.ffn_norm.weight",))}
+    for b in (0, 1):
+        groups[f"blk.{b}.attn_q.weight"] = SmoothGroup("attn_in", tuple(f"blk.{b}.attn_{r}.weight" for r in "qkv"),
+                                                       (f"blk.{b}.attn_norm.weight",))
+    return Smoothing({k: chosen(512 if g.kind == "ffn_down" else 256) for k, g in groups.items()}, groups)
 
 
 def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: Path) -> None:
@@ -65,7 +72,7 @@ def test_the_smoothed_copy_computes_the_same_logits(tiny_model: Path, tmp_path: 
 
     model = loud_copy(tiny_model, tmp_path)
     copy = tmp_path / "smoothed.gguf"
-    write_smoothed(model, copy, _scaled_head_and_ffn())
+    write_smoothed(model, copy, _scaled_everywhere())
     rep = evaluate(model, [copy], write_calib_text(tmp_path).read_text(), ctx=64, chunks=4, cache=False, n_threads=2,
                    progress=False)
     assert abs(rep.quants[0].divergence.kld.value) < 1e-5  # the same function, up to F16 rounding of the weights
@@ -76,13 +83,18 @@ def _changed_by(settings: dict) -> set[str]:
     out = {"output_norm.weight", "output.weight"} if (settings["head"] or {}).get("alpha") else set()
     for name, alpha in settings["ffn_down_alpha"].items():
         out |= {name, name.replace("ffn_down", "ffn_up")} if alpha else set()
+    for name, alpha in settings["block_input_alpha"].items():
+        blk, role = name.rsplit(".", 2)[0], name.split(".")[2]
+        roles = ("attn_q", "attn_k", "attn_v", "attn_norm") if role == "attn_q" else ("ffn_gate", "ffn_up", "ffn_norm")
+        out |= {f"{blk}.{r}.weight" for r in roles} if alpha else set()
     return out
 
 
 def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --calib --smooth-ffn` (--smooth is on with --calib) smooths a head and an ffn_down whose inputs have
-    loud channels: each alpha is recorded with the output error at each alpha, exactly the scaled weights and their
-    partners change (against --no-smooth), no copy is left behind; without --smooth-ffn only the head is scaled."""
+    """`build --calib --smooth-ffn` (--smooth is on with --calib) smooths a head, the blocks' inputs and an ffn_down
+    whose inputs have loud channels: each alpha is recorded (the head's with its output error at each alpha), exactly
+    the scaled weights and their partners change (against --no-smooth), no copy is left behind; without --smooth-ffn
+    ffn_down is left alone."""
     from gguf import GGUFReader
 
     model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
@@ -100,8 +112,10 @@ def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
     ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, smooth))
     assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == _changed_by(settings)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    head = json.loads(head_only.with_suffix(".plan.json").read_text())["settings"]["smooth"]
-    assert head["ffn_down_alpha"] == {} and _changed_by(head) == {"output_norm.weight", "output.weight"}
+    assert all(a > 0 for a in settings["block_input_alpha"].values()) and len(settings["block_input_alpha"]) == 2 * 4
+    default = json.loads(head_only.with_suffix(".plan.json").read_text())["settings"]["smooth"]
+    assert default["ffn_down_alpha"] == {} and "blk.1.ffn_up.weight" in _changed_by(default)
+    assert "blk.1.ffn_down.weight" not in _changed_by(default)
 
 
 def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
@@ -109,7 +123,7 @@ def test_a_tied_head_is_left_alone(odd_model: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["-q", "build", str(odd_model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw",
                                    "--calib", str(write_calib_text(tmp_path)), "--smooth", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "smooth" not in json.loads(out.with_suffix(".plan.json").read_text())["settings"]
+    assert json.loads(out.with_suffix(".plan.json").read_text())["settings"]["smooth"]["head"] is None
 
 
 def test_smooth_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:

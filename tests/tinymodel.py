@@ -90,17 +90,20 @@ def write_calib_text(folder: Path) -> Path:
 
 
 def loud_copy(model: Path, folder: Path) -> Path:
-    """``folder/loud.f16.gguf``: ``model`` with output_norm's first four channels and ffn_up's first four rows in
-    block 1 40x louder: the head's and that ffn_down's inputs have a few loud channels, like a trained model's (what
-    ``--smooth`` acts on)."""
+    """``folder/loud.f16.gguf``: ``model`` with every norm's first four channels and ffn_up's first four rows in
+    block 1 40x louder: the head's, the blocks' and that ffn_down's inputs have a few loud channels, like a trained
+    model's (what ``--smooth`` acts on). The blocks' weights that read a norm's output have those columns 40x quieter,
+    as in a trained model (q.k would otherwise saturate the softmax, where F16's rounding changes the logits)."""
     out = Path(folder) / "loud.f16.gguf"
     shutil.copyfile(model, out)
     reader = gguf.GGUFReader(out, "r+")
+    readers = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
     for t in reader.tensors:
-        if t.name == "output_norm.weight":
-            np.asarray(t.data)[:4] *= 40
-        elif t.name == "blk.1.ffn_up.weight":
-            np.asarray(t.data)[:4] *= 40
+        data = np.asarray(t.data)
+        if t.name.endswith("norm.weight") or t.name == "blk.1.ffn_up.weight":
+            data[:4] *= 40
+        if t.name.startswith("blk.") and t.name.split(".")[2] in readers:
+            data[:, :4] /= 40
     reader.data.flush()
     return out
 

@@ -139,13 +139,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def _variants(cfg: BenchConfig) -> list[tuple[bool, bool]]:
     """(--gptq, --smooth) of each ggufmix file built per strategy and target; smoothing only where the source has a
-    head of its own (build's default smoothing: the head's input)."""
+    head of its own or pre-norm blocks (build's default smoothing: the head's and the blocks' inputs)."""
     from ggufmix.io.gguf_source import open_gguf
-    from ggufmix.realize.smooth import HEAD
+    from ggufmix.realize.smooth import GATED_FFN_ARCHS, HEAD
 
-    smooth = cfg.smooth and HEAD in open_gguf(cfg.source, check_data=False).tensors
+    src = open_gguf(cfg.source, check_data=False)
+    smooth = cfg.smooth and (HEAD in src.tensors or src.arch in GATED_FFN_ARCHS)
     if cfg.smooth and not smooth:
-        logger.warning("--smooth: %s has no output head of its own (tied); no smoothed files", cfg.source.name)
+        logger.warning("--smooth: %s has no output head of its own (tied) and no pre-norm blocks llama.cpp builds "
+                       "alike; no smoothed files", cfg.source.name)
     gptqs = (False, True) if cfg.gptq_chunks else (False,)
     return [(g, s) for g in gptqs for s in ((False, True) if smooth else (False,))]
 

@@ -115,8 +115,9 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                      speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. ``smooth`` scales the
-    head's input (with ``smooth.ffn`` the FFNs' too; realize/smooth.py): in the quantized file, or with ``gptq`` in a
-    copy of the source that is then compensated (realize/compensate.py), each copy removed afterwards."""
+    head's and the blocks' inputs (with ``smooth.ffn`` ffn_down's too; realize/smooth.py): in the quantized file, or
+    with ``gptq`` in a copy of the source that is then compensated (realize/compensate.py), each copy removed
+    afterwards."""
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins,

@@ -2,15 +2,20 @@
 
 The CPU backend rounds a K or IQ weight's input to 8 bits in blocks of 256 values (Q8_K, ggml-cpu.c
 ``vec_dot_type``) before the dot products, and every block that holds a loud channel rounds the others coarsely.
-Two inputs can be turned down exactly: the output head's (the final norm's output: a few channels tens of times
-louder than the rest; folded into output_norm's weight) and each gated FFN's ffn_down's (``act(gate(x)) * up(x)``:
-folded into ffn_up's rows). Channel ``j`` of the input is divided by ``s_j`` there and the weight's column ``j``
-multiplied by ``s_j``: the same output in exact arithmetic, and the loud columns now set the weight blocks'
-scales. ``s_j = max(rms_j / median(rms), 1) ** alpha``, ``alpha`` in ALPHAS chosen per weight by its output error
-on calibration rows, input and weights rounded as the CPU backend and the planned type round them (0 leaves it as
-it is). In Qwen2.5-Coder-1.5B's file at Q5_K_M's size the head's input rounding cost 0.001 of mean KLD, a fifth of
-the file's; in SmolLM2-135M's ffn_down's cost 0.0027, an eighth (docs/results.md). A tied head is also the token
-embedding: left alone.
+Some inputs can be turned down exactly: the output head's (the final norm's output: a few channels tens of times
+louder than the rest; folded into output_norm's weight), each block's attention and FFN inputs (the outputs of
+attn_norm and ffn_norm, read by q/k/v and by gate/up alone: folded into the norm's weight) and each gated FFN's
+ffn_down's (``act(gate(x)) * up(x)``: folded into ffn_up's rows). Channel ``j`` of the input is divided by ``s_j``
+there and the columns ``j`` of the weights that read it multiplied by ``s_j``: the same output in exact arithmetic,
+and the loud columns now set the weight blocks' scales. ``s_j = max(rms_j / median(rms), 1) ** alpha``, ``alpha``
+chosen by the weights' output error on calibration rows, input and weights rounded as the CPU backend and the
+planned type round them (0 leaves it as it is): per weight for the head and ffn_down, for every block at once
+for each kind of block input (NORM_GAIN). A tied head is also the token embedding: left alone.
+
+What the rounding costs: in Qwen2.5-Coder-1.5B's file at Q5_K_M's size the head's input 0.001 of mean KLD, a fifth
+of the file's; in SmolLM2-135M's ffn_down's 0.0027, an eighth. The blocks' inputs, smoothed: SmolLM2-135M's file at
+Q5_K_M's size 0.0267 -> 0.0236; Qwen2.5-Coder-1.5B's are left alone (their output error drops too little;
+docs/results.md).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,19 +46,34 @@ logger = logging.getLogger(__name__)
 HEAD, NORM, BIAS = "output.weight", "output_norm.weight", "output_norm.bias"
 # Architectures whose dense FFN is llama.cpp's build_ffn(..., LLM_FFN_PAR) with SILU or GELU and no clamp
 # (llama-graph.cpp; src/models/<arch>.cpp): act(ffn_gate(x)) * ffn_up(x), so dividing ffn_up's row j (and its bias)
-# divides ffn_down's input channel j and nothing else.
+# divides ffn_down's input channel j and nothing else. Their blocks are pre-norm: attn_norm's output is read by
+# q/k/v alone and ffn_norm's by gate/up alone (and a MoE router: such blocks are skipped).
 GATED_FFN_ARCHS = frozenset({
     "llama",     # Llama 2/3, SmolLM2, Mistral
     "qwen2", "qwen3",
     "gemma", "gemma2", "gemma3",
     "granite", "mistral3", "olmo2", "smollm3", "exaone",
 })
+# A block's input read by these weights (in the block), made by this norm: (kind, weights, norm).
+BLOCK_INPUTS = (
+    ("attn_in", ("attn_q", "attn_k", "attn_v"), "attn_norm"),
+    ("attn_in", ("attn_qkv",), "attn_norm"),
+    ("ffn_in", ("ffn_gate", "ffn_up"), "ffn_norm"),
+)
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 # ffn_down's (--smooth-ffn): its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where
 # 0.5 everywhere lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
 FFN_ALPHAS = (0.0, 0.25)
+# The blocks' inputs: alpha 0.25 in every block for a kind (attention, FFN) whose blocks' output error it lowers by
+# NORM_GAIN on average, else none. The plans of SmolLM2-135M's bench at Q5_K_M's size: attention 0.37, FFN 0.063 (the
+# file's KLD -0.0031 +- 0.0009 with both, -0.0008 with attention's alone); Qwen2.5-Coder-1.5B at Q5_K: attention
+# -0.008, FFN 0.02, and both at 0.25 raised stock Q5_K_M's KLD (+0.0007 +- 0.0004). The per-block choice took 0.5 where
+# 0.25 did better end to end (as for ffn_down): hence one alpha.
+NORM_ALPHAS = (0.0, 0.25)
+NORM_GAIN = 0.05
+KIND_ALPHAS = {"head": ALPHAS, "ffn_down": FFN_ALPHAS, "attn_in": NORM_ALPHAS, "ffn_in": NORM_ALPHAS}
 WEIGHT_ROWS = 1024  # a weight's rows (evenly spaced) whose output error picks alpha
-FFN_INPUT_ROWS = 512  # an FFN input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
+FFN_INPUT_ROWS = 512  # a block input's rows kept for that (every n-th token: 28 of Qwen's 8960-wide ones = 0.5 GB)
 FFN_INPUT_BYTES = 1 << 30  # at most this much of them in all (a 70B model's 80 x 28672-wide inputs: 112 rows each)
 PATCH_ROWS = 8192  # rows quantized at once by patch_quantized (an 8192-wide weight: 256 MB of float32)
 
@@ -67,6 +88,16 @@ class SmoothOptions:
     chunks: int = 4
     ctx: int = 512
     ffn: bool = False  # --smooth-ffn: ffn_down's inputs too (not by default: docs/results.md)
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """Weights that read one input (their columns multiplied) and the tensors that make it (divided): the final norm
+    and its bias for the head, a block's norm for its attention or FFN input, ffn_up and its bias for ffn_down."""
+
+    kind: str  # a key of KIND_ALPHAS
+    weights: tuple[str, ...]
+    partners: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -86,11 +117,10 @@ class ChannelScales:
 
 @dataclass(frozen=True)
 class Smoothing:
-    """What a build scales: each weight's choice, and the tensors that make its input (``partners``: the final norm
-    and its bias for the head, ffn_up and its bias for ffn_down), divided by the same scales."""
+    """What a build scales: each group's choice (keyed by its first weight) and the groups."""
 
     chosen: Mapping[str, ChannelScales]
-    partners: Mapping[str, tuple[str, ...]]
+    groups: Mapping[str, SmoothGroup]
     seconds: float = 0.0
     ffn: bool = False  # whether ffn_down's inputs were candidates (--smooth-ffn)
 
@@ -98,24 +128,23 @@ class Smoothing:
     def active(self) -> bool:
         return any(c.alpha > 0 for c in self.chosen.values())
 
-    def scaling(self, name: str) -> tuple[bool, np.ndarray] | None:
-        """(True: columns multiplied, False: rows divided; the scales) for a tensor this changes, else None."""
-        c = self.chosen.get(name)
-        if c is not None:
-            return (True, c.scales) if c.alpha > 0 else None
-        weight = next((w for w, p in self.partners.items() if name in p), None)
-        return None if weight is None or self.chosen[weight].alpha == 0 else (False, self.chosen[weight].scales)
+    def scaling(self, name: str) -> list[tuple[bool, np.ndarray]]:
+        """(True: columns multiplied, False: rows divided; the scales) for each scaling of a tensor (ffn_up: its
+        columns for its input, its rows for ffn_down's), empty where nothing changes it."""
+        return [(name in g.weights, self.chosen[k].scales) for k, g in self.groups.items()
+                if self.chosen[k].alpha > 0 and (name in g.weights or name in g.partners)]
 
     def summary(self) -> dict[str, object]:
-        ffn = {w: c.alpha for w, c in self.chosen.items() if w != HEAD}
+        def alphas(*kinds: str) -> dict[str, float]:
+            return {k: c.alpha for k, c in self.chosen.items() if self.groups[k].kind in kinds}
         return {"head": self.chosen[HEAD].summary() if HEAD in self.chosen else None,
-                "ffn_down_alpha": ffn, "alphas": alphas_offered(self.ffn),
-                "seconds": round(self.seconds, 1)}
+                "ffn_down_alpha": alphas("ffn_down"), "block_input_alpha": alphas("attn_in", "ffn_in"),
+                "alphas": alphas_offered(self.ffn), "seconds": round(self.seconds, 1)}
 
 
 def alphas_offered(ffn: bool) -> dict[str, list[float]]:
     """The alphas each kind of weight chose from (a plan records them: bench rebuilds files smoothed otherwise)."""
-    return {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS) if ffn else []}
+    return {"head": list(ALPHAS), "ffn_down": list(FFN_ALPHAS) if ffn else [], "block_inputs": list(NORM_ALPHAS)}
 
 
 def channel_scales(rms: np.ndarray, alpha: float) -> np.ndarray:
@@ -137,60 +166,102 @@ def output_error(x: np.ndarray, w: np.ndarray, scales: np.ndarray, qtype: QuantT
     return float(np.mean((yq - y) ** 2) / max(float(np.mean(y**2)), 1e-30))
 
 
+Member = tuple[np.ndarray, QuantType, np.ndarray | None]  # a weight's sampled rows, planned type, imatrix column
+
+
 def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray | None,
            round_input: Callable[[np.ndarray, QuantType], np.ndarray], round_weights: Rounding,
            alphas: tuple[float, ...] = ALPHAS) -> ChannelScales:
     """The alpha of ``alphas`` whose scales leave the least output error."""
-    rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0))
-    errors = {a: output_error(x, w, channel_scales(rms, a), qtype, imatrix, round_input, round_weights)
-              for a in alphas}
-    best = min(errors, key=lambda a: (errors[a], a))
-    return ChannelScales(best, channel_scales(rms, best), errors, len(x))
+    errors = group_errors(x, [(w, qtype, imatrix)], round_input, round_weights, alphas)
+    return at_alpha(x, min(errors, key=lambda a: (errors[a], a)), errors)
 
 
-def smoothable(src: GGUFSource, plan: Plan, ffn: bool = False) -> dict[str, tuple[str, ...]]:
-    """The planned weights whose input can be scaled exactly, each with the tensors to divide: an untied quantized
-    head over a float final norm, and with ``ffn`` each quantized ffn_down of a gated FFN (GATED_FFN_ARCHS) over a
-    float ffn_up. Float tensors only: a requantized source is left as it is."""
+def group_errors(x: np.ndarray, members: Sequence[Member], round_input: Callable[[np.ndarray, QuantType], np.ndarray],
+                 round_weights: Rounding, alphas: tuple[float, ...]) -> dict[float, float]:
+    """Alpha -> the mean over the weights reading ``x`` of their output errors at that alpha's scales."""
+    rms = input_rms(x)
+    return {a: float(np.mean([output_error(x, w, channel_scales(rms, a), q, im, round_input, round_weights)
+                              for w, q, im in members])) for a in alphas}
+
+
+def input_rms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0))
+
+
+def at_alpha(x: np.ndarray, alpha: float, errors: dict[float, float]) -> ChannelScales:
+    return ChannelScales(alpha, channel_scales(input_rms(x), alpha), errors, len(x))
+
+
+def gain(errors: dict[float, float], alpha: float) -> float:
+    """The share of the output error at alpha 0 that ``alpha`` removes."""
+    return 1 - errors[alpha] / errors[0.0] if errors[0.0] > 0 else 0.0
+
+
+def smoothable(src: GGUFSource, plan: Plan, ffn: bool = False) -> dict[str, SmoothGroup]:
+    """The groups of weights whose input can be scaled exactly, keyed by their first weight: an untied quantized head
+    over a float final norm; in GATED_FFN_ARCHS each block's attention and FFN inputs over a float norm, and with
+    ``ffn`` each quantized ffn_down over a float ffn_up. Float tensors only, at least one weight of a group planned
+    quantized: a requantized source is left as it is."""
     planned = {e.name: e.qtype for e in plan.entries}
 
     def floats(*names: str) -> bool:
         return all(n in src.tensors and src.tensors[n].qtype in FLOAT_TYPES for n in names)
 
-    def with_bias(weight: str, bias: str) -> tuple[str, ...]:
-        return (weight, bias) if bias in src.tensors else (weight,)
-    out: dict[str, tuple[str, ...]] = {}
-    if planned.get(HEAD, QuantType.F16) not in FLOAT_TYPES and floats(HEAD, NORM):
-        out[HEAD] = with_bias(NORM, BIAS)
-    for name, qtype in planned.items() if ffn and src.arch in GATED_FFN_ARCHS else ():
-        blk = name.removesuffix(".ffn_down.weight")
-        partners = with_bias(f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
-        if blk != name and qtype not in FLOAT_TYPES and f"{blk}.ffn_gate.weight" in src.tensors and floats(
-                name, *partners):
-            out[name] = partners
-    return out
+    def group(kind: str, weights: tuple[str, ...], partner: str, bias: str) -> SmoothGroup | None:
+        partners = (partner, bias) if bias in src.tensors else (partner,)
+        quantized = any(planned.get(w, QuantType.F16) not in FLOAT_TYPES for w in weights)
+        return SmoothGroup(kind, weights, partners) if quantized and floats(*weights, *partners) else None
+    found = {HEAD: group("head", (HEAD,), NORM, BIAS)}
+    for blk in _blocks(src) if src.arch in GATED_FFN_ARCHS else ():
+        for kind, roles, norm in BLOCK_INPUTS:
+            moe = kind == "ffn_in" and f"{blk}.ffn_gate_inp.weight" in src.tensors  # the router reads it too
+            weights = tuple(f"{blk}.{r}.weight" for r in roles)
+            if not moe and weights[0] in src.tensors:
+                found[weights[0]] = group(kind, weights, f"{blk}.{norm}.weight", f"{blk}.{norm}.bias")
+        if ffn and f"{blk}.ffn_gate.weight" in src.tensors:
+            down = f"{blk}.ffn_down.weight"
+            found[down] = group("ffn_down", (down,), f"{blk}.ffn_up.weight", f"{blk}.ffn_up.bias")
+    return {k: g for k, g in found.items() if g is not None}
+
+
+def _blocks(src: GGUFSource) -> list[str]:
+    """``blk.N`` of every block, in order."""
+    return [f"blk.{i}" for i in sorted({int(n.split(".")[1]) for n in src.tensors if n.startswith("blk.")})]
 
 
 def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts: SmoothOptions | None,
                      ) -> Smoothing | None:
-    """Each smoothable weight's scales for ``plan`` (alpha 0 where no scaling lowers its error); None without
+    """Each smoothable group's scales for ``plan`` (alpha 0 where no scaling lowers its error); None without
     ``opts`` or where nothing can be smoothed."""
     if opts is None:
         return None
-    partners = smoothable(src, plan, opts.ffn)
-    if not partners:
-        logger.info("--smooth: %s has no untied quantized head%s with float weights to scale; the source is used "
-                    "as it is", src.path.name, " or gated FFN" if opts.ffn else "")
+    groups = smoothable(src, plan, opts.ffn)
+    if not groups:
+        logger.info("--smooth: %s has no untied quantized head or pre-norm block with float weights to scale; the "
+                    "source is used as it is", src.path.name)
         return None
     t0 = time.perf_counter()
-    every = _token_strides(src, [w for w in partners if w != HEAD], opts.chunks * opts.ctx)
-    inputs = collect_inputs(src.path, opts.text, list(partners), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
+    every = _token_strides(src, [k for k in groups if k != HEAD], opts.chunks * opts.ctx)
+    inputs = collect_inputs(src.path, opts.text, list(groups), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
     planned = {e.name: e.qtype for e in plan.entries}
-    chosen = {w: _choose_for(src, w, planned[w], imatrix, inputs.pop(w)) for w in partners}
-    found = Smoothing(chosen, partners, time.perf_counter() - t0, opts.ffn)
-    logger.info("--smooth: %s in %.0f s", ", ".join(f"{w} alpha {c.alpha:g}" for w, c in chosen.items()
+    errors = {k: _errors_for(src, g, planned, imatrix, inputs[k]) for k, g in groups.items()}
+    chosen = {k: at_alpha(inputs[k], _chosen_alpha(k, groups, errors), errors[k]) for k in groups}
+    found = Smoothing(chosen, groups, time.perf_counter() - t0, opts.ffn)
+    logger.info("--smooth: %s in %.0f s", ", ".join(f"{k} alpha {c.alpha:g}" for k, c in chosen.items()
                                                     if c.alpha > 0) or "nothing scaled", found.seconds)
     return found
+
+
+def _chosen_alpha(key: str, groups: Mapping[str, SmoothGroup], errors: Mapping[str, dict[float, float]]) -> float:
+    """The head and ffn_down: the alpha of least output error. A block input: NORM_ALPHAS[1] where the blocks' inputs
+    of its kind lose NORM_GAIN of their output error with it on average, else 0."""
+    kind = groups[key].kind
+    if kind in ("head", "ffn_down"):
+        return min(errors[key], key=lambda a: (errors[key][a], a))
+    alpha = NORM_ALPHAS[1]
+    gains = [gain(errors[k], alpha) for k, g in groups.items() if g.kind == kind]
+    return alpha if float(np.mean(gains)) >= NORM_GAIN else 0.0
 
 
 @contextmanager
@@ -213,22 +284,26 @@ def smoothed_source(src: GGUFSource, out: Path, plan: Plan, imatrix: Imatrix | N
         copy.unlink(missing_ok=True)
 
 
-def _token_strides(src: GGUFSource, ffn: list[str], tokens: int) -> dict[str, int]:
-    """Every how many tokens each FFN input keeps a row: FFN_INPUT_ROWS each, FFN_INPUT_BYTES in all."""
-    width = sum(src.tensors[w].ncols for w in ffn)
+def _token_strides(src: GGUFSource, keys: list[str], tokens: int) -> dict[str, int]:
+    """Every how many tokens each block input keeps a row: FFN_INPUT_ROWS each, FFN_INPUT_BYTES in all."""
+    width = sum(src.tensors[k].ncols for k in keys)
     rows = min(FFN_INPUT_ROWS, FFN_INPUT_BYTES // max(4 * width, 1))
-    return {w: max(1, -(-tokens // max(rows, 1))) for w in ffn}
+    return {k: max(1, -(-tokens // max(rows, 1))) for k in keys}
 
 
-def _choose_for(src: GGUFSource, weight: str, qtype: QuantType, imatrix: Imatrix | None,
-                x: np.ndarray) -> ChannelScales:
-    rows = src.tensors[weight].nrows
-    w = src.rows(weight, np.unique(np.linspace(0, rows - 1, min(rows, WEIGHT_ROWS)).astype(int)))
-    im = imatrix.values(weight) if imatrix is not None and weight in imatrix else None
+def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, QuantType], imatrix: Imatrix | None,
+                x: np.ndarray) -> dict[float, float]:
+    """The group's output errors at its kind's alphas, over its weights planned quantized."""
+    members = []
+    for weight in (w for w in group.weights if planned.get(w, QuantType.F16) not in FLOAT_TYPES):
+        rows = src.tensors[weight].nrows
+        w = src.rows(weight, np.unique(np.linspace(0, rows - 1, min(rows, WEIGHT_ROWS)).astype(int)))
+        members.append((w, planned[weight], imatrix.values(weight) if imatrix is not None and weight in imatrix
+                        else None))
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
-    return choose(x, w, qtype, im, kernels.reference_roundtrip, round_weights, ALPHAS if weight == HEAD else FFN_ALPHAS)
+    return group_errors(x, members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind])
 
 
 def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
@@ -240,7 +315,7 @@ def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
     reader = GGUFReader(dest, "r+")
     for t in reader.tensors:
         how = smoothing.scaling(t.name)
-        if how is not None:
+        if how:
             raw = np.asarray(t.data).reshape(-1).view(np.uint8)
             raw[:] = _scaled_float(raw, QuantType(int(t.tensor_type)), how)
     reader.data.flush()
@@ -257,7 +332,7 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
     im = scaled_imatrix(imatrix, smoothing)
     for t in reader.tensors:
         how = smoothing.scaling(t.name)
-        if how is None:
+        if not how:
             continue
         raw, qtype = np.asarray(t.data).reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))
         if qtype in FLOAT_TYPES:
@@ -273,19 +348,22 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
     reader.data.flush()
 
 
-def _scaled_float(raw: np.ndarray, stored: QuantType, how: tuple[bool, np.ndarray]) -> np.ndarray:
+def _scaled_float(raw: np.ndarray, stored: QuantType, how: Sequence[tuple[bool, np.ndarray]]) -> np.ndarray:
     """A float tensor's bytes, scaled: as (rows, cols), a smoothed weight's columns or a partner's rows (a 1-D one:
     one value a row) match the scales."""
-    columns, scales = how
     values = to_float32(raw, stored)
+    columns, scales = how[0]
     rows = values.reshape(-1, scales.size) if columns else values.reshape(scales.size, -1)
+    if len(how) > 1:  # ffn_up, columns and rows: (rows, cols) by the column scales' size
+        rows = values.reshape(-1, next(s.size for c, s in how if c))
     return from_float32(_apply(rows, how, 0), stored)
 
 
-def _apply(rows: np.ndarray, how: tuple[bool, np.ndarray], first_row: int) -> np.ndarray:
+def _apply(rows: np.ndarray, how: Sequence[tuple[bool, np.ndarray]], first_row: int) -> np.ndarray:
     """Rows ``first_row:`` of a tensor, scaled: a smoothed weight's columns multiplied, a partner's rows divided."""
-    columns, scales = how
-    return rows * scales if columns else rows / scales[first_row:first_row + len(rows), None]
+    for columns, scales in how:
+        rows = rows * scales if columns else rows / scales[first_row:first_row + len(rows), None]
+    return rows
 
 
 def scaled_imatrix(imatrix: Imatrix | None, smoothing: Smoothing) -> Imatrix | None:
@@ -294,7 +372,7 @@ def scaled_imatrix(imatrix: Imatrix | None, smoothing: Smoothing) -> Imatrix | N
     if imatrix is None:
         return None
     sums = dict(imatrix.sums)
-    for w, c in smoothing.chosen.items():
-        if c.alpha > 0 and w in imatrix:
+    for key, c in smoothing.chosen.items():
+        for w in (w for w in smoothing.groups[key].weights if c.alpha > 0 and w in imatrix):
             sums[w] = (np.asarray(sums[w]).reshape(-1, c.scales.size) / c.scales**2).reshape(-1)
     return replace(imatrix, sums=sums)

@@ -64,7 +64,7 @@ class Recipe:
     search_minutes: float = 0.0  # --strategy kld: refine the plan end to end this long (search/refine.py)
     gptq: GptqOptions | None = None  # --gptq: error feedback from the calibration text (realize/compensate.py)
     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF  # predicted error given up for a faster quantize (plan/speed.py)
-    smooth: SmoothOptions | None = None  # --smooth: the head's input scaled (--smooth-ffn: FFNs' too)
+    smooth: SmoothOptions | None = None  # --smooth: the head's and blocks' inputs scaled (--smooth-ffn: ffn_down's too)
 
 
 @dataclass(frozen=True)
