@@ -246,22 +246,26 @@ def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts:
     inputs = collect_inputs(src.path, opts.text, list(groups), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
     planned = {e.name: e.qtype for e in plan.entries}
     errors = {k: _errors_for(src, g, planned, imatrix, inputs[k]) for k, g in groups.items()}
-    chosen = {k: at_alpha(inputs[k], _chosen_alpha(k, groups, errors), errors[k]) for k in groups}
+    on = _block_inputs_on(groups, errors)
+    chosen = {k: at_alpha(inputs[k], _chosen_alpha(groups[k].kind, errors[k], on), errors[k]) for k in groups}
     found = Smoothing(chosen, groups, time.perf_counter() - t0, opts.ffn)
     logger.info("--smooth: %s in %.0f s", ", ".join(f"{k} alpha {c.alpha:g}" for k, c in chosen.items()
                                                     if c.alpha > 0) or "nothing scaled", found.seconds)
     return found
 
 
-def _chosen_alpha(key: str, groups: Mapping[str, SmoothGroup], errors: Mapping[str, dict[float, float]]) -> float:
-    """The head and ffn_down: the alpha of least output error. A block input: NORM_ALPHAS[1] where the blocks' inputs
-    of its kind lose NORM_GAIN of their output error with it on average, else 0."""
-    kind = groups[key].kind
+def _block_inputs_on(groups: Mapping[str, SmoothGroup], errors: Mapping[str, dict[float, float]]) -> set[str]:
+    """The kinds of block input whose blocks lose NORM_GAIN of their output error at NORM_ALPHAS[1] on average."""
+    kinds = {g.kind for g in groups.values()} - {"head", "ffn_down"}
+    return {kind for kind in kinds
+            if np.mean([gain(errors[k], NORM_ALPHAS[1]) for k, g in groups.items() if g.kind == kind]) >= NORM_GAIN}
+
+
+def _chosen_alpha(kind: str, errors: dict[float, float], block_inputs_on: set[str]) -> float:
+    """The head and ffn_down: the alpha of least output error. A block input: NORM_ALPHAS[1] where its kind is on."""
     if kind in ("head", "ffn_down"):
-        return min(errors[key], key=lambda a: (errors[key][a], a))
-    alpha = NORM_ALPHAS[1]
-    gains = [gain(errors[k], alpha) for k, g in groups.items() if g.kind == kind]
-    return alpha if float(np.mean(gains)) >= NORM_GAIN else 0.0
+        return min(errors, key=lambda a: (errors[a], a))
+    return NORM_ALPHAS[1] if kind in block_inputs_on else 0.0
 
 
 @contextmanager
@@ -352,10 +356,8 @@ def _scaled_float(raw: np.ndarray, stored: QuantType, how: Sequence[tuple[bool, 
     """A float tensor's bytes, scaled: as (rows, cols), a smoothed weight's columns or a partner's rows (a 1-D one:
     one value a row) match the scales."""
     values = to_float32(raw, stored)
-    columns, scales = how[0]
-    rows = values.reshape(-1, scales.size) if columns else values.reshape(scales.size, -1)
-    if len(how) > 1:  # ffn_up, columns and rows: (rows, cols) by the column scales' size
-        rows = values.reshape(-1, next(s.size for c, s in how if c))
+    cols = next((s.size for columns, s in how if columns), None)  # ffn_up can have both: shaped by its columns
+    rows = values.reshape(-1, cols) if cols else values.reshape(how[0][1].size, -1)
     return from_float32(_apply(rows, how, 0), stored)
 
 
