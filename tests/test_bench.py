@@ -6,8 +6,10 @@ from pathlib import Path
 from click.testing import CliRunner
 from tinymodel import loud_copy, write_calib_text
 
+from ggufmix.bench.bench import smoothed_alike
 from ggufmix.bench.report import by_strategy, markdown, versus_stock
 from ggufmix.cli import cli
+from ggufmix.plan.plan import Plan
 
 
 def _row(kind: str, target: str, kld: float, nbytes: int, imatrix: str = "none") -> dict:
@@ -144,6 +146,11 @@ def test_bench_adds_the_smoothed_files(tiny_model: Path, tmp_path: Path) -> None
     plan = json.loads((out / "ggufmix-measured-smooth-none-Q4_K_M.plan.json").read_text())
     assert plan["settings"]["smooth"]["head"]["alpha"] > 0
     assert "smooth" not in json.loads((out / "ggufmix-measured-none-Q4_K_M.plan.json").read_text())["settings"]
+    path = out / "ggufmix-measured-smooth-none-Q4_K_M.plan.json"
+    assert smoothed_alike(Plan.load(path))
+    plan["settings"]["smooth"]["kind_gain"] = 0.1  # chosen by another rule: rebuilt
+    path.write_text(json.dumps(plan))
+    assert not smoothed_alike(Plan.load(path))
     res = CliRunner().invoke(cli, ["bench", str(tiny_model), "--text", str(calib), "--modes", "none",
                                    "--smooth", "-o", str(tmp_path / "b3")])
     assert res.exit_code != 0 and "--calib" in str(res.exception)

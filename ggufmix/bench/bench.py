@@ -280,11 +280,12 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
 
 
 def smoothed_alike(plan: Plan) -> bool:
-    """Whether a ``--smooth`` file chose its alphas from the candidates this code offers ("smooth_head": the head
-    alone, before 2026-12-06)."""
-    from ggufmix.realize.smooth import alphas_offered
+    """Whether a ``--smooth`` file chose its alphas from the candidates and by the gain this code uses ("smooth_head":
+    the head alone, before 2026-12-06)."""
+    from ggufmix.realize.smooth import NORM_GAIN, alphas_offered
 
-    return plan.settings.get("smooth", {}).get("alphas") == alphas_offered(ffn=False)
+    done = plan.settings.get("smooth", {})
+    return done.get("alphas") == alphas_offered(ffn=False) and done.get("kind_gain") == NORM_GAIN
 
 
 def planned_from(plan: Plan, scores: Scores) -> bool:
