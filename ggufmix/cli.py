@@ -178,12 +178,11 @@ _fit_options = [
 @click.option("--smooth/--no-smooth", default=None,
               help="Turn down the loud input channels that llama.cpp's CPU backend rounds coarsely and scale the "
               "columns that read them up: the same logits, the scales chosen on --calib. The output head's (untied; "
-              "Qwen2.5-Coder-1.5B at Q5_K_M's size 0.00667 -> 0.00553 mean KLD) and the blocks' attention and FFN "
-              "inputs where that lowers their output error (SmolLM2-135M at Q5_K_M's size 0.0267 -> 0.0236). On "
-              "whenever --calib is given.")
-@click.option("--smooth-ffn", is_flag=True, help="With --smooth: each gated FFN's ffn_down input too (ffn_up's rows "
-              "divided). Not by default: 3-10% lower KLD on SmolLM2-135M with --gptq, but 2x on one text at Q2_K's "
-              "size on Qwen2.5-Coder-1.5B (docs/results.md).")
+              "Qwen2.5-Coder-1.5B at Q5_K_M's size 0.00667 -> 0.00553 mean KLD) and, where that lowers their output "
+              "error on held-out calibration rows, each block's attention and FFN inputs and ffn_down's (SmolLM2-135M "
+              "at Q4_K_M's size 0.0416 -> 0.0366). On whenever --calib is given.")
+@click.option("--smooth-ffn/--no-smooth-ffn", default=None,
+              help="With --smooth (the default): whether ffn_down's input is a candidate (ffn_up's rows divided).")
 @click.option("--smooth-head/--no-smooth-head", "smooth_head", default=None, hidden=True)  # --smooth before 2026-12-06
 @_apply(_hf_options)
 @click.pass_context
@@ -195,7 +194,7 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
           fit: str | None, n_ctx: int, ubatch: int, kv_type: str, swa_full: bool, bundle: Path | None,
           ollama_name: str | None, push_repo: str | None, private: bool, eval_text: Path | None,
           scores_path: Path | None, force: bool, no_smoke: bool, run_validate: bool, search_minutes: float,
-          gptq: bool, gptq_all: bool, smooth: bool | None, smooth_ffn: bool, smooth_head: bool | None,
+          gptq: bool, gptq_all: bool, smooth: bool | None, smooth_ffn: bool | None, smooth_head: bool | None,
           revision: str | None,
           outtype: str | None, llama_cpp_dir: Path | None) -> None:
     """Build MODEL into a mixed-precision GGUF that fits --budget or --fit.
@@ -223,7 +222,8 @@ def build(ctx: click.Context, model: Path, output: Path | None, strategy: str, i
         raise click.UsageError("--smooth and --smooth-ffn pick their scales on calibration text: give --calib TEXT")
     if smooth_ffn and smooth is False:
         raise click.UsageError("--smooth-ffn widens --smooth: drop --no-smooth")
-    smoothing = SmoothOptions(read_text(calib), ffn=smooth_ffn) if smooth is not False and calib else None
+    smoothing = (SmoothOptions(read_text(calib), ffn=smooth_ffn is not False) if smooth is not False and calib
+                 else None)
     model = _gguf(model, revision, outtype, llama_cpp_dir, ctx.obj["progress"])
     meta = open_gguf(model, check_data=False).metadata
     pin_list = [parse_pin(p) for p in pins]
@@ -453,7 +453,7 @@ def imatrix(ctx: click.Context, model: Path, text_file: Path, output: Path, n_ct
               help="Also build every ggufmix file with build --gptq on this many chunks of --calib (0: not).")
 @click.option("--gptq-all", is_flag=True, help="Those files with build --gptq --gptq-all (ffn_down compensated too).")
 @click.option("--smooth", is_flag=True, help="Also build every ggufmix file (and --gptq file) with build --smooth "
-              "on --calib (where the model has an untied head).")
+              "on --calib (where it has something to smooth: an untied head, a pre-norm block).")
 @click.pass_context
 def bench(ctx: click.Context, model: Path, text_file: Path, budgets: str, baselines: str, strategies: str,
           calib: Path | None, imatrix_chunks: int, modes: str, n_ctx: int, chunks: int | None, exact: bool,

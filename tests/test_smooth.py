@@ -91,24 +91,24 @@ def _changed_by(settings: dict) -> set[str]:
 
 
 def test_build_smooth(tiny_model: Path, tmp_path: Path) -> None:
-    """`build --calib --smooth-ffn` (--smooth is on with --calib) smooths a head, the blocks' inputs and an ffn_down
+    """`build --calib` (--smooth and --smooth-ffn are on with --calib) smooths a head, the blocks' inputs and ffn_down
     whose inputs have loud channels: each alpha is recorded (the head's with its output error at each alpha), exactly
-    the scaled weights and their partners change (against --no-smooth), no copy is left behind; without --smooth-ffn
-    ffn_down is left alone."""
+    the scaled weights and their partners change (against --no-smooth), no copy is left behind; with --no-smooth-ffn
+    ffn_down is left alone. Block weights take one alpha in every block."""
     from gguf import GGUFReader
 
     model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
     common = ["-q", "build", str(model), "--rows", "32", "--no-smoke", "--budget", "5.5bpw", "--calib", str(calib)]
     plain, smooth, head_only = tmp_path / "plain.gguf", tmp_path / "smooth.gguf", tmp_path / "head.gguf"
-    for args in ([*common, "--no-smooth", "-o", str(plain)], [*common, "--smooth-ffn", "-o", str(smooth)],
-                 [*common, "-o", str(head_only)]):
+    for args in ([*common, "--no-smooth", "-o", str(plain)], [*common, "-o", str(smooth)],
+                 [*common, "--no-smooth-ffn", "-o", str(head_only)]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
     settings = json.loads(smooth.with_suffix(".plan.json").read_text())["settings"]["smooth"]
     head = settings["head"]
     errors = {float(a): e for a, e in head["relative_error"].items()}
     assert head["alpha"] > 0 and errors[head["alpha"]] < errors[0.0], settings
-    assert settings["ffn_down_alpha"]["blk.1.ffn_down.weight"] > 0, settings
+    assert set(settings["ffn_down_alpha"].values()) == {0.25}, settings  # every block's or none
     ra, rb = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors} for p in (plain, smooth))
     assert {n for n in ra if not np.array_equal(ra[n], rb[n])} == _changed_by(settings)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -282,10 +282,10 @@ def _planned_otherwise(out: Path, scores: Path, budget: Budget, gptq: GptqOption
 def smoothed_alike(plan: Plan) -> bool:
     """Whether a ``--smooth`` file chose its alphas from the candidates and by the gain this code uses ("smooth_head":
     the head alone, before 2026-12-06)."""
-    from ggufmix.realize.smooth import NORM_GAIN, alphas_offered
+    from ggufmix.realize.smooth import KIND_GAIN, alphas_offered
 
     done = plan.settings.get("smooth", {})
-    return done.get("alphas") == alphas_offered(ffn=False) and done.get("kind_gain") == NORM_GAIN
+    return done.get("alphas") == alphas_offered(ffn=True) and done.get("kind_gain") == KIND_GAIN
 
 
 def planned_from(plan: Plan, scores: Scores) -> bool:

@@ -9,13 +9,14 @@ ffn_down's (``act(gate(x)) * up(x)``: folded into ffn_up's rows). Channel ``j`` 
 there and the columns ``j`` of the weights that read it multiplied by ``s_j``: the same output in exact arithmetic,
 and the loud columns now set the weight blocks' scales. ``s_j = max(rms_j / median(rms), 1) ** alpha``, ``alpha``
 chosen by the weights' output error on calibration rows, input and weights rounded as the CPU backend and the
-planned type round them (0 leaves it as it is): per weight for the head and ffn_down, for every block at once
-for each kind of block input (NORM_GAIN). A tied head is also the token embedding: left alone.
+planned type round them (0 leaves it as it is): for the head on its own, for every block at once for each kind of
+block weight (attention inputs, FFN inputs, ffn_down's: KIND_GAIN, on calibration rows the scales were not made
+from). A tied head is also the token embedding: left alone.
 
 What the rounding costs: in Qwen2.5-Coder-1.5B's file at Q5_K_M's size the head's input 0.001 of mean KLD, a fifth
-of the file's; in SmolLM2-135M's ffn_down's 0.0027, an eighth. The blocks' inputs, smoothed: SmolLM2-135M's file at
-Q5_K_M's size 0.0267 -> 0.0236; Qwen2.5-Coder-1.5B's are left alone (their output error drops too little;
-docs/results.md).
+of the file's; in SmolLM2-135M's ffn_down's 0.0027, an eighth. The blocks' inputs and ffn_down's, smoothed:
+SmolLM2-135M's file at Q4_K_M's size 0.0416 -> 0.0366; Qwen2.5-Coder-1.5B's are left alone (their output error
+drops too little on held-out rows; docs/results.md).
 """
 from __future__ import annotations
 
@@ -64,13 +65,17 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75)
 # ffn_down's (--smooth-ffn): its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where
 # 0.5 everywhere lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
 FFN_ALPHAS = (0.0, 0.25)
-# The blocks' inputs: alpha 0.25 in every block for a kind (attention, FFN) whose blocks' output error it lowers by
-# NORM_GAIN on average, else none. The plans of SmolLM2-135M's bench at Q5_K_M's size: attention 0.37, FFN 0.063 (the
-# file's KLD -0.0031 +- 0.0009 with both, -0.0008 with attention's alone); Qwen2.5-Coder-1.5B at Q5_K: attention
-# -0.008, FFN 0.02, and both at 0.25 raised stock Q5_K_M's KLD (+0.0007 +- 0.0004). The per-block choice took 0.5 where
-# 0.25 did better end to end (as for ffn_down): hence one alpha.
+# The blocks' weights: alpha 0.25 in every block for a kind (attention, FFN, ffn_down) whose blocks' output error it
+# lowers by KIND_GAIN on average, measured on rows the scales were not made from, else none. The plans of
+# SmolLM2-135M's bench at Q5_K_M's size: attention 0.37, FFN 0.063 (the file's KLD -0.0031 +- 0.0009 with both,
+# -0.0008 with attention's alone); Qwen2.5-Coder-1.5B at Q5_K: attention -0.008, FFN 0.02, and both at 0.25 raised
+# stock Q5_K_M's KLD (+0.0007 +- 0.0004). The per-block choice took 0.5 where 0.25 did better end to end (as for
+# ffn_down): hence one alpha. ffn_down's gain shrinks on held-out rows where its loud channels move from token to token.
+# As build measures it (4 chunks, 2 held out): Qwen 0.098 at Q5_K_M's size (its file +0.0002 +- 0.0002 on tiny
+# smoothed), 0.046 at Q4_K_M's; SmolLM2 0.116 / 0.157 / 0.250 / 0.178 at the four sizes (the file -0.0015 +- 0.0016,
+# -0.0022 +- 0.0004, -0.0014 +- 0.0005 on wiki at Q2_K's, Q4_K_M's, Q5_K_M's): hence 15% there.
 NORM_ALPHAS = (0.0, 0.25)
-NORM_GAIN = 0.05
+KIND_GAIN = {"attn_in": 0.05, "ffn_in": 0.05, "ffn_down": 0.15}
 KIND_ALPHAS = {"head": ALPHAS, "ffn_down": FFN_ALPHAS, "attn_in": NORM_ALPHAS, "ffn_in": NORM_ALPHAS}
 WEIGHT_ROWS = 1024  # the head's rows (evenly spaced) whose output error picks its alpha
 # A block weight's: its kind is on or off by the mean over every block, which 256 rows give as 1024 did (SmolLM2-135M
@@ -90,7 +95,7 @@ class SmoothOptions:
     text: str
     chunks: int = 4
     ctx: int = 512
-    ffn: bool = False  # --smooth-ffn: ffn_down's inputs too (not by default: docs/results.md)
+    ffn: bool = True  # ffn_down's inputs too (--no-smooth-ffn: not)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ class Smoothing:
     chosen: Mapping[str, ChannelScales]
     groups: Mapping[str, SmoothGroup]
     seconds: float = 0.0
-    ffn: bool = False  # whether ffn_down's inputs were candidates (--smooth-ffn)
+    ffn: bool = False  # whether ffn_down's inputs were candidates (not with --no-smooth-ffn)
 
     @property
     def active(self) -> bool:
@@ -142,7 +147,7 @@ class Smoothing:
             return {k: c.alpha for k, c in self.chosen.items() if self.groups[k].kind in kinds}
         return {"head": self.chosen[HEAD].summary() if HEAD in self.chosen else None,
                 "ffn_down_alpha": alphas("ffn_down"), "block_input_alpha": alphas("attn_in", "ffn_in"),
-                "alphas": alphas_offered(self.ffn), "kind_gain": NORM_GAIN, "seconds": round(self.seconds, 1)}
+                "alphas": alphas_offered(self.ffn), "kind_gain": KIND_GAIN, "seconds": round(self.seconds, 1)}
 
 
 def alphas_offered(ffn: bool) -> dict[str, list[float]]:
@@ -181,9 +186,11 @@ def choose(x: np.ndarray, w: np.ndarray, qtype: QuantType, imatrix: np.ndarray |
 
 
 def group_errors(x: np.ndarray, members: Sequence[Member], round_input: Callable[[np.ndarray, QuantType], np.ndarray],
-                 round_weights: Rounding, alphas: tuple[float, ...]) -> dict[float, float]:
-    """Alpha -> the mean over the weights reading ``x`` of their output errors at that alpha's scales."""
-    rms = input_rms(x)
+                 round_weights: Rounding, alphas: tuple[float, ...], fit: np.ndarray | None = None,
+                 ) -> dict[float, float]:
+    """Alpha -> the mean over the weights reading ``x`` of their output errors at that alpha's scales (made from
+    ``fit``'s rows where given: errors on rows the scales did not see)."""
+    rms = input_rms(x if fit is None else fit)
     return {a: float(np.mean([output_error(x, w, channel_scales(rms, a), q, im, round_input, round_weights)
                               for w, q, im in members])) for a in alphas}
 
@@ -249,7 +256,7 @@ def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts:
     inputs = collect_inputs(src.path, opts.text, list(groups), n_ctx=opts.ctx, n_chunks=opts.chunks, every=every)
     planned = {e.name: e.qtype for e in plan.entries}
     errors = {k: _errors_for(src, g, planned, imatrix, inputs[k]) for k, g in groups.items()}
-    on = _block_inputs_on(groups, errors)
+    on = _kinds_on(groups, errors)
     chosen = {k: at_alpha(inputs[k], _chosen_alpha(groups[k].kind, errors[k], on), errors[k]) for k in groups}
     found = Smoothing(chosen, groups, time.perf_counter() - t0, opts.ffn)
     logger.info("--smooth: %s in %.0f s", ", ".join(f"{k} alpha {c.alpha:g}" for k, c in chosen.items()
@@ -257,18 +264,19 @@ def choose_smoothing(src: GGUFSource, plan: Plan, imatrix: Imatrix | None, opts:
     return found
 
 
-def _block_inputs_on(groups: Mapping[str, SmoothGroup], errors: Mapping[str, dict[float, float]]) -> set[str]:
-    """The kinds of block input whose blocks lose NORM_GAIN of their output error at NORM_ALPHAS[1] on average."""
-    kinds = {g.kind for g in groups.values()} - {"head", "ffn_down"}
-    return {kind for kind in kinds
-            if np.mean([gain(errors[k], NORM_ALPHAS[1]) for k, g in groups.items() if g.kind == kind]) >= NORM_GAIN}
+def _kinds_on(groups: Mapping[str, SmoothGroup], errors: Mapping[str, dict[float, float]]) -> set[str]:
+    """The kinds of block weight (their inputs, ffn_down's) whose blocks lose KIND_GAIN of their output error at
+    their kind's second alpha on average."""
+    kinds = {g.kind for g in groups.values()} - {"head"}
+    return {kind for kind in kinds if np.mean([gain(errors[k], KIND_ALPHAS[kind][1]) for k, g in groups.items()
+                                               if g.kind == kind]) >= KIND_GAIN[kind]}
 
 
-def _chosen_alpha(kind: str, errors: dict[float, float], block_inputs_on: set[str]) -> float:
-    """The head and ffn_down: the alpha of least output error. A block input: NORM_ALPHAS[1] where its kind is on."""
-    if kind in ("head", "ffn_down"):
+def _chosen_alpha(kind: str, errors: dict[float, float], kinds_on: set[str]) -> float:
+    """The head: the alpha of least output error. A block weight: its kind's second alpha where the kind is on."""
+    if kind == "head":
         return min(errors, key=lambda a: (errors[a], a))
-    return NORM_ALPHAS[1] if kind in block_inputs_on else 0.0
+    return KIND_ALPHAS[kind][1] if kind in kinds_on else 0.0
 
 
 @contextmanager
@@ -310,7 +318,11 @@ def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, Quant
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
-    return group_errors(x, members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind])
+    if group.kind == "head":
+        return group_errors(x, members, kernels.reference_roundtrip, round_weights, ALPHAS)
+    half = len(x) // 2  # a block weight's kind: scales from the first chunks, errors on the others
+    return group_errors(x[half:], members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind],
+                        fit=x[:half])
 
 
 def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
