@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from tinymodel import loud_copy, write_calib_text
 
 from ggufmix.cli import cli
-from ggufmix.realize.smooth import ChannelScales, SmoothGroup, Smoothing, channel_scales, choose, output_error
+from ggufmix.realize.smooth import (ChannelScales, SmoothGroup, Smoothing, channel_scales, choose, gain, group_errors,
+                                    output_error)
 from ggufmix.types import QuantType
 
 
@@ -49,6 +50,19 @@ def test_loud_channels_choose_a_scale_that_lowers_the_output_error() -> None:
     assert found.scales[:4].min() > 1 and np.all(found.scales[4:] < 1.2)
     same = output_error(x, w, np.ones(512, np.float32), QuantType.Q6_K, None, _round_input, _round_weights)
     assert same == pytest.approx(found.errors[0.0])
+
+
+def test_held_out_rows_judge_scales_made_on_others() -> None:
+    """A block weight's kind is judged on rows its scales did not see: channels loud only where the scales were made
+    are shrunk for nothing on the others, and the gain there is gone."""
+    rng = np.random.default_rng(1)
+    fit, w = _loud_inputs(rng), rng.standard_normal((64, 512)).astype(np.float32)
+    moved = rng.standard_normal((256, 512)).astype(np.float32)
+    moved[:, 4:8] *= 40  # other channels loud on the held-out rows
+    members = [(w, QuantType.Q6_K, None)]
+    same = group_errors(fit, members, _round_input, _round_weights, (0.0, 0.25))
+    held_out = group_errors(moved, members, _round_input, _round_weights, (0.0, 0.25), fit=fit)
+    assert gain(same, 0.25) > 0.1 and gain(held_out, 0.25) <= 0.0, (same, held_out)
 
 
 def _scaled_everywhere() -> Smoothing:

@@ -318,8 +318,8 @@ def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, Quant
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
-    if group.kind == "head":
-        return group_errors(x, members, kernels.reference_roundtrip, round_weights, ALPHAS)
+    if group.kind == "head" or len(x) < 2:
+        return group_errors(x, members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind])
     half = len(x) // 2  # a block weight's kind: scales from the first chunks, errors on the others
     return group_errors(x[half:], members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind],
                         fit=x[:half])
