@@ -62,7 +62,7 @@ BLOCK_INPUTS = (
     ("ffn_in", ("ffn_gate", "ffn_up"), "ffn_norm"),
 )
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
-# ffn_down's (--smooth-ffn): its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where
+# ffn_down's: its output error chose 0.5 in 29 of SmolLM2-135M's 30 blocks at Q5_K_M's size, where
 # 0.5 everywhere lowered the file's KLD less than 0.25 everywhere (-0.00102 against -0.00187 on wiki; docs/results.md).
 FFN_ALPHAS = (0.0, 0.25)
 # The blocks' weights: alpha 0.25 in every block for a kind (attention, FFN, ffn_down) whose blocks' output error it
