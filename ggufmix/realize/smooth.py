@@ -318,11 +318,10 @@ def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, Quant
 
     def round_weights(rows: np.ndarray, q: QuantType, col: np.ndarray | None) -> np.ndarray:
         return quant_roundtrip(rows, q, None if col is None else col[None, :], None, cpu_count())
-    if group.kind == "head" or len(x) < 2:
-        return group_errors(x, members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind])
-    half = len(x) // 2  # a block weight's kind: scales from the first chunks, errors on the others
-    return group_errors(x[half:], members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind],
-                        fit=x[:half])
+    fit, half = None, len(x) // 2
+    if group.kind != "head" and half:  # a block weight's kind: scales from the first chunks, errors on the others
+        x, fit = x[half:], x[:half]
+    return group_errors(x, members, kernels.reference_roundtrip, round_weights, KIND_ALPHAS[group.kind], fit=fit)
 
 
 def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
