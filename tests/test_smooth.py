@@ -183,3 +183,38 @@ def test_the_patched_file_holds_the_bytes_llama_cpp_writes_from_the_smoothed_cop
     quantize_plan(copy, copied, plan, scaled_imatrix(im, found))
     a, b = ({t.name: np.asarray(t.data).tobytes() for t in GGUFReader(p).tensors} for p in (patched, copied))
     assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
+
+
+def test_a_type_gguf_py_does_not_know_is_patched_too(tiny_model: Path, tmp_path: Path) -> None:
+    """A plan with Q2_0 (ggml type 42, unknown to gguf 0.19): the smoothed file is patched in place as with any
+    type (the bench crashed here on SmolLM2-135M's oracle plan at Q4_K_M's size, 2026-12-06)."""
+    from dataclasses import replace
+    from functools import partial
+
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.io.gguf_source import open_gguf, writable_tensors
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.realize.build import quantize_plan
+    from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+    from ggufmix.types import row_bytes
+
+    model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
+    im = collect_imatrix(model, calib.read_text(), n_ctx=64, n_chunks=4, include_output=True, progress=False)
+    src = open_gguf(model)
+    plan = make_plan(score_source(open_source(model, False), ScoreOptions(max_rows=32), im, progress=False),
+                     parse_budget("4.5bpw"))
+    q2 = "blk.0.attn_k.weight"  # a reader of a smoothed input when the attention inputs are smoothed
+    plan = replace(plan, entries=tuple(
+        replace(e, qtype=QuantType.Q2_0, bytes=row_bytes(QuantType.Q2_0, e.shape[0]) * (e.shape[1]))
+        if e.name == q2 else e for e in plan.entries))
+    found = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64, ffn=True))
+    assert found is not None and found.active
+    plain, patched = tmp_path / "plain.gguf", tmp_path / "patched.gguf"
+    quantize_plan(model, plain, plan, im)
+    quantize_plan(model, patched, plan, im, patch=partial(patch_quantized, src=src, smoothing=found, imatrix=im))
+    with writable_tensors(plain) as a, writable_tensors(patched) as b:
+        assert a[q2][0].qtype == b[q2][0].qtype == QuantType.Q2_0
+        changed = {n for n in a if a[n][1].tobytes() != b[n][1].tobytes()}
+    assert "output.weight" in changed and changed <= {n for n in a if found.scaling(n)}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,25 @@ def open_gguf(path: str | os.PathLike[str], check_data: bool = True) -> GGUFSour
     arch = str(index.metadata.get("general.architecture", "unknown"))
     logger.debug("%s: %s, %d tensors", p, arch, len(tensors))
     return GGUFSource(p, arch, index.metadata, tensors, offsets)
+
+
+@contextmanager
+def writable_tensors(path: str | os.PathLike[str]) -> Iterator[dict[str, tuple[TensorInfo, np.ndarray]]]:
+    """Each tensor of the GGUF at ``path`` as its info and a writable view of its bytes (uint8, memmapped), flushed
+    to the file on a clean exit. Unlike gguf-py's ``GGUFReader(path, "r+")`` it knows the ggml types gguf 0.19 does
+    not (``Q2_0``), which llama.cpp writes when a plan asks for them.
+
+    Raises:
+        InputError: as open_gguf.
+    """
+    src = open_gguf(path)
+    data = np.memmap(src.path, dtype=np.uint8, mode="r+")
+    try:
+        yield {name: (info, data[src.offsets[name]:src.offsets[name] + info.n_bytes])
+               for name, info in src.tensors.items()}
+        data.flush()
+    finally:
+        del data
 
 
 def _check_header(p: Path) -> None:

@@ -27,6 +27,7 @@ from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.errors import InputError, UsageError
 from ggufmix.imatrix import Imatrix
+from ggufmix.io.gguf_source import writable_tensors
 from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.realize.gptq import Roundtrip, compensate, feedback_steps, inverse_factor, output_error
@@ -139,32 +140,30 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     Raises:
         InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
     """
-    from gguf import GGUFReader
-
     shutil.copyfile(source, dest)
-    reader = GGUFReader(dest, "r+")
-    tensors = {t.name: t for t in reader.tensors}
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
     text_chunks = 0
     tied = tied_embeddings(e.name for e in plan.entries)
     todo = [e for e in plan.quantized() if compensable(e, tied, opts.plain_roles)]
-    for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
-        w, stored, raw = _float_weight(tensors[e.name])
-        steps = inputs.steps(block_size(e.qtype))
+    with writable_tensors(dest) as tensors:
+        for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
+            info, raw = tensors[e.name]
+            stored = info.qtype
+            w = to_float32(raw, stored).reshape(info.nrows, info.ncols)
+            steps = inputs.steps(block_size(e.qtype))
 
-        def store(x: np.ndarray, stored: QuantType = stored) -> np.ndarray:
-            return to_float32(from_float32(x, stored), stored).reshape(x.shape)
+            def store(x: np.ndarray, stored: QuantType = stored) -> np.ndarray:
+                return to_float32(from_float32(x, stored), stored).reshape(x.shape)
 
-        wc = compensate(w, steps, block_size(e.qtype), inputs.roundtrip(e.qtype),
-                        None if stored == QuantType.F32 else store)
-        raw[:] = from_float32(wc, stored)
-        # The output error of a sample of rows (rows are independent given H), which spares two more whole-tensor
-        # quantizations and products with H per weight.
-        sample = _rows(w.shape[0], SAMPLE_ROWS)
-        plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
-        text_chunks = inputs.chunks
-    reader.data.flush()
+            wc = compensate(w, steps, block_size(e.qtype), inputs.roundtrip(e.qtype),
+                            None if stored == QuantType.F32 else store)
+            raw[:] = from_float32(wc, stored)
+            # The output error of a sample of rows (rows are independent given H), which spares two more
+            # whole-tensor quantizations and products with H per weight.
+            sample = _rows(w.shape[0], SAMPLE_ROWS)
+            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
+            text_chunks = inputs.chunks
     return Compensated(plain, done, opts, text_chunks)
 
 
@@ -173,10 +172,10 @@ def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEnt
     group: list[PlanEntry] = []
     held = 0
     for e in sorted(entries, key=lambda e: (e.layer is None, e.layer or 0, e.name)):
-        t = tensors.get(e.name)
-        if t is None or QuantType(int(t.tensor_type)) not in FLOAT_TYPES:
+        info = tensors.get(e.name, (None,))[0]
+        if info is None or info.qtype not in FLOAT_TYPES:
             raise InputError(f"{e.name!r}: --gptq needs the weight in the source as F32, F16 or BF16")
-        need = int(t.shape[0]) ** 2 * 4
+        need = info.ncols ** 2 * 4
         if group and held + need > PASS_BYTES:
             yield group
             group, held = [], 0
@@ -236,13 +235,6 @@ def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: dict, imat
             yield e, _Inputs(h, u, steps, im, cov.chunks)
             bar.update()
     bar.close()
-
-
-def _float_weight(t) -> tuple[np.ndarray, QuantType, np.ndarray]:  # noqa: ANN001
-    """A source tensor as float32 (rows, cols), its stored type, and a writable view of its bytes."""
-    stored = QuantType(int(t.tensor_type))
-    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-    return to_float32(raw, stored).reshape(int(t.shape[1]), int(t.shape[0])), stored, raw
 
 
 def _rows(n: int, k: int) -> np.ndarray:

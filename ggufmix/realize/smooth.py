@@ -37,7 +37,7 @@ from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.covariance import collect_inputs
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.imatrix import Imatrix
-from ggufmix.io.gguf_source import GGUFSource
+from ggufmix.io.gguf_source import GGUFSource, writable_tensors
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.compensate import check_room_for_copy
 from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
@@ -327,16 +327,12 @@ def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, Quant
 def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
     """Copy ``source`` to ``dest`` with each smoothed weight's columns multiplied, and its partners divided, by the
     scales."""
-    from gguf import GGUFReader
-
     shutil.copyfile(source, dest)
-    reader = GGUFReader(dest, "r+")
-    for t in reader.tensors:
-        how = smoothing.scaling(t.name)
-        if how:
-            raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-            raw[:] = _scaled_float(raw, QuantType(int(t.tensor_type)), how)
-    reader.data.flush()
+    with writable_tensors(dest) as tensors:
+        for name, (info, raw) in tensors.items():
+            how = smoothing.scaling(name)
+            if how:
+                raw[:] = _scaled_float(raw, info.qtype, how)
 
 
 def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imatrix: Imatrix | None,
@@ -344,26 +340,23 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
     """Smooth an already quantized file in place: float tensors scaled as write_smoothed scales them, quantized ones
     quantized again, at the type they have there, from the source's rows as the smoothed copy would hold them, with
     the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(quantized, "r+")
     im = scaled_imatrix(imatrix, smoothing)
-    for t in reader.tensors:
-        how = smoothing.scaling(t.name)
-        if not how:
-            continue
-        raw, qtype = np.asarray(t.data).reshape(-1).view(np.uint8), QuantType(int(t.tensor_type))
-        if qtype in FLOAT_TYPES:
-            raw[:] = _scaled_float(raw, qtype, how)
-            continue
-        stored, n = src.tensors[t.name].qtype, src.tensors[t.name].nrows
-        col = im.values(t.name) if im is not None and t.name in im else None
-        out = raw.reshape(n, -1)
-        for r0 in range(0, n, PATCH_ROWS):
-            rows = _apply(src.rows(t.name, np.arange(r0, min(n, r0 + PATCH_ROWS))), how, r0)
-            rows = to_float32(from_float32(rows, stored), stored).reshape(len(rows), -1)
-            out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
-    reader.data.flush()
+    with writable_tensors(quantized) as tensors:
+        for name, (info, raw) in tensors.items():
+            how = smoothing.scaling(name)
+            if not how:
+                continue
+            qtype = info.qtype
+            if qtype in FLOAT_TYPES:
+                raw[:] = _scaled_float(raw, qtype, how)
+                continue
+            stored, n = src.tensors[name].qtype, src.tensors[name].nrows
+            col = im.values(name) if im is not None and name in im else None
+            out = raw.reshape(n, -1)
+            for r0 in range(0, n, PATCH_ROWS):
+                rows = _apply(src.rows(name, np.arange(r0, min(n, r0 + PATCH_ROWS))), how, r0)
+                rows = to_float32(from_float32(rows, stored), stored).reshape(len(rows), -1)
+                out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
 
 
 def _scaled_float(raw: np.ndarray, stored: QuantType, how: Sequence[tuple[bool, np.ndarray]]) -> np.ndarray:
