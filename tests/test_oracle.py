@@ -228,3 +228,19 @@ def test_the_oracles_chunks_are_spread_over_the_text() -> None:
     plan = ScoredFrom(ctx=8, n_chunks=3, start=2, stride=100 // 8 // 3)  # 12 chunks in the text, every 4th
     assert [int(plan.chunk_tokens(tokens, i)[0]) for i in range(3)] == [0, 32, 64]
     assert plan.targets(tokens, 2).tolist() == list(range(67, 72))  # positions 2..6 predict tokens 3..7
+
+
+def test_a_measurement_below_a_less_noisy_types_anchors_nothing() -> None:
+    """SmolLM2-135M's blk.2.attn_q on 2 x 128 tokens: 0 at Q5_1, 1.7e-5 at Q8_0. Held beyond Q5_1, its gain priced
+    Q2_0 (noise 0.97 of the signal) at 8e-10, and the plan took it (KLD 0.087 against the default's 0.029)."""
+    from ggufmix.score.oracle import interpolate
+    from ggufmix.types import QuantType as T
+
+    nsr = {T.Q8_0: 8.0e-5, T.Q5_1: 1.19e-3, T.Q4_0: 1.09e-2, T.Q2_0: 0.973}
+    out = interpolate(nsr, {T.Q8_0: (1.73e-5, 1.0), T.Q5_1: (0.0, 0.99)})
+    assert out[T.Q5_1] == 0.0 and out[T.Q8_0] == 1.73e-5  # measured types keep their measurement
+    gain = 1.73e-5 / 8.0e-5
+    assert out[T.Q2_0] == pytest.approx(gain * 0.973) and out[T.Q4_0] == pytest.approx(gain * 1.09e-2)
+    # measurements that grow with the noise still interpolate between them
+    out = interpolate(nsr, {T.Q8_0: (1.0e-5, 1.0), T.Q4_0: (2.0e-3, 0.9)})
+    assert 1.0e-5 < out[T.Q5_1] < 2.0e-3 and out[T.Q2_0] == pytest.approx(2.0e-3 / 1.09e-2 * 0.973)

@@ -276,11 +276,14 @@ def interpolate(nsr: Mapping[QuantType, float], measured: Mapping[QuantType, Mea
 
     KLD grows about linearly with the output noise while the noise is small, so the oracle's KLD per unit
     of noise-to-signal ratio (the gain) is interpolated in log-NSR between the measured types and held
-    constant beyond them; a measured type keeps its measurement.
+    constant beyond them; a measured type keeps its measurement. A measurement below a less noisy type's (the KLD
+    of a few chunks is noisy: SmolLM2-135M's blk.2.attn_q measured 0 at Q5_1 and 1.7e-5 at Q8_0) anchors nothing:
+    its gain, held beyond it, made Q2_0 cost 8e-10 and the plan took it.
     """
     pts = sorted((max(nsr[t], 1e-12), max(m[0], 1e-12)) for t, m in measured.items())
     if not pts:
         raise ValueError("interpolate: no measured type")
+    pts = [p for i, p in enumerate(pts) if p[1] >= max(k for _, k in pts[:i + 1])]
     xs = np.log([p[0] for p in pts])
     gains = np.log([k / n for n, k in pts])
     out = {}
