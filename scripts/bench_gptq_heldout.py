@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ggufmix.engine.covariance import collect_covariances
-from ggufmix.engine.oracle import quant_roundtrip, to_float32
+from ggufmix.engine.oracle import quant_roundtrip
 from ggufmix.errors import GgufmixError, InputError
+from ggufmix.io.gguf_source import open_gguf
 from ggufmix.io.text import read_text
 from ggufmix.realize.gptq import compensate, feedback_steps, inverse_factor, output_error
 from ggufmix.types import QuantType, block_size, fits, parse_type
@@ -43,22 +44,17 @@ def read_weights(source: Path, wanted: dict[str, QuantType], rows: int) -> dict[
     Raises:
         InputError: a weight is missing, not F32/F16/BF16, or its rows do not split into the type's blocks.
     """
-    from gguf import GGUFReader
-
-    tensors = {t.name: t for t in GGUFReader(source).tensors}
+    src = open_gguf(source)
     out = {}
     for name, qtype in wanted.items():
-        t = tensors.get(name)
-        if t is None:
+        info = src.tensors.get(name)
+        if info is None:
             raise InputError(f"{source}: no tensor {name!r}")
-        stored = QuantType(int(t.tensor_type))
-        if stored not in (QuantType.F32, QuantType.F16, QuantType.BF16):
-            raise InputError(f"{source}: {name!r} is {stored.name}; the feedback starts from F32, F16 or BF16")
-        cols = int(t.shape[0])
-        if not fits(qtype, cols):
-            raise InputError(f"{name!r}: {qtype.name} does not fit rows of {cols}")
-        w = to_float32(np.asarray(t.data).reshape(-1).view(np.uint8), stored).reshape(-1, cols)
-        out[name] = w[np.unique(np.linspace(0, w.shape[0] - 1, min(rows, w.shape[0])).astype(int))]
+        if info.qtype not in (QuantType.F32, QuantType.F16, QuantType.BF16):
+            raise InputError(f"{source}: {name!r} is {info.qtype.name}; the feedback starts from F32, F16 or BF16")
+        if not fits(qtype, info.ncols):
+            raise InputError(f"{name!r}: {qtype.name} does not fit rows of {info.ncols}")
+        out[name] = src.rows(name, np.unique(np.linspace(0, info.nrows - 1, min(rows, info.nrows)).astype(int)))
     return out
 
 

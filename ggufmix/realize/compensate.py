@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.errors import InputError, UsageError
 from ggufmix.imatrix import Imatrix
-from ggufmix.io.gguf_source import writable_tensors
+from ggufmix.io.gguf_source import TensorInfo, writable_tensors
 from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.realize.gptq import Roundtrip, compensate, feedback_steps, inverse_factor, output_error
@@ -147,7 +147,8 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     tied = tied_embeddings(e.name for e in plan.entries)
     todo = [e for e in plan.quantized() if compensable(e, tied, opts.plain_roles)]
     with writable_tensors(dest) as tensors:
-        for e, inputs in _with_inputs(source, todo, tensors, imatrix, opts, progress):
+        infos = {name: info for name, (info, _) in tensors.items()}
+        for e, inputs in _with_inputs(source, todo, infos, imatrix, opts, progress):
             info, raw = tensors[e.name]
             stored = info.qtype
             w = to_float32(raw, stored).reshape(info.nrows, info.ncols)
@@ -167,12 +168,12 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
     return Compensated(plain, done, opts, text_chunks)
 
 
-def passes(entries: Sequence[PlanEntry], tensors: dict) -> Iterator[list[PlanEntry]]:  # noqa: ANN001
+def passes(entries: Sequence[PlanEntry], tensors: Mapping[str, TensorInfo]) -> Iterator[list[PlanEntry]]:
     """The weights in block order, a pass at a time, each pass's input matrices within PASS_BYTES."""
     group: list[PlanEntry] = []
     held = 0
     for e in sorted(entries, key=lambda e: (e.layer is None, e.layer or 0, e.name)):
-        info = tensors.get(e.name, (None,))[0]
+        info = tensors.get(e.name)
         if info is None or info.qtype not in FLOAT_TYPES:
             raise InputError(f"{e.name!r}: --gptq needs the weight in the source as F32, F16 or BF16")
         need = info.ncols ** 2 * 4
@@ -214,8 +215,8 @@ class _Inputs:
                 output_error(w, quant_roundtrip(wc, qtype, whole, threads=self._threads), self.h))
 
 
-def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: dict, imatrix: Imatrix | None,  # noqa: ANN001
-                 opts: GptqOptions, progress: bool) -> Iterator[tuple[PlanEntry, _Inputs]]:
+def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: Mapping[str, TensorInfo],
+                 imatrix: Imatrix | None, opts: GptqOptions, progress: bool) -> Iterator[tuple[PlanEntry, _Inputs]]:
     """Each weight with its inputs, a pass of llama.cpp over the text per PASS_BYTES of input matrices."""
     from tqdm import tqdm
 
