@@ -2,13 +2,18 @@
 """How much of ``build --gptq``'s lower output error holds on calibration text the feedback did not see.
 
     python scripts/bench_gptq_heldout.py SOURCE.gguf --calib calib.txt \
-        --weights blk.10.attn_q.weight=Q5_1,blk.10.ffn_down.weight=Q5_K [--chunks 32] [--held-out 16]
+        --weights blk.10.attn_q.weight=Q5_1,blk.10.ffn_down.weight=Q5_K [--chunks 32] [--held-out 16] \
+        [--held-out-text other.txt]
 
 The text is cut in two. The first half's 512-token chunks (``--chunks``) give each weight's input matrix ``H``,
 from which the feedback is made (realize/gptq.py, as the build makes it, with ``H``'s diagonal as the imatrix);
-the second half's (``--held-out``) give another. For each weight the table holds the output error of the
-compensated rounding over plain rounding's, on the first half's inputs (what the build reports) and on the
-second's. Weights with many rows are sampled (``--rows``, evenly spaced; rows are independent given ``H``).
+the second half's (``--held-out``) give another. With ``--held-out-text`` the feedback comes from the whole of
+``--calib`` and the held-out chunks from that text instead: a calibration text put together from several kinds
+(web pages, then prose, then code) holds out another kind in its second half, and the feedback keeps less of its
+gain on another kind of text than on more of the same (docs/results.md). For each weight the table holds the
+output error of the compensated rounding over plain rounding's, on the fitted chunks' inputs (what the build
+reports) and on the held-out chunks'. Weights with many rows are sampled (``--rows``, evenly spaced; rows are
+independent given ``H``).
 """
 from __future__ import annotations
 
@@ -72,13 +77,22 @@ def ratios(w: np.ndarray, qtype: QuantType, fit: np.ndarray, held: np.ndarray) -
     return tuple(output_error(w, comp, h) / max(output_error(w, plain, h), 1e-30) for h in (fit, held))
 
 
-def measure(source: Path, text: str, wanted: dict[str, QuantType], *, chunks: int, held_out: int, ctx: int,
-            rows: int) -> list[Row]:
-    """Input matrices from each half of ``text``, then each weight's two ratios."""
+def fitted_and_held_out(calib: str, held_out_text: str | None) -> tuple[str, str]:
+    """The text the feedback comes from and the one it is held out on: ``calib``'s halves, or ``calib`` whole and
+    ``held_out_text``."""
+    if held_out_text is not None:
+        return calib, held_out_text
+    half = len(calib) // 2
+    return calib[:half], calib[half:]
+
+
+def measure(source: Path, texts: tuple[str, str], wanted: dict[str, QuantType], *, chunks: int, held_out: int,
+            ctx: int, rows: int) -> list[Row]:
+    """Input matrices from the fitted text and the held-out one (``fitted_and_held_out``), then each weight's two
+    ratios."""
     weights = read_weights(source, wanted, rows)
-    half = len(text) // 2
-    fit = collect_covariances(source, text[:half], list(wanted), n_ctx=ctx, n_chunks=chunks)
-    held = collect_covariances(source, text[half:], list(wanted), n_ctx=ctx, n_chunks=held_out)
+    fit = collect_covariances(source, texts[0], list(wanted), n_ctx=ctx, n_chunks=chunks)
+    held = collect_covariances(source, texts[1], list(wanted), n_ctx=ctx, n_chunks=held_out)
     return [Row(name, qtype, *ratios(weights[name], qtype, fit.of(name), held.of(name)))
             for name, qtype in wanted.items()]
 
@@ -107,6 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", required=True, help="NAME=TYPE[,NAME=TYPE...]")
     p.add_argument("--chunks", type=int, default=32, help="chunks of the first half the feedback comes from")
     p.add_argument("--held-out", type=int, default=16, help="chunks of the second half")
+    p.add_argument("--held-out-text", type=Path, help="hold out on this text's chunks; the feedback from all of --calib")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
     p.add_argument("--rows", type=int, default=4096, help="rows of each weight at most")
     return p.parse_args(argv)
@@ -116,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         wanted = parse_weights(args.weights)
-        rows = measure(args.source, read_text(args.calib), wanted, chunks=args.chunks, held_out=args.held_out,
-                       ctx=args.ctx, rows=args.rows)
+        held_out_text = read_text(args.held_out_text) if args.held_out_text else None
+        texts = fitted_and_held_out(read_text(args.calib), held_out_text)
+        rows = measure(args.source, texts, wanted, chunks=args.chunks, held_out=args.held_out, ctx=args.ctx,
+                       rows=args.rows)
     except (GgufmixError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
