@@ -117,11 +117,14 @@ def parse_weights(spec: str) -> dict[str, QuantType]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="the float GGUF (F32/F16/BF16)")
-    p.add_argument("--calib", type=Path, required=True, help="calibration text, cut in two halves")
+    p.add_argument("--calib", type=Path, required=True, help="calibration text, cut in two halves "
+                   "(whole with --held-out-text)")
     p.add_argument("--weights", required=True, help="NAME=TYPE[,NAME=TYPE...]")
-    p.add_argument("--chunks", type=int, default=32, help="chunks of the first half the feedback comes from")
-    p.add_argument("--held-out", type=int, default=16, help="chunks of the second half")
-    p.add_argument("--held-out-text", type=Path, help="hold out on this text's chunks; the feedback from all of --calib")
+    p.add_argument("--chunks", type=int, default=32, help="chunks the feedback comes from (of the first half)")
+    p.add_argument("--held-out", type=int, default=16, help="held-out chunks "
+                   "(of the second half, or of --held-out-text)")
+    p.add_argument("--held-out-text", type=Path, help="hold out on this text's chunks; "
+                   "the feedback from all of --calib")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
     p.add_argument("--rows", type=int, default=4096, help="rows of each weight at most")
     return p.parse_args(argv)
