@@ -29,8 +29,9 @@ from ggufmix.engine.oracle import quant_roundtrip
 from ggufmix.errors import GgufmixError, InputError
 from ggufmix.io.gguf_source import open_gguf
 from ggufmix.io.text import read_text
+from ggufmix.realize.compensate import evenly_spaced_rows
 from ggufmix.realize.gptq import compensate, feedback_steps, inverse_factor, output_error
-from ggufmix.types import QuantType, block_size, fits, parse_type
+from ggufmix.types import FLOAT_TYPES, QuantType, block_size, fits, parse_type
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ def read_weights(source: Path, wanted: dict[str, QuantType], rows: int) -> dict[
         info = src.tensors.get(name)
         if info is None:
             raise InputError(f"{source}: no tensor {name!r}")
-        if info.qtype not in (QuantType.F32, QuantType.F16, QuantType.BF16):
+        if info.qtype not in FLOAT_TYPES:
             raise InputError(f"{source}: {name!r} is {info.qtype.name}; the feedback starts from F32, F16 or BF16")
         if not fits(qtype, info.ncols):
             raise InputError(f"{name!r}: {qtype.name} does not fit rows of {info.ncols}")
-        out[name] = src.rows(name, np.unique(np.linspace(0, info.nrows - 1, min(rows, info.nrows)).astype(int)))
+        out[name] = src.rows(name, evenly_spaced_rows(info.nrows, rows))
     return out
 
 

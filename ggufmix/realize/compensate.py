@@ -162,7 +162,7 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
             raw[:] = from_float32(wc, stored)
             # The output error of a sample of rows (rows are independent given H), which spares two more
             # whole-tensor quantizations and products with H per weight.
-            sample = _rows(w.shape[0], SAMPLE_ROWS)
+            sample = evenly_spaced_rows(w.shape[0], SAMPLE_ROWS)
             plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
             text_chunks = inputs.chunks
     return Compensated(plain, done, opts, text_chunks)
@@ -238,6 +238,6 @@ def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: Mapping[st
     bar.close()
 
 
-def _rows(n: int, k: int) -> np.ndarray:
-    """``k`` evenly spaced row indices out of ``n``."""
+def evenly_spaced_rows(n: int, k: int) -> np.ndarray:
+    """``k`` evenly spaced row indices out of ``n`` (all ``n`` when ``k >= n``): a sample of a weight's rows."""
     return np.unique(np.linspace(0, n - 1, min(n, k)).astype(int))

@@ -39,7 +39,7 @@ from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import GGUFSource, writable_tensors
 from ggufmix.plan.plan import Plan
-from ggufmix.realize.compensate import check_room_for_copy
+from ggufmix.realize.compensate import check_room_for_copy, evenly_spaced_rows
 from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
 
 logger = logging.getLogger(__name__)
@@ -311,8 +311,7 @@ def _errors_for(src: GGUFSource, group: SmoothGroup, planned: Mapping[str, Quant
     """The group's output errors at its kind's alphas, over its weights planned quantized."""
     members, sample = [], WEIGHT_ROWS if group.kind == "head" else BLOCK_WEIGHT_ROWS
     for weight in (w for w in group.weights if planned.get(w, QuantType.F16) not in FLOAT_TYPES):
-        rows = src.tensors[weight].nrows
-        w = src.rows(weight, np.unique(np.linspace(0, rows - 1, min(rows, sample)).astype(int)))
+        w = src.rows(weight, evenly_spaced_rows(src.tensors[weight].nrows, sample))
         members.append((w, planned[weight], imatrix.values(weight) if imatrix is not None and weight in imatrix
                         else None))
 
