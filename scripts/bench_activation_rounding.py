@@ -7,25 +7,29 @@ from the weights.
 
 On the CPU backend a quantized weight's matrix multiplication rounds its input to 8 bits first (ggml-cpu.c,
 ``vec_dot_type``): in blocks of 256 values for the K and IQ types (Q8_K), of 32 for Q4_0..Q8_0 and IQ4_NL (Q8_0,
-Q8_1). An F16 weight takes its input in F16. Each QUANT is dequantized into an F16 file with the same weight values
-(scripts/dequantize_gguf.py, in ``--tmp``, removed afterwards) and both are scored against BASE on the same
-tokens: the difference is what the input rounding costs. Prints a table.
+Q8_1). An F16 weight takes its input in F16. Each QUANT's tensors, dequantized by ggml (any type llama.cpp
+writes, Q2_0 included), go into a copy of BASE in BASE's own float types (in ``--tmp``, removed afterwards), and
+both files are scored against BASE on the same tokens: the difference is what the input rounding costs. Prints a
+table.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-from dequantize_gguf import dequantize_file  # noqa: E402 - a sibling script, not part of the package
-
-from ggufmix.errors import GgufmixError  # noqa: E402
-from ggufmix.evaluate.evaluation import evaluate  # noqa: E402
-from ggufmix.io.text import read_text  # noqa: E402
+from ggufmix.engine.kernels import dequantize_rows
+from ggufmix.engine.oracle import from_float32, to_float32
+from ggufmix.errors import GgufmixError, InputError
+from ggufmix.evaluate.evaluation import evaluate
+from ggufmix.io.gguf_source import TensorInfo, open_gguf, writable_tensors
+from ggufmix.io.text import read_text
+from ggufmix.types import FLOAT_TYPES
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,36 @@ def measure(base: Path, quant: Path, text: str, *, chunks: int | None, ctx: int,
     """Score ``quant`` and its F16 copy against ``base`` on the same tokens."""
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         f16 = Path(d) / f"{quant.stem}.f16.gguf"
-        dequantize_file(quant, f16)
+        weights_in_float(base, quant, f16)
         report = evaluate(base, [quant, f16], text, ctx=ctx, chunks=chunks)
     file_kld, f16_kld = (q.divergence.kld.value for q in report.quants)
     (_, paired), = report.kld_against_first()
     return Row(quant.name, file_kld, f16_kld, paired.value, paired.stderr)
+
+
+def weights_in_float(base: Path, quant: Path, dest: Path) -> None:
+    """``dest``: a copy of ``base`` holding ``quant``'s values, each tensor stored in ``base``'s float type.
+
+    Raises:
+        InputError: a tensor of ``quant`` that ``base`` does not hold as a float tensor of the same shape.
+    """
+    src = open_gguf(quant)
+    shutil.copyfile(base, dest)
+    with writable_tensors(dest) as out:
+        for name, info in src.tensors.items():
+            into, raw = out.get(name, (None, None))
+            if into is None or into.shape != info.shape or into.qtype not in FLOAT_TYPES:
+                raise InputError(f"{quant}: tensor {name!r} is not a float tensor of shape {list(info.shape)} in "
+                                 f"{base}")
+            raw[:] = from_float32(_values(src.read_into(name, 0, info.nrows, np.empty(info.n_bytes, np.uint8)),
+                                          info), into.qtype)
+
+
+def _values(stored: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """A tensor's rows as stored -> float32, quantized types through ggml's own dequantizer."""
+    if info.qtype in FLOAT_TYPES:
+        return to_float32(stored.view(np.uint8), info.qtype)
+    return dequantize_rows(stored, info.qtype, info.ncols)
 
 
 def table(rows: list[Row]) -> str:
