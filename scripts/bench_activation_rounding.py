@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ggufmix.engine.kernels import dequantize_rows
-from ggufmix.engine.oracle import from_float32, to_float32
+from ggufmix.engine.oracle import from_float32
 from ggufmix.errors import GgufmixError, InputError
 from ggufmix.evaluate.evaluation import evaluate
-from ggufmix.io.gguf_source import TensorInfo, open_gguf, writable_tensors
+from ggufmix.io.gguf_source import GGUFSource, TensorInfo, open_gguf, writable_tensors
 from ggufmix.io.text import read_text
 from ggufmix.types import FLOAT_TYPES
 
@@ -74,15 +74,16 @@ def weights_in_float(base: Path, quant: Path, dest: Path) -> None:
             if into is None or into.shape != info.shape or into.qtype not in FLOAT_TYPES:
                 raise InputError(f"{quant}: tensor {name!r} is not a float tensor of shape {list(info.shape)} in "
                                  f"{base}")
-            raw[:] = from_float32(_values(src.read_into(name, 0, info.nrows, np.empty(info.n_bytes, np.uint8)),
-                                          info), into.qtype)
+            raw[:] = from_float32(_values(src, info), into.qtype)
 
 
-def _values(stored: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """A tensor's rows as stored -> float32, quantized types through ggml's own dequantizer."""
+def _values(src: GGUFSource, info: TensorInfo) -> np.ndarray:
+    """A tensor's values as float32: float types as ``rows`` reads them, quantized types through ggml's own
+    dequantizer (``rows`` goes through gguf-py, which lacks Q2_0)."""
     if info.qtype in FLOAT_TYPES:
-        return to_float32(stored.view(np.uint8), info.qtype)
-    return dequantize_rows(stored, info.qtype, info.ncols)
+        return src.rows(info.name)
+    return dequantize_rows(src.read_into(info.name, 0, info.nrows, np.empty(info.n_bytes, np.uint8)), info.qtype,
+                           info.ncols)
 
 
 def table(rows: list[Row]) -> str:
