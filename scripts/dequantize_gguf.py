@@ -29,7 +29,6 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
+# Which bytes of each block type hold quant bits (ggml-common.h); keyed by ggufmix's QuantType, whose members
+# equal gguf's.
+from ggufmix.engine.kernels import QUANT_BYTES
+
 logger = logging.getLogger("dequantize_gguf")
 
 # llama_ftype value of an all-F16 model (LLAMA_FTYPE_MOSTLY_F16 in llama.h).
@@ -45,51 +48,6 @@ FTYPE_MOSTLY_F16 = 1
 # Blocks dequantized per step: bounds the temporary arrays of a large tensor (~16 B per weight).
 CHUNK_BLOCKS = 1 << 16
 FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
-
-
-@dataclass(frozen=True)
-class QuantBytes:
-    """Bytes ``[start, stop)`` of a block that hold quant bits.
-
-    ``zero`` / ``one`` are the byte values that make every quant in the range read as 0 / 1.
-    Where the range holds high bits (qh), both are 0x00 so "quant 1" stays 1, not 1 + 16.
-    """
-
-    start: int
-    stop: int
-    zero: int
-    one: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"bad byte range [{self.start}, {self.stop})")
-
-
-# Quant-bit byte ranges of each block struct in ggml/src/ggml-common.h. The fields that are not
-# listed (d, dmin, m, scales) are left alone, so one_minus_zero is exactly one step.
-QUANT_BYTES: dict[QT, tuple[QuantBytes, ...]] = {
-    # block_q4_0: d[2] qs[16]; two 4-bit quants per byte, so 0x11 = both nibbles 1
-    QT.Q4_0: (QuantBytes(2, 18, 0x00, 0x11),),
-    # block_q4_1: d[2] m[2] qs[16]
-    QT.Q4_1: (QuantBytes(4, 20, 0x00, 0x11),),
-    # block_q5_0: d[2] qh[4] qs[16]; qh holds the 5th bit of each quant
-    QT.Q5_0: (QuantBytes(2, 6, 0x00, 0x00), QuantBytes(6, 22, 0x00, 0x11)),
-    # block_q5_1: d[2] m[2] qh[4] qs[16]
-    QT.Q5_1: (QuantBytes(4, 8, 0x00, 0x00), QuantBytes(8, 24, 0x00, 0x11)),
-    # block_q8_0: d[2] qs[32] (int8)
-    QT.Q8_0: (QuantBytes(2, 34, 0x00, 0x01),),
-    # block_q2_K: scales[16] qs[64] d[2] dmin[2]; four 2-bit quants per byte, 0x55 = all four 1
-    QT.Q2_K: (QuantBytes(16, 80, 0x00, 0x55),),
-    # block_q3_K: hmask[32] qs[64] scales[12] d[2]; a set hmask bit means "no -4 offset", so it
-    # stays 0xFF in both copies and the low 2 bits carry the quant
-    QT.Q3_K: (QuantBytes(0, 32, 0xFF, 0xFF), QuantBytes(32, 96, 0x00, 0x55)),
-    # block_q4_K: d[2] dmin[2] scales[12] qs[128]
-    QT.Q4_K: (QuantBytes(16, 144, 0x00, 0x11),),
-    # block_q5_K: d[2] dmin[2] scales[12] qh[32] qs[128]
-    QT.Q5_K: (QuantBytes(16, 48, 0x00, 0x00), QuantBytes(48, 176, 0x00, 0x11)),
-    # block_q6_K: ql[128] qh[64] scales[16] d[2]; qh holds the upper 2 bits
-    QT.Q6_K: (QuantBytes(0, 128, 0x00, 0x11), QuantBytes(128, 192, 0x00, 0x00)),
-}
 
 
 def dequantize_blocks(blocks: np.ndarray, qtype: QT) -> np.ndarray:

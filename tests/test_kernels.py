@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from ggufmix.engine.kernels import dequantize_rows, f16_to_f32, quantize_rows
+from ggufmix.engine.kernels import QUANT_BYTES, dequantize_rows, f16_to_f32, quant_grid, quantize_rows
 from ggufmix.errors import EngineError
 from ggufmix.types import DEFAULT_TYPES, QuantType
 
@@ -107,3 +107,21 @@ def test_reference_roundtrip_rounds_like_the_cpu_backends_input() -> None:
         assert err[0, 0].max() > 10 * err[0, 1].max()  # the loud block's step, not the next one's
     with pytest.raises(EngineError):
         reference_roundtrip(x[:, :100], QuantType.Q8_K)
+
+
+@pytest.mark.parametrize("qtype", sorted(QUANT_BYTES), ids=lambda t: t.name)
+def test_every_value_sits_on_the_grid_its_blocks_read_as(qtype: QuantType) -> None:
+    """quant_grid's (step, zero) from the blocks' own scales: each dequantized value is zero + code * step, the
+    codes whole numbers that reach past one (the step is one quant, not the block's range)."""
+    rng = np.random.default_rng(int(qtype))
+    blocks = quantize_rows(rng.normal(size=(8, 512)).astype(np.float32), qtype, rng.uniform(0.1, 2, 512))
+    step, zero = quant_grid(blocks, qtype, 512)
+    code = (dequantize_rows(blocks, qtype, 512) - zero) / step
+    np.testing.assert_allclose(code, np.rint(code), atol=1e-3)
+    assert np.ptp(np.rint(code)) >= 3
+
+
+def test_quant_grid_names_a_type_it_has_no_table_for() -> None:
+    blocks = quantize_rows(np.ones((1, 256), np.float32), QuantType.IQ4_XS, np.ones(256, np.float32))
+    with pytest.raises(EngineError, match="IQ4_XS"):
+        quant_grid(blocks, QuantType.IQ4_XS, 256)

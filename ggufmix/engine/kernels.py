@@ -10,6 +10,7 @@ import ctypes
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -177,6 +178,77 @@ def _q8_1_values(blocks: np.ndarray) -> np.ndarray:
     b = blocks.reshape(-1, 36)
     d = np.ascontiguousarray(b[:, :2]).view(np.float16).astype(np.float32)
     return (d * b[:, 4:].view(np.int8).astype(np.float32)).reshape(-1)
+
+
+@dataclass(frozen=True)
+class QuantBytes:
+    """Bytes ``[start, stop)`` of a block that hold quant bits.
+
+    ``zero`` / ``one`` are the byte values that make every quant in the range read as 0 / 1.
+    Where the range holds high bits (qh), both are 0x00 so "quant 1" stays 1, not 1 + 16.
+    """
+
+    start: int
+    stop: int
+    zero: int
+    one: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"bad byte range [{self.start}, {self.stop})")
+
+
+# Quant-bit byte ranges of each block struct in ggml/src/ggml-common.h. The fields that are not
+# listed (d, dmin, m, scales) are left alone, so one_minus_zero is exactly one step.
+QUANT_BYTES: dict[QuantType, tuple[QuantBytes, ...]] = {
+    # block_q4_0: d[2] qs[16]; two 4-bit quants per byte, so 0x11 = both nibbles 1
+    QuantType.Q4_0: (QuantBytes(2, 18, 0x00, 0x11),),
+    # block_q4_1: d[2] m[2] qs[16]
+    QuantType.Q4_1: (QuantBytes(4, 20, 0x00, 0x11),),
+    # block_q5_0: d[2] qh[4] qs[16]; qh holds the 5th bit of each quant
+    QuantType.Q5_0: (QuantBytes(2, 6, 0x00, 0x00), QuantBytes(6, 22, 0x00, 0x11)),
+    # block_q5_1: d[2] m[2] qh[4] qs[16]
+    QuantType.Q5_1: (QuantBytes(4, 8, 0x00, 0x00), QuantBytes(8, 24, 0x00, 0x11)),
+    # block_q8_0: d[2] qs[32] (int8)
+    QuantType.Q8_0: (QuantBytes(2, 34, 0x00, 0x01),),
+    # block_q2_K: scales[16] qs[64] d[2] dmin[2]; four 2-bit quants per byte, 0x55 = all four 1
+    QuantType.Q2_K: (QuantBytes(16, 80, 0x00, 0x55),),
+    # block_q3_K: hmask[32] qs[64] scales[12] d[2]; a set hmask bit means "no -4 offset", so it
+    # stays 0xFF in both copies and the low 2 bits carry the quant
+    QuantType.Q3_K: (QuantBytes(0, 32, 0xFF, 0xFF), QuantBytes(32, 96, 0x00, 0x55)),
+    # block_q4_K: d[2] dmin[2] scales[12] qs[128]
+    QuantType.Q4_K: (QuantBytes(16, 144, 0x00, 0x11),),
+    # block_q5_K: d[2] dmin[2] scales[12] qh[32] qs[128]
+    QuantType.Q5_K: (QuantBytes(16, 48, 0x00, 0x00), QuantBytes(48, 176, 0x00, 0x11)),
+    # block_q6_K: ql[128] qh[64] scales[16] d[2]; qh holds the upper 2 bits
+    QuantType.Q6_K: (QuantBytes(0, 128, 0x00, 0x11), QuantBytes(128, 192, 0x00, 0x00)),
+}
+
+
+def with_quants(blocks: np.ndarray, qtype: QuantType, one: bool) -> np.ndarray:
+    """A copy of raw blocks (any shape, whole blocks per row) with every quant set to 0, or to 1 (``one``),
+    the scales untouched.
+
+    Raises:
+        EngineError: ``qtype`` has no entry in QUANT_BYTES.
+    """
+    layout = QUANT_BYTES.get(qtype)
+    if layout is None:
+        raise EngineError(f"no quant-bit table for {qtype.name}; known: {', '.join(t.name for t in QUANT_BYTES)}")
+    size = int(ggml().ggml_get_type_traits(int(qtype)).contents.type_size)
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    view = out.reshape(-1, size)
+    for qb in layout:
+        view[:, qb.start:qb.stop] = qb.one if one else qb.zero
+    return out
+
+
+def quant_grid(blocks: np.ndarray, qtype: QuantType, ncols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid of each value of raw blocks (nrows, row bytes), with the blocks' own scales: ``(step, zero)``,
+    float32 (nrows, ncols), the value with its quant 0 and what one more step adds (negative where the scale
+    is). Every value of the blocks is ``zero + code * step`` for an integer code."""
+    zero = dequantize_rows(with_quants(blocks, qtype, one=False), qtype, ncols)
+    return dequantize_rows(with_quants(blocks, qtype, one=True), qtype, ncols) - zero, zero
 
 
 def dequantize_rows(blocks: np.ndarray, qtype: QuantType, ncols: int) -> np.ndarray:
