@@ -102,6 +102,63 @@ def test_llama_cpp_rounds_each_block_on_its_own(qtype: QuantType) -> None:
     np.testing.assert_array_equal(whole, parts)
 
 
+def _columns_case(qtype: QuantType, seed: int):  # noqa: ANN202
+    """A weight, its inputs' H and factor, an imatrix, and the column-by-column result on llama.cpp's grid."""
+    from ggufmix.engine import kernels
+    from ggufmix.realize.compensate import COLUMN_CODES
+    from ggufmix.realize.gptq import compensate_columns
+    from ggufmix.types import block_size
+
+    rng = np.random.default_rng(seed)
+    x = _correlated_inputs(rng, 4096, 512)
+    h = x.T.astype(np.float64) @ x
+    w = rng.normal(size=(48, 512)).astype(np.float32)
+    im = np.diag(h).astype(np.float32)
+
+    def grid(block: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        return kernels.quant_grid(kernels.quantize_rows(block, qtype, im[cols]), qtype, block.shape[1])
+    rounded = compensate_columns(w, inverse_factor(h), block_size(qtype), grid, COLUMN_CODES[qtype])
+    return w, h, im, rounded
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q6_K])
+def test_columns_inside_the_block_lower_the_error_further(qtype: QuantType) -> None:
+    """Column by column on the block's grid against the block feedback, both with llama.cpp's own rounding."""
+    from ggufmix.engine.oracle import quant_roundtrip
+    from ggufmix.types import block_size
+
+    w, h, im, rounded = _columns_case(qtype, 10)
+    bs = block_size(qtype)
+
+    def roundtrip(block: np.ndarray, cols: slice) -> np.ndarray:
+        return quant_roundtrip(np.ascontiguousarray(block), qtype, im[None, cols])
+    blocks = quant_roundtrip(compensate(w, _steps(h, bs), bs, roundtrip), qtype, im[None, :])
+    plain = output_error(w, quant_roundtrip(w, qtype, im[None, :]), h)
+    assert output_error(w, rounded, h) < 0.9 * output_error(w, blocks, h) < 0.9 * plain
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q6_K])
+def test_llama_cpp_gives_the_columns_values_back(qtype: QuantType) -> None:
+    """The claim COLUMN_CODES rests on: quantizing the rounded values (what the compensated copy holds) finds the
+    same grid, so the file holds what the feedback rounded."""
+    from ggufmix.engine.oracle import quant_roundtrip
+
+    w, h, im, rounded = _columns_case(qtype, 11)
+    again = quant_roundtrip(rounded, qtype, im[None, :])
+    assert np.mean(again == rounded) > 0.97
+    assert output_error(w, again, h) < 1.05 * output_error(w, rounded, h)
+
+
+def test_a_block_of_zeros_stays_zero_on_the_grid() -> None:
+    from ggufmix.realize.gptq import on_grid
+
+    x = np.array([0.0, 0.3, -0.2], np.float32)
+    got = on_grid(x, np.array([0.0, 0.1, 0.1], np.float32), np.array([0.0, -3.2, -3.2], np.float32), (0, 63))
+    np.testing.assert_allclose(got, [0.0, 0.3, -0.2], atol=1e-6)
+    assert on_grid(np.array([9.0], np.float32), np.array([0.1], np.float32), np.array([-3.2], np.float32),
+                   (0, 63))[0] == pytest.approx(3.1)
+
+
 @pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1])
 def test_the_legacy_types_weigh_by_the_whole_row(qtype: QuantType) -> None:
     """Q4_0..Q5_1 with an imatrix weigh each value by the whole row's mean square (llama.cpp's quantize_row_q4_0_impl

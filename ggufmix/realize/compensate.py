@@ -2,8 +2,8 @@
 
 For each weight the plan quantizes (block weights and the output head; not 3-D expert stacks), llama.cpp's
 graph gives the inputs' ``H = sum x x^T`` on the calibration text (engine/covariance.py), and realize/gptq.py
-moves each block's rounding error onto the columns after it. llama_model_quantize then quantizes the copy
-exactly as it would the source.
+moves each block's rounding error onto the columns after it (for Q8_0 and Q6_K each column's, the copy then
+holding values on llama.cpp's grid). llama_model_quantize then quantizes the copy exactly as it would the source.
 
 ``token_embd`` is compensated only where it is also the output head (tied embeddings, no ``output.weight``):
 the feedback is for the head's inputs, and each row's lookup as an embedding takes a larger plain error. On
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +30,16 @@ from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import TensorInfo, writable_tensors
 from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
-from ggufmix.realize.gptq import Roundtrip, compensate, feedback_steps, inverse_factor, output_error
+from ggufmix.engine import kernels
+from ggufmix.realize.gptq import (
+    Grid,
+    Roundtrip,
+    compensate,
+    compensate_columns,
+    feedback_steps,
+    inverse_factor,
+    output_error,
+)
 from ggufmix.types import QuantType, block_size
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,11 @@ WIDE_ROLES = frozenset({"ffn_down"})
 # size, held-out KLD 0.0124 / 0.0100 (wiki / tiny) on 32 chunks against 0.0138 / 0.0105 on 16, for 1.6x the
 # feedback's time (614 s against 388 s); SmolLM2-135M 0.0288 on 32 against 0.0336 on 8 (docs/results.md).
 GPTQ_CHUNKS = 32
+# Types rounded a column at a time on llama.cpp's grid (gptq.compensate_columns), with the codes they store: its
+# quantizer gives their values back (all of Q8_0's from F32, 98.7-99.4% of Q6_K's). Q5_K's scale search finds
+# another grid for a fifth of its values, which costs the gain; the other types keep the block feedback. Qwen2.5-Coder-
+# 1.5B's Q6_K attn_output and head: held-out output error 0.58-0.68 of plain rounding's -> 0.50-0.59 (docs/results.md).
+COLUMN_CODES = {QuantType.Q8_0: (-127, 127), QuantType.Q6_K: (0, 63)}
 
 
 @dataclass(frozen=True)
@@ -152,13 +166,11 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
             info, raw = tensors[e.name]
             stored = info.qtype
             w = to_float32(raw, stored).reshape(info.nrows, info.ncols)
-            steps = inputs.steps(block_size(e.qtype))
 
             def store(x: np.ndarray, stored: QuantType = stored) -> np.ndarray:
                 return to_float32(from_float32(x, stored), stored).reshape(x.shape)
 
-            wc = compensate(w, steps, block_size(e.qtype), inputs.roundtrip(e.qtype),
-                            None if stored == QuantType.F32 else store)
+            wc = inputs.compensate(w, e.qtype, None if stored == QuantType.F32 else store)
             raw[:] = from_float32(wc, stored)
             # The output error of a sample of rows (rows are independent given H), which spares two more
             # whole-tensor quantizations and products with H per weight.
@@ -199,6 +211,23 @@ class _Inputs:
         if block not in self._steps:
             self._steps[block] = feedback_steps(self._u, block)
         return self._steps[block]
+
+    def compensate(self, w: np.ndarray, qtype: QuantType, store: Callable[[np.ndarray], np.ndarray] | None
+                   ) -> np.ndarray:
+        """The weight to hand llama.cpp: rounded column by column for COLUMN_CODES' types, else compensated a
+        block at a time."""
+        block = block_size(qtype)
+        if qtype in COLUMN_CODES:
+            return compensate_columns(w, self._u, block, self.grid(qtype), COLUMN_CODES[qtype], store)
+        return compensate(w, self.steps(block), block, self.roundtrip(qtype), store)
+
+    def grid(self, qtype: QuantType) -> Grid:
+        def g(block: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+            sub = None if self._im is None else self._im[cols]
+            threads = self._threads if block.size >= PARALLEL_VALUES else 1
+            blocks = kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
+            return kernels.quant_grid(blocks, qtype, block.shape[1])
+        return g
 
     def roundtrip(self, qtype: QuantType) -> Roundtrip:
         def rt(block: np.ndarray, cols: slice) -> np.ndarray:

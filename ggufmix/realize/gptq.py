@@ -14,6 +14,11 @@ fixed at once: ``W[:, rest] -= E U[b, b]^-1 U[b, rest]`` with ``U`` the upper Ch
 llama_model_quantize does the rest. Q4_0..Q5_1 with an imatrix weigh values by the whole row's mean
 square; a block alone rounds some values differently, with the same error within 1%
 (tests/test_gptq.py).
+
+``compensate_columns`` is GPTQ's own unit, the column, inside the block: llama.cpp's rounding of the block fixes
+its grid (scales), then each column is rounded on that grid and its error moved onto the block's later columns
+too. The result is the rounded values themselves, which llama.cpp's quantizer gives back for the types whose
+scale search finds the same grid again (realize/compensate.py's COLUMN_CODES).
 """
 from __future__ import annotations
 
@@ -26,6 +31,12 @@ import numpy as np
 DAMP = 0.1
 
 Roundtrip = Callable[[np.ndarray, slice], np.ndarray]
+# Columns whose errors move onto each other one at a time before the rest of the block takes them in one product
+# (GPTQ's lazy batch): a 256-wide block's rank-one updates would otherwise rewrite the whole block per column.
+COLUMN_BATCH = 32
+# ``(w_block, cols)`` -> ``(step, zero)``: the grid llama.cpp's rounding of the block puts each value on (its scales
+# as it chose them): value = zero + code * step.
+Grid = Callable[[np.ndarray, slice], tuple[np.ndarray, np.ndarray]]
 
 
 def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -98,6 +109,68 @@ def compensate(w: np.ndarray, steps: list[np.ndarray], block: int, roundtrip: Ro
         if b1 < cols:
             out[:, b1:] -= err @ steps[i]
     return out
+
+
+def compensate_columns(w: np.ndarray, u: np.ndarray, block: int, grid: Grid, codes: tuple[int, int],
+                       store: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """GPTQ column by column on llama.cpp's grid: the rounded weight, each column's error moved onto the columns
+    after it, inside its block too.
+
+    Each block is quantized by llama.cpp as it stands after the earlier blocks' feedback, which fixes its scales;
+    its columns are then rounded one at a time on that grid. The values are on llama.cpp's grid, so quantizing
+    them gives them back where its scale search finds the same grid again (Q8_0, Q6_K: tests/test_gptq.py).
+
+    Args:
+        w: float32 (rows, cols); cols a whole number of ``block``.
+        u: ``inverse_factor(H)`` for this weight's input.
+        block: the type's block size.
+        grid: ``(w_block, cols)`` -> ``(step, zero)`` of llama.cpp's rounding of the block (imatrix slice included).
+        codes: the lowest and highest code the type stores.
+        store: the source file's rounding, applied to each block before llama.cpp sees it; None for F32.
+
+    Returns:
+        float32 (rows, cols), every value ``zero + code * step`` of its block's grid.
+    """
+    rows, cols = w.shape
+    if cols % block or u.shape != (cols, cols):
+        raise ValueError(f"a ({rows}, {cols}) weight, blocks of {block} and a {u.shape} factor do not match")
+    out = np.array(w, dtype=np.float32)
+    rounded = np.empty_like(out)
+    for b0 in range(0, cols, block):
+        b1 = b0 + block
+        part = out[:, b0:b1] if store is None else store(out[:, b0:b1])
+        step, zero = grid(part, slice(b0, b1))
+        rounded[:, b0:b1], err = round_block_columns(part.T.copy(), step.T.copy(), zero.T.copy(), u[b0:b1, b0:b1],
+                                                     codes)
+        if b1 < cols:
+            out[:, b1:] -= err @ u[b0:b1, b1:]
+    return rounded
+
+
+def round_block_columns(part_t: np.ndarray, step_t: np.ndarray, zero_t: np.ndarray, ub: np.ndarray,
+                        codes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One block's columns in turn (held as rows, ``(block, rows)``, so that each is contiguous): round each on its
+    grid and move its error onto the block's later columns. Returns the rounded block and its errors over ``U``'s
+    diagonal (for the columns after the block), both (rows, block)."""
+    block = part_t.shape[0]
+    err_t = np.empty_like(part_t)
+    rounded_t = np.empty_like(part_t)
+    for s0 in range(0, block, COLUMN_BATCH):
+        s1 = min(s0 + COLUMN_BATCH, block)
+        for j in range(s0, s1):
+            rounded_t[j] = on_grid(part_t[j], step_t[j], zero_t[j], codes)
+            err_t[j] = (part_t[j] - rounded_t[j]) / ub[j, j]
+            part_t[j + 1:s1] -= np.outer(ub[j, j + 1:s1], err_t[j])
+        part_t[s1:] -= ub[s0:s1, s1:].T @ err_t[s0:s1]
+    return rounded_t.T, err_t.T
+
+
+def on_grid(x: np.ndarray, step: np.ndarray, zero: np.ndarray, codes: tuple[int, int]) -> np.ndarray:
+    """The nearest of ``zero + code * step`` (codes within ``codes``); ``zero`` where the step is 0 (a block of
+    zeros)."""
+    safe = np.where(step == 0, 1.0, step)
+    code = np.clip(np.rint((x - zero) / safe), codes[0], codes[1])
+    return np.where(step == 0, zero, zero + code * safe).astype(np.float32)
 
 
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
