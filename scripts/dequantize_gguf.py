@@ -37,9 +37,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
-# Which bytes of each block type hold quant bits (ggml-common.h); keyed by ggufmix's QuantType, whose members
-# equal gguf's.
-from ggufmix.engine.kernels import QUANT_BYTES
+# Which bytes of each block type hold quant bits (ggml-common.h), and blocks with every quant set to 0 or 1; keyed
+# by ggufmix's QuantType, whose members equal gguf's.
+from ggufmix.engine.kernels import QUANT_BYTES, with_quants
 
 logger = logging.getLogger("dequantize_gguf")
 
@@ -83,16 +83,11 @@ def quant_step(blocks: np.ndarray, qtype: QT) -> np.ndarray:
     Raises:
         ValueError: ``qtype`` has no entry in QUANT_BYTES.
     """
-    layout = QUANT_BYTES.get(qtype)
-    if layout is None:
+    if qtype not in QUANT_BYTES:
         supported = ", ".join(t.name for t in QUANT_BYTES)
         raise ValueError(f"no quant-bit table for {qtype.name}; --dither supports {supported}")
-    lo = np.array(blocks, dtype=np.uint8, copy=True)
-    hi = lo.copy()
-    for qb in layout:
-        lo[:, qb.start : qb.stop] = qb.zero
-        hi[:, qb.start : qb.stop] = qb.one
-    return dequantize_blocks(hi, qtype) - dequantize_blocks(lo, qtype)
+    return (dequantize_blocks(with_quants(blocks, qtype, one=True), qtype)
+            - dequantize_blocks(with_quants(blocks, qtype, one=False), qtype))
 
 
 def dithered_blocks(blocks: np.ndarray, qtype: QT, rng: np.random.Generator) -> np.ndarray:

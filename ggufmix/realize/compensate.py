@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufmix.artifacts import temp_beside
+from ggufmix.engine import kernels
 from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
 from ggufmix.errors import InputError, UsageError
@@ -30,7 +31,6 @@ from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import TensorInfo, writable_tensors
 from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
-from ggufmix.engine import kernels
 from ggufmix.realize.gptq import (
     Grid,
     Roundtrip,
@@ -223,18 +223,19 @@ class _Inputs:
 
     def grid(self, qtype: QuantType) -> Grid:
         def g(block: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-            sub = None if self._im is None else self._im[cols]
-            threads = self._threads if block.size >= PARALLEL_VALUES else 1
-            blocks = kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
-            return kernels.quant_grid(blocks, qtype, block.shape[1])
+            return kernels.quant_grid(self._quantized(block, cols, qtype), qtype, block.shape[1])
         return g
 
     def roundtrip(self, qtype: QuantType) -> Roundtrip:
         def rt(block: np.ndarray, cols: slice) -> np.ndarray:
-            sub = None if self._im is None else self._im[cols][None, :]
-            threads = self._threads if block.size >= PARALLEL_VALUES else 1
-            return quant_roundtrip(np.ascontiguousarray(block), qtype, sub, threads=threads)
+            return kernels.dequantize_rows(self._quantized(block, cols, qtype), qtype, block.shape[1])
         return rt
+
+    def _quantized(self, block: np.ndarray, cols: slice, qtype: QuantType) -> np.ndarray:
+        """llama.cpp's blocks for some columns of the weight, with those columns' imatrix."""
+        sub = None if self._im is None else self._im[cols]
+        threads = self._threads if block.size >= PARALLEL_VALUES else 1
+        return kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
 
     def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType) -> tuple[float, float]:
         """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will)."""
