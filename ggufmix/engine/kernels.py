@@ -16,7 +16,7 @@ import numpy as np
 
 from ggufmix.engine.llamalib import lib_dir, loaded_once
 from ggufmix.errors import EngineError
-from ggufmix.types import QuantType, block_size, fits, row_bytes
+from ggufmix.types import QuantType, block_size, fits, row_bytes, type_size
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def with_quants(blocks: np.ndarray, qtype: QuantType, one: bool) -> np.ndarray:
     layout = QUANT_BYTES.get(qtype)
     if layout is None:
         raise EngineError(f"no quant-bit table for {qtype.name}; known: {', '.join(t.name for t in QUANT_BYTES)}")
-    size = int(ggml().ggml_get_type_traits(int(qtype)).contents.type_size)
+    size = type_size(qtype)
     out = np.array(blocks, dtype=np.uint8, copy=True)
     view = out.reshape(-1, size)
     for qb in layout:
