@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +59,38 @@ def _umask() -> int:
 def temp_beside(path: Path) -> Path:
     """An empty temporary file in ``path``'s folder, with the permissions a plain ``open`` would give.
 
-    ``mkstemp`` makes files only the owner can read; renamed into place they would surprise users.
+    ``mkstemp`` makes files only the owner can read; renamed into place they would surprise users. Ctrl-C and
+    ``kill`` (a KeyboardInterrupt, cli._terminate) wait while the file is made, and one that arrives before it is
+    returned removes it: the caller's cleanup only starts once it holds the name (a build killed just as its
+    temporary file appeared left it behind: tests/test_build.py, tests/test_cli.py).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        with _interrupts_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                os.fchmod(fd, 0o666 & ~_umask())
+            finally:
+                os.close(fd)
+        made = Path(tmp)
+    except BaseException:
+        if tmp is not None:
+            os.unlink(tmp)
+        raise
+    return made
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread for the block, delivered when it ends (where the platform can)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
     finally:
-        os.close(fd)
-    return Path(tmp)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

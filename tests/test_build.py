@@ -150,6 +150,31 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     assert [q.name for q in tmp_path.iterdir()] == ["r.txt"]
 
 
+def test_interrupt_while_the_temporary_file_is_made_leaves_nothing(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arriving just after mkstemp made the file (here: sent to this process from inside fchmod) is held
+    until the file is made and then removes it: a build killed as its temporary file appeared left it behind."""
+    import os
+    import signal
+
+    from ggufmix.artifacts import temp_beside
+
+    real_fchmod = os.fchmod
+
+    def interrupted_fchmod(fd: int, mode: int) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_fchmod(fd, mode)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.setattr(os, "fchmod", interrupted_fchmod)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            temp_beside(tmp_path / "o.gguf")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_not_enough_disk_is_refused_before_quantizing(tiny_model: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
