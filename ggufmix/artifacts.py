@@ -9,7 +9,8 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,38 +60,68 @@ def _umask() -> int:
 def temp_beside(path: Path) -> Path:
     """An empty temporary file in ``path``'s folder, with the permissions a plain ``open`` would give.
 
-    ``mkstemp`` makes files only the owner can read; renamed into place they would surprise users. Ctrl-C and
-    ``kill`` (a KeyboardInterrupt, cli._terminate) wait while the file is made, and one that arrives before it is
-    returned removes it: the caller's cleanup only starts once it holds the name (a build killed just as its
-    temporary file appeared left it behind: tests/test_build.py, tests/test_cli.py).
+    ``mkstemp`` makes files only the owner can read; renamed into place they would surprise users. Made as
+    :func:`_made_beside` makes it: a build killed just as its temporary file appeared left it behind
+    (tests/test_build.py, tests/test_cli.py).
     """
-    tmp = None
+    def make() -> str:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except BaseException:
+            os.unlink(name)
+            raise
+        finally:
+            os.close(fd)
+        return name
+    return _made_beside(make, os.unlink)
+
+
+def dir_beside(path: Path) -> Path:
+    """An empty temporary folder in ``path``'s folder (to assemble ``path`` in and rename), made as
+    :func:`_made_beside` makes it."""
+    return _made_beside(lambda: tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent), os.rmdir)
+
+
+def _made_beside(make: Callable[[], str], remove: Callable[[str], None]) -> Path:
+    """``make()``'s new file or folder, with Ctrl-C and ``kill`` (a KeyboardInterrupt, cli._terminate) held while it
+    is made, and ``remove``d if one arrives before it is returned: the caller's cleanup only starts once it holds
+    the name."""
+    name = None
     try:
         with _interrupts_held():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                os.fchmod(fd, 0o666 & ~_umask())
-            finally:
-                os.close(fd)
-        made = Path(tmp)
+            name = make()
+        made = Path(name)
     except BaseException:
-        if tmp is not None:
-            os.unlink(tmp)
+        if name is not None:
+            remove(name)
         raise
     return made
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back in this thread for the block, delivered when it ends (where the platform can)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
+    """SIGINT and SIGTERM noted instead of handled for the block, and delivered again when it ends.
+
+    Python runs signal handlers in the main thread whichever thread the kernel gives the signal to (llama.cpp's
+    and OpenMP's threads included), so the handlers are swapped there rather than the thread's signal mask;
+    elsewhere no handler runs in this thread and nothing is needed.
+    """
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in _HELD):
+        yield  # None: a handler installed from C, which Python can neither hold back nor put back
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    arrived: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum)) for s in _HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

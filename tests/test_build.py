@@ -150,26 +150,28 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     assert [q.name for q in tmp_path.iterdir()] == ["r.txt"]
 
 
-def test_interrupt_while_the_temporary_file_is_made_leaves_nothing(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C arriving just after mkstemp made the file (here: sent to this process from inside fchmod) is held
-    until the file is made and then removes it: a build killed as its temporary file appeared left it behind."""
+@pytest.mark.parametrize("maker, call", [("temp_beside", "fchmod"), ("dir_beside", "mkdir")])
+def test_interrupt_while_the_temporary_file_is_made_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    maker: str, call: str) -> None:
+    """Ctrl-C arriving as the temporary file (or a bundle's staging folder) is made (here: sent to this process from
+    inside the os call that makes or finishes it) is held until it is made and then removes it: a build killed as
+    its temporary file appeared left it behind."""
     import os
     import signal
 
-    from ggufmix.artifacts import temp_beside
+    from ggufmix import artifacts
 
-    real_fchmod = os.fchmod
+    real = getattr(os, call)
 
-    def interrupted_fchmod(fd: int, mode: int) -> None:
+    def interrupted(*args: object, **kwargs: object) -> object:
         os.kill(os.getpid(), signal.SIGINT)
-        real_fchmod(fd, mode)
+        return real(*args, **kwargs)
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr(os, "fchmod", interrupted_fchmod)
+    monkeypatch.setattr(os, call, interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
-            temp_beside(tmp_path / "o.gguf")
+            getattr(artifacts, maker)(tmp_path / "o.gguf")
     finally:
         signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ggufmix.artifacts import cache_root, temp_beside
+from ggufmix.artifacts import cache_root, dir_beside, temp_beside
 from ggufmix.errors import EngineError, InputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def fetch_converter(version: str, dest: Path) -> Path:
                    SCRIPT, version)
     with tempfile.TemporaryDirectory(prefix="ggufmix-sdist-") as tmp:
         sdist = download_sdist(version, Path(tmp))
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        staging = dir_beside(dest)
         try:
             extract_converter(sdist, staging)
             if not (dest / SCRIPT).is_file():

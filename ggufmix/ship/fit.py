@@ -16,11 +16,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ggufmix.artifacts import dir_beside
 from ggufmix.engine.buffers import measure_buffers, simulate_buffers
 from ggufmix.errors import BudgetError, UsageError
 from ggufmix.io.gguf_source import open_gguf
@@ -117,7 +117,7 @@ def staging_dir(final: Path, force: bool) -> Path:
         raise UsageError(f"{final}: already exists (pass --force to replace it)")
     if not final.parent.is_dir():
         raise UsageError(f"{final}: folder {final.parent} does not exist")
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    return dir_beside(final)
 
 
 def ollama_commands(bundle: Path, name: str) -> list[list[str]]:
