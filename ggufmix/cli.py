@@ -171,8 +171,8 @@ _fit_options = [
 @click.option("--search-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="--strategy kld: refine the plan end to end (byte-neutral swaps measured by the oracle) this long.")
 @click.option("--gptq", is_flag=True, help="GPTQ-style error feedback: each weight block's rounding error is cancelled "
-              "by the blocks after it (Q8_0 and Q6_K: each column's, by the columns after it), using the inputs' "
-              "covariance on --calib (32 chunks unless --calib-chunks). "
+              "by the blocks after it (K types, IQ4_XS and Q8_0: each column's, by the columns after it), using the "
+              "inputs' covariance on --calib (32 chunks unless --calib-chunks). "
               "llama.cpp's own quantizer and the same file format. ffn_down is rounded plainly (see --gptq-all).")
 @click.option("--gptq-all", is_flag=True, help="With --gptq: compensate ffn_down too (its wide input: 2.9x the feedback's "
               "time on Qwen2.5-Coder-1.5B for no gain, 3-9% lower KLD on SmolLM2-135M; docs/results.md).")

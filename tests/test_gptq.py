@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from tinymodel import write_calib_text
 
 from ggufmix.cli import cli
+from ggufmix.realize.compensate import COLUMN_TYPES
 from ggufmix.realize.gptq import compensate, feedback_steps, inverse_factor, output_error
 from ggufmix.types import QuantType
 
@@ -103,10 +104,9 @@ def test_llama_cpp_rounds_each_block_on_its_own(qtype: QuantType) -> None:
 
 
 def _columns_case(qtype: QuantType, seed: int):  # noqa: ANN202
-    """A weight, its inputs' H and factor, an imatrix, and the column-by-column result on llama.cpp's grid."""
+    """A weight, its inputs' H, an imatrix, the column-by-column result on llama.cpp's grid and its bytes."""
     from ggufmix.engine import kernels
-    from ggufmix.realize.compensate import COLUMN_CODES
-    from ggufmix.realize.gptq import compensate_columns
+    from ggufmix.realize.gptq import Lattice, compensate_columns
     from ggufmix.types import block_size
 
     rng = np.random.default_rng(seed)
@@ -114,20 +114,26 @@ def _columns_case(qtype: QuantType, seed: int):  # noqa: ANN202
     h = x.T.astype(np.float64) @ x
     w = rng.normal(size=(48, 512)).astype(np.float32)
     im = np.diag(h).astype(np.float32)
+    blocks: list[np.ndarray] = []
 
-    def grid(block: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-        return kernels.quant_grid(kernels.quantize_rows(block, qtype, im[cols]), qtype, block.shape[1])
-    rounded = compensate_columns(w, inverse_factor(h), block_size(qtype), grid, COLUMN_CODES[qtype])
-    return w, h, im, rounded
+    def grid(block: np.ndarray, cols: slice) -> Lattice:
+        blocks.append(kernels.quantize_rows(block, qtype, im[cols]))
+        step, zero, levels = kernels.block_lattice(blocks[-1], qtype, block.shape[1])
+        return Lattice(step, zero, kernels.code_bits(qtype).codes, levels)
+    bs = block_size(qtype)
+    rounded, codes = compensate_columns(w, inverse_factor(h), bs, grid)
+    packed = np.concatenate([kernels.pack_codes(b, qtype, codes[:, i * bs:(i + 1) * bs])
+                             for i, b in enumerate(blocks)], axis=1)
+    return w, h, im, rounded, packed
 
 
-@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q6_K])
+@pytest.mark.parametrize("qtype", sorted(COLUMN_TYPES), ids=lambda t: t.name)
 def test_columns_inside_the_block_lower_the_error_further(qtype: QuantType) -> None:
     """Column by column on the block's grid against the block feedback, both with llama.cpp's own rounding."""
     from ggufmix.engine.oracle import quant_roundtrip
     from ggufmix.types import block_size
 
-    w, h, im, rounded = _columns_case(qtype, 10)
+    w, h, im, rounded, _ = _columns_case(qtype, 10)
     bs = block_size(qtype)
 
     def roundtrip(block: np.ndarray, cols: slice) -> np.ndarray:
@@ -137,26 +143,45 @@ def test_columns_inside_the_block_lower_the_error_further(qtype: QuantType) -> N
     assert output_error(w, rounded, h) < 0.9 * output_error(w, blocks, h) < 0.9 * plain
 
 
-@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q6_K])
-def test_llama_cpp_gives_the_columns_values_back(qtype: QuantType) -> None:
-    """The claim COLUMN_CODES rests on: quantizing the rounded values (what the compensated copy holds) finds the
-    same grid, so the file holds what the feedback rounded."""
+@pytest.mark.parametrize("qtype", sorted(COLUMN_TYPES), ids=lambda t: t.name)
+def test_the_packed_bytes_read_back_as_the_rounded_values(qtype: QuantType) -> None:
+    """The codes packed into llama.cpp's blocks are what the feedback rounded, value for value."""
+    from ggufmix.engine.kernels import dequantize_rows
+
+    _, _, _, rounded, packed = _columns_case(qtype, 11)
+    np.testing.assert_array_equal(dequantize_rows(packed, qtype, rounded.shape[1]), rounded)
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q5_K, QuantType.IQ4_XS])
+def test_llama_cpp_would_round_some_of_them_elsewhere(qtype: QuantType) -> None:
+    """Why the bytes are packed rather than the values handed to llama.cpp: its scale search finds another grid
+    for some of them."""
     from ggufmix.engine.oracle import quant_roundtrip
 
-    w, h, im, rounded = _columns_case(qtype, 11)
-    again = quant_roundtrip(rounded, qtype, im[None, :])
-    assert np.mean(again == rounded) > 0.97
-    assert output_error(w, again, h) < 1.05 * output_error(w, rounded, h)
+    _, _, im, rounded, _ = _columns_case(qtype, 11)
+    assert np.mean(quant_roundtrip(rounded, qtype, im[None, :]) == rounded) < 0.99
 
 
 def test_a_block_of_zeros_stays_zero_on_the_grid() -> None:
     from ggufmix.realize.gptq import on_grid
 
     x = np.array([0.0, 0.3, -0.2], np.float32)
-    got = on_grid(x, np.array([0.0, 0.1, 0.1], np.float32), np.array([0.0, -3.2, -3.2], np.float32), (0, 63))
+    got, codes = on_grid(x, np.array([0.0, 0.1, 0.1], np.float32), np.array([0.0, -3.2, -3.2], np.float32), (0, 63))
     np.testing.assert_allclose(got, [0.0, 0.3, -0.2], atol=1e-6)
+    assert codes.tolist() == [0, 35, 30]
     assert on_grid(np.array([9.0], np.float32), np.array([0.1], np.float32), np.array([-3.2], np.float32),
-                   (0, 63))[0] == pytest.approx(3.1)
+                   (0, 63))[0][0] == pytest.approx(3.1)
+
+
+def test_levels_round_to_the_nearest_whatever_the_scale_s_sign() -> None:
+    from ggufmix.realize.gptq import on_levels
+
+    levels = np.array([-4.0, -1.0, 1.0, 5.0], np.float32)
+    x = np.array([2.9, 3.1, -0.2, 0.1, 0.3, -9.0], np.float32)
+    step = np.array([1.0, 1.0, 0.1, -0.1, 0.0, -1.0], np.float32)
+    got, codes = on_levels(x, step, levels)
+    assert codes.tolist() == [2, 3, 1, 1, codes[4], 3]
+    np.testing.assert_allclose(got, [1.0, 5.0, -0.1, 0.1, 0.0, -5.0], atol=1e-6)
 
 
 @pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1])
@@ -263,3 +288,39 @@ def test_gptq_needs_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["build", str(tiny_model), "--budget", "4.5bpw", "--gptq-all", "--calib",
                                    str(tmp_path / "t.txt"), "-o", str(tmp_path / "o.gguf")])
     assert res.exit_code != 0 and "--gptq" in res.output and not (tmp_path / "o.gguf").exists()
+
+
+def test_the_file_holds_the_columns_as_the_feedback_rounded_them(tiny_model: Path, tmp_path: Path) -> None:
+    """llama.cpp's scale search would put some of Q4_K's, Q5_K's and IQ4_XS's column-rounded values on another grid
+    when it quantizes the compensated copy; write_exact puts the feedback's own bytes in its place."""
+    from functools import partial
+
+    from ggufmix.engine.kernels import dequantize_rows
+    from ggufmix.engine.oracle import to_float32
+    from ggufmix.io.gguf_source import writable_tensors
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.realize.build import quantize_plan
+    from ggufmix.realize.compensate import GptqOptions, compensated_source, write_exact
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    scores = score_source(open_source(tiny_model, False), ScoreOptions(max_rows=32), None, progress=False)
+    plan = make_plan(scores, parse_budget("4.5bpw"), types=(QuantType.Q4_K, QuantType.IQ4_XS, QuantType.Q5_K))
+    opts = GptqOptions(write_calib_text(tmp_path).read_text(encoding="utf-8"), chunks=2)
+    exact, plain = tmp_path / "exact.gguf", tmp_path / "plain.gguf"
+
+    def values(path: Path, names: dict) -> dict[str, np.ndarray]:  # noqa: ANN001
+        with writable_tensors(path) as tensors:
+            return {n: (dequantize_rows(raw.reshape(info.nrows, -1), info.qtype, info.ncols)
+                        if info.qtype == names[n] else to_float32(raw, info.qtype).reshape(info.nrows, info.ncols))
+                    for n, (info, raw) in tensors.items() if n in names}
+    with compensated_source(tiny_model, exact, plan, None, opts, progress=False) as (copy, done):
+        quantize_plan(copy, exact, plan, None, progress=False, patch=partial(write_exact, done=done))
+        quantize_plan(copy, plain, plan, None, progress=False)
+        types = {n: ex.qtype for n, ex in done.exact.items()}
+        rounded = values(copy, {n: None for n in types})
+    assert {QuantType.Q5_K, QuantType.IQ4_XS} <= set(types.values()), types
+    for name, got in values(exact, types).items():
+        np.testing.assert_allclose(got, rounded[name], rtol=1e-3, atol=1e-6, err_msg=name)  # the copy is F16
+    off = [n for n, got in values(plain, types).items() if not np.allclose(got, rounded[n], rtol=1e-3, atol=1e-6)]
+    assert off, "llama.cpp gave every value back: write_exact would not be needed"

@@ -4,9 +4,20 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from ggufmix.engine.kernels import QUANT_BYTES, dequantize_rows, f16_to_f32, quant_grid, quantize_rows
+from ggufmix.engine.kernels import (
+    INDEX_BYTES,
+    QUANT_BYTES,
+    block_lattice,
+    code_bits,
+    codes_of,
+    dequantize_rows,
+    f16_to_f32,
+    pack_codes,
+    quant_grid,
+    quantize_rows,
+)
 from ggufmix.errors import EngineError
-from ggufmix.types import DEFAULT_TYPES, QuantType
+from ggufmix.types import DEFAULT_TYPES, QuantType, type_size
 
 RNG = np.random.default_rng(0)
 ROWS = RNG.standard_normal((8, 512)).astype(np.float32)
@@ -125,3 +136,36 @@ def test_quant_grid_names_a_type_it_has_no_table_for() -> None:
     blocks = quantize_rows(np.ones((1, 256), np.float32), QuantType.IQ4_XS, np.ones(256, np.float32))
     with pytest.raises(EngineError, match="IQ4_XS"):
         quant_grid(blocks, QuantType.IQ4_XS, 256)
+
+
+@pytest.mark.parametrize("qtype", sorted({*QUANT_BYTES, *INDEX_BYTES}), ids=lambda t: t.name)
+def test_packing_each_values_code_gives_llama_cpps_bytes_back(qtype: QuantType) -> None:
+    """code_bits reads the bit layout off ggml's dequantizer; packing the codes of llama.cpp's own blocks into them
+    must give its bytes back, byte for byte."""
+    rng = np.random.default_rng(int(qtype))
+    x = rng.normal(size=(16, 512)).astype(np.float32) * rng.uniform(0.1, 3, size=(1, 512)).astype(np.float32)
+    blocks = quantize_rows(x, qtype, rng.uniform(0.1, 3, 512).astype(np.float32))
+    step, zero, levels = block_lattice(blocks, qtype, 512)
+    codes = codes_of(dequantize_rows(blocks, qtype, 512), step, zero, levels)
+    scrambled = blocks.copy()
+    view = scrambled.reshape(-1, type_size(qtype))
+    for r in (INDEX_BYTES[qtype],) if qtype in INDEX_BYTES else QUANT_BYTES[qtype]:
+        view[:, r.start:r.stop] = rng.integers(0, 256, size=(view.shape[0], r.stop - r.start))
+    assert not np.array_equal(scrambled, blocks)
+    np.testing.assert_array_equal(pack_codes(scrambled, qtype, codes), blocks)
+    assert np.ptp(codes) >= 3
+
+
+def test_code_ranges_follow_the_layouts() -> None:
+    assert code_bits(QuantType.Q8_0).codes == (-128, 127)  # int8: the top bit weighs -128
+    assert code_bits(QuantType.Q3_K).codes == (-4, 3)       # a clear hmask bit takes 4 off
+    assert code_bits(QuantType.Q6_K).codes == (0, 63)
+    assert code_bits(QuantType.IQ4_XS).codes == (0, 15)     # an index into 16 levels
+
+
+def test_pack_codes_refuses_codes_the_type_cannot_hold() -> None:
+    blocks = quantize_rows(np.ones((2, 256), np.float32), QuantType.Q4_K)
+    with pytest.raises(ValueError, match="0..15"):
+        pack_codes(blocks, QuantType.Q4_K, np.full((2, 256), 16))
+    with pytest.raises(ValueError, match="do not fill"):
+        pack_codes(blocks, QuantType.Q4_K, np.zeros((2, 255), np.int32))

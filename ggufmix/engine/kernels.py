@@ -7,12 +7,15 @@ with ggml-cpu's SIMD converter.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from gguf.quants import IQ4_NL
 
 from ggufmix.engine.llamalib import lib_dir, loaded_once
 from ggufmix.errors import EngineError
@@ -235,12 +238,7 @@ def with_quants(blocks: np.ndarray, qtype: QuantType, one: bool) -> np.ndarray:
     layout = QUANT_BYTES.get(qtype)
     if layout is None:
         raise EngineError(f"no quant-bit table for {qtype.name}; known: {', '.join(t.name for t in QUANT_BYTES)}")
-    size = type_size(qtype)
-    out = np.array(blocks, dtype=np.uint8, copy=True)
-    view = out.reshape(-1, size)
-    for qb in layout:
-        view[:, qb.start:qb.stop] = qb.one if one else qb.zero
-    return out
+    return _with_pattern(blocks, qtype, layout, one)
 
 
 def quant_grid(blocks: np.ndarray, qtype: QuantType, ncols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +247,135 @@ def quant_grid(blocks: np.ndarray, qtype: QuantType, ncols: int) -> tuple[np.nda
     is). Every value of the blocks is ``zero + code * step`` for an integer code."""
     zero = dequantize_rows(with_quants(blocks, qtype, one=False), qtype, ncols)
     return dequantize_rows(with_quants(blocks, qtype, one=True), qtype, ncols) - zero, zero
+
+
+# Index-coded types: 4-bit indices into ggml's kvalues_iq4nl (gguf-py's IQ4_NL.kvalues), two to a byte. ``one``
+# sets every index to the level 1, so that what it dequantizes to is each value's scale.
+INDEX_BYTES: dict[QuantType, QuantBytes] = {
+    # block_iq4_nl: d[2] qs[16]
+    QuantType.IQ4_NL: QuantBytes(2, 18, 0x00, 0x88),
+    # block_iq4_xs: d[2] scales_h[2] scales_l[4] qs[128]
+    QuantType.IQ4_XS: QuantBytes(8, 136, 0x00, 0x88),
+}
+IQ4_LEVELS = np.asarray(IQ4_NL.kvalues, dtype=np.float32)
+# Rows packed at once (pack_codes holds a byte per quant bit of each).
+PACK_ROWS = 8192
+
+
+def block_lattice(blocks: np.ndarray, qtype: QuantType, ncols: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What the blocks' own scales let each value be: ``(step, zero, levels)``, float32 (nrows, ncols) but the
+    levels: ``zero + step * code`` (QUANT_BYTES' types, ``levels`` None) or ``step * levels[code]`` (INDEX_BYTES')."""
+    if qtype in INDEX_BYTES:
+        scale = dequantize_rows(_with_pattern(blocks, qtype, (INDEX_BYTES[qtype],), one=True), qtype, ncols)
+        return scale, np.zeros_like(scale), IQ4_LEVELS
+    return (*quant_grid(blocks, qtype, ncols), None)
+
+
+def codes_of(values: np.ndarray, step: np.ndarray, zero: np.ndarray, levels: np.ndarray | None) -> np.ndarray:
+    """The code of each value on its lattice (block_lattice), int32; 0 where the step is 0."""
+    safe = np.where(step == 0, 1.0, step)
+    if levels is None:
+        code = np.rint((values - zero) / safe)
+    else:
+        code = np.searchsorted((levels[1:] + levels[:-1]) / 2, values / safe)
+    return np.where(step == 0, 0, code).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class CodeBits:
+    """Where a block type keeps its values' codes, one entry per quant bit: its byte and bit in the block, the value
+    (index in the block) it belongs to, what setting it against its state in ``zero`` adds to that value's code
+    (a power of two; negative for Q8_0's sign bit and Q3_K's hmask), and that state."""
+
+    byte: np.ndarray
+    bit: np.ndarray
+    element: np.ndarray
+    weight: np.ndarray
+    zero: np.ndarray
+
+    @property
+    def codes(self) -> tuple[int, int]:
+        """The lowest and highest code a value can hold."""
+        w = self.weight[self.element == 0]
+        return int(w[w < 0].sum()), int(w[w > 0].sum())
+
+
+@functools.cache
+def code_bits(qtype: QuantType) -> CodeBits:
+    """Found by setting each quant bit of a block llama.cpp quantized and reading which value's code it moves (ggml's
+    dequantizer is the layout's definition), so ``pack_codes`` needs no copy of ggml-common.h's bit layouts.
+
+    Raises:
+        EngineError: ``qtype`` has no quant-bit table, or a bit moves other than one value's code by a power of two.
+    """
+    ranges = _quant_ranges(qtype)
+    n = block_size(qtype)
+    rows = np.random.default_rng(0).normal(size=(1, n)).astype(np.float32)
+    probe = _with_pattern(quantize_rows(rows, qtype, np.ones(n, np.float32)), qtype, ranges, one=False)
+    step, zero, levels = block_lattice(probe, qtype, n)
+    base = codes_of(dequantize_rows(probe, qtype, n), step, zero, levels)
+    byte = np.repeat(np.concatenate([np.arange(r.start, r.stop) for r in ranges]), 8)
+    bit = np.tile(np.arange(8), len(byte) // 8)
+    flipped = np.repeat(probe, len(byte), axis=0)
+    flipped[np.arange(len(byte)), byte] ^= (1 << bit).astype(np.uint8)
+    moved = codes_of(dequantize_rows(flipped, qtype, n), step, zero, levels) - base
+    element = np.argmax(moved != 0, axis=1)
+    weight = moved[np.arange(len(byte)), element]
+    power = np.abs(weight)
+    if np.any(np.count_nonzero(moved, axis=1) != 1) or np.any(power & (power - 1)):
+        raise EngineError(f"{qtype.name}: a quant bit moves other than one value's code by a power of two")
+    return CodeBits(byte, bit, element, weight, (probe[0, byte] >> bit) & 1)
+
+
+def pack_codes(blocks: np.ndarray, qtype: QuantType, codes: np.ndarray) -> np.ndarray:
+    """Raw blocks (nrows, row bytes) with each value's quant bits set to its code (ints (nrows, ncols) within
+    ``code_bits(qtype).codes``, on block_lattice's grid), the blocks' scales kept.
+
+    Raises:
+        ValueError: a code outside the type's range, or codes and blocks of different shapes.
+    """
+    cb = code_bits(qtype)
+    n, size = block_size(qtype), type_size(qtype)
+    lo, hi = cb.codes
+    nrows = blocks.shape[0]
+    if codes.shape != (nrows, blocks.shape[1] // size * n):
+        raise ValueError(f"codes {codes.shape} do not fill blocks {blocks.shape} of {qtype.name}")
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"{qtype.name} codes lie in {lo}..{hi}, not {codes.min()}..{codes.max()}")
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    order = np.argsort(cb.byte, kind="stable")
+    byte, starts = np.unique(cb.byte[order], return_index=True)
+    shift = np.log2(np.abs(cb.weight[order])).astype(np.int32)
+    negative = cb.weight[order] < 0
+    keep = np.full(size, 0xFF, dtype=np.uint8)
+    keep[byte] = 0
+    for r0 in range(0, nrows, PACK_ROWS):
+        view = out[r0:r0 + PACK_ROWS].reshape(-1, size)
+        above = codes[r0:r0 + PACK_ROWS].reshape(-1, n).astype(np.int32) - lo
+        t = (above[:, cb.element[order]] >> shift) & 1
+        bits = (np.where(negative, 1 - t, t) ^ cb.zero[order]).astype(np.uint8) << cb.bit[order].astype(np.uint8)
+        view &= keep
+        view[:, byte] |= np.add.reduceat(bits, starts, axis=1).astype(np.uint8)
+    return out
+
+
+def _quant_ranges(qtype: QuantType) -> tuple[QuantBytes, ...]:
+    if qtype in INDEX_BYTES:
+        return (INDEX_BYTES[qtype],)
+    layout = QUANT_BYTES.get(qtype)
+    if layout is None:
+        known = ", ".join(t.name for t in (*QUANT_BYTES, *INDEX_BYTES))
+        raise EngineError(f"no quant-bit table for {qtype.name}; known: {known}")
+    return layout
+
+
+def _with_pattern(blocks: np.ndarray, qtype: QuantType, ranges: tuple[QuantBytes, ...], one: bool) -> np.ndarray:
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    view = out.reshape(-1, type_size(qtype))
+    for qb in ranges:
+        view[:, qb.start:qb.stop] = qb.one if one else qb.zero
+    return out
 
 
 def dequantize_rows(blocks: np.ndarray, qtype: QuantType, ncols: int) -> np.ndarray:

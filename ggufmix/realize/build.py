@@ -21,7 +21,7 @@ from ggufmix.plan.budget import Budget
 from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
 from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
-from ggufmix.realize.compensate import GptqOptions, compensated_source
+from ggufmix.realize.compensate import GptqOptions, compensated_source, write_exact
 from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized, smoothed_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
 from ggufmix.realize.verify import Verified, verify
@@ -144,6 +144,7 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         if done is not None:
             t["gptq"] = done.seconds
             plan = replace(plan, settings={**plan.settings, "gptq": done.summary()})
+            patch = partial(write_exact, done=done)
         verified, text = quantize_plan(source, out, plan, imatrix, smoke=smoke, nthread=nthread,
                                        progress=progress, seconds=t, patch=patch)
     sidecars(out, plan, verified, t, text)

@@ -2,8 +2,9 @@
 
 For each weight the plan quantizes (block weights and the output head; not 3-D expert stacks), llama.cpp's
 graph gives the inputs' ``H = sum x x^T`` on the calibration text (engine/covariance.py), and realize/gptq.py
-moves each block's rounding error onto the columns after it (for Q8_0 and Q6_K each column's, the copy then
-holding values on llama.cpp's grid). llama_model_quantize then quantizes the copy exactly as it would the source.
+moves each block's rounding error onto the columns after it (for COLUMN_TYPES each column's, on llama.cpp's grid).
+llama_model_quantize then quantizes the copy exactly as it would the source, and the column-rounded weights' own
+bytes replace what it wrote for them (``write_exact``).
 
 ``token_embd`` is compensated only where it is also the output head (tied embeddings, no ``output.weight``):
 the feedback is for the head's inputs, and each row's lookup as an embedding takes a larger plain error. On
@@ -17,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,14 @@ from ggufmix.artifacts import temp_beside
 from ggufmix.engine import kernels
 from ggufmix.engine.activations import cpu_count
 from ggufmix.engine.oracle import from_float32, quant_roundtrip, to_float32
-from ggufmix.errors import InputError, UsageError
+from ggufmix.errors import EngineError, InputError, UsageError
 from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import TensorInfo, writable_tensors
 from ggufmix.layout.slots import tied_embeddings
 from ggufmix.plan.plan import Plan, PlanEntry
 from ggufmix.realize.gptq import (
     Grid,
+    Lattice,
     Roundtrip,
     compensate,
     compensate_columns,
@@ -61,11 +63,13 @@ WIDE_ROLES = frozenset({"ffn_down"})
 # size, held-out KLD 0.0124 / 0.0100 (wiki / tiny) on 32 chunks against 0.0138 / 0.0105 on 16, for 1.6x the
 # feedback's time (614 s against 388 s); SmolLM2-135M 0.0288 on 32 against 0.0336 on 8 (docs/results.md).
 GPTQ_CHUNKS = 32
-# Types rounded a column at a time on llama.cpp's grid (gptq.compensate_columns), with the codes they store: its
-# quantizer gives their values back (all of Q8_0's from F32, 98.7-99.4% of Q6_K's). Q5_K's scale search finds
-# another grid for a fifth of its values, which costs the gain; the other types keep the block feedback. Qwen2.5-Coder-
-# 1.5B's Q6_K attn_output and head: held-out output error 0.58-0.68 of plain rounding's -> 0.50-0.59 (docs/results.md).
-COLUMN_CODES = {QuantType.Q8_0: (-127, 127), QuantType.Q6_K: (0, 63)}
+# Types rounded a column at a time on llama.cpp's grid (gptq.compensate_columns), their codes then packed into the
+# block's bytes (kernels.pack_codes). Qwen2.5-Coder-1.5B's attn_output at Q6_K / Q4_K / IQ4_XS: held-out output error
+# 0.58-0.69 of plain rounding's with the block feedback -> 0.50-0.59 (docs/results.md). Q4_0..Q5_1 (and IQ4_NL,
+# their kin) keep the block feedback: by column they turned one held-out token of SmolLM2-135M from a near miss into a
+# wrong answer, and a prompt into garbage on 32 chunks of text.
+COLUMN_TYPES = frozenset({QuantType.Q8_0, QuantType.Q6_K, QuantType.Q5_K, QuantType.Q4_K, QuantType.Q3_K,
+                          QuantType.Q2_K, QuantType.IQ4_XS})
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,26 @@ class GptqOptions:
 
 
 @dataclass(frozen=True)
+class Exact:
+    """A column-rounded weight's bytes in the side file: where they start, how many, and their type."""
+
+    offset: int
+    size: int
+    qtype: QuantType
+
+
+@dataclass(frozen=True)
 class Compensated:
     """Per weight, the output error on the calibration text (of SAMPLE_ROWS rows) quantized as is and after
-    compensation."""
+    compensation; the column-rounded weights' bytes, in ``side``."""
 
     plain: dict[str, float]
     compensated: dict[str, float]
     opts: GptqOptions
     text_chunks: int
     seconds: float = 0.0
+    exact: dict[str, Exact] = field(default_factory=dict)
+    side: Path | None = None
 
     @property
     def ratio(self) -> float:
@@ -119,25 +134,28 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
     if opts is None:
         yield source, None
         return
-    check_room_for_copy(source, out, plan, "--gptq")
-    copy = temp_beside(out)
+    check_room_for_copy(source, out, plan, "--gptq", outputs=2)
+    copy, side = temp_beside(out), temp_beside(out)
     try:
         t0 = time.perf_counter()
-        done = write_compensated(source, copy, plan, imatrix, opts, progress)
+        done = write_compensated(source, copy, plan, imatrix, opts, progress, side=side)
         done = replace(done, seconds=time.perf_counter() - t0)
         logger.info("gptq: %d weights; their output error on the calibration text is %.3fx plain rounding's",
                     len(done.compensated), done.ratio)
         yield copy, done
     finally:
         copy.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
 
 
-def check_room_for_copy(source: Path, out: Path, plan: Plan, flag: str) -> None:
-    """Raises: UsageError: ``out``'s folder cannot hold a copy of ``source`` and the output besides."""
+def check_room_for_copy(source: Path, out: Path, plan: Plan, flag: str, outputs: int = 1) -> None:
+    """Raises: UsageError: ``out``'s folder cannot hold a copy of ``source`` and ``outputs`` times the output
+    besides (--gptq: the column-rounded weights' bytes too)."""
     free = shutil.disk_usage(out.parent).free
-    if free < source.stat().st_size + plan.total_bytes + (16 << 20):
+    if free < source.stat().st_size + outputs * plan.total_bytes + (16 << 20):
         raise UsageError(f"{out.parent}: {free / 1e6:.0f} MB free; {flag} needs room for a copy of {source.name} "
-                         f"({source.stat().st_size / 1e6:.0f} MB) and the output ({plan.total_bytes / 1e6:.0f} MB)")
+                         f"({source.stat().st_size / 1e6:.0f} MB) and {outputs} x the output "
+                         f"({plan.total_bytes / 1e6:.0f} MB)")
 
 
 def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str]) -> bool:
@@ -148,19 +166,22 @@ def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str]) -> bool:
 
 
 def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions,
-                      progress: bool = True) -> Compensated:
-    """Copy ``source`` to ``dest`` and overwrite each compensable weight with its compensated values.
+                      progress: bool = True, side: Path | None = None) -> Compensated:
+    """Copy ``source`` to ``dest`` and overwrite each compensable weight with its compensated values; the
+    column-rounded weights' bytes go to ``side`` (a temporary file; without it, to one beside ``dest``).
 
     Raises:
         InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
     """
     shutil.copyfile(source, dest)
+    side = side or dest.with_name(dest.name + ".exact")
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
+    exact: dict[str, Exact] = {}
     text_chunks = 0
     tied = tied_embeddings(e.name for e in plan.entries)
     todo = [e for e in plan.quantized() if compensable(e, tied, opts.plain_roles)]
-    with writable_tensors(dest) as tensors:
+    with writable_tensors(dest) as tensors, side.open("wb") as side_file:
         infos = {name: info for name, (info, _) in tensors.items()}
         for e, inputs in _with_inputs(source, todo, infos, imatrix, opts, progress):
             info, raw = tensors[e.name]
@@ -170,14 +191,39 @@ def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | N
             def store(x: np.ndarray, stored: QuantType = stored) -> np.ndarray:
                 return to_float32(from_float32(x, stored), stored).reshape(x.shape)
 
-            wc = inputs.compensate(w, e.qtype, None if stored == QuantType.F32 else store)
+            wc, packed = inputs.compensate(w, e.qtype, None if stored == QuantType.F32 else store)
             raw[:] = from_float32(wc, stored)
+            if packed is not None:
+                exact[e.name] = Exact(side_file.tell(), packed.nbytes, e.qtype)
+                side_file.write(packed.tobytes())
             # The output error of a sample of rows (rows are independent given H), which spares two more
             # whole-tensor quantizations and products with H per weight.
             sample = evenly_spaced_rows(w.shape[0], SAMPLE_ROWS)
-            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
+            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype, exact=packed is not None)
             text_chunks = inputs.chunks
-    return Compensated(plain, done, opts, text_chunks)
+    return Compensated(plain, done, opts, text_chunks, exact=exact, side=side)
+
+
+def write_exact(quantized: Path, done: Compensated) -> None:
+    """Put the column-rounded weights' own bytes into llama.cpp's file in place of what it wrote for them (its scale
+    search finds another grid for a tenth of Q4_K's values, a fifth of Q5_K's).
+
+    Raises:
+        EngineError: llama.cpp wrote such a weight in another type or size than the feedback rounded it to.
+    """
+    if not done.exact or done.side is None:
+        return
+    side = np.memmap(done.side, dtype=np.uint8, mode="r")
+    try:
+        with writable_tensors(quantized) as tensors:
+            for name, ex in done.exact.items():
+                info, raw = tensors[name]
+                if info.qtype != ex.qtype or raw.size != ex.size:
+                    raise EngineError(f"{name!r}: llama.cpp wrote {info.qtype.name} ({raw.size} bytes) where the "
+                                      f"feedback rounded {ex.qtype.name} ({ex.size} bytes)")
+                raw[:] = side[ex.offset:ex.offset + ex.size]
+    finally:
+        del side
 
 
 def passes(entries: Sequence[PlanEntry], tensors: Mapping[str, TensorInfo]) -> Iterator[list[PlanEntry]]:
@@ -213,17 +259,26 @@ class _Inputs:
         return self._steps[block]
 
     def compensate(self, w: np.ndarray, qtype: QuantType, store: Callable[[np.ndarray], np.ndarray] | None
-                   ) -> np.ndarray:
-        """The weight to hand llama.cpp: rounded column by column for COLUMN_CODES' types, else compensated a
-        block at a time."""
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The weight to hand llama.cpp, and for COLUMN_TYPES, rounded column by column, its bytes (rows, row
+        bytes); the other types are compensated a block at a time."""
         block = block_size(qtype)
-        if qtype in COLUMN_CODES:
-            return compensate_columns(w, self._u, block, self.grid(qtype), COLUMN_CODES[qtype], store)
-        return compensate(w, self.steps(block), block, self.roundtrip(qtype), store)
+        if qtype not in COLUMN_TYPES:
+            return compensate(w, self.steps(block), block, self.roundtrip(qtype), store), None
+        blocks: list[np.ndarray] = []
+        rounded, codes = compensate_columns(w, self._u, block, self.grid(qtype, blocks), store)
+        packed = [kernels.pack_codes(b, qtype, codes[:, i * block:(i + 1) * block]) for i, b in enumerate(blocks)]
+        return rounded, np.concatenate(packed, axis=1)
 
-    def grid(self, qtype: QuantType) -> Grid:
-        def g(block: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-            return kernels.quant_grid(self._quantized(block, cols, qtype), qtype, block.shape[1])
+    def grid(self, qtype: QuantType, blocks: list[np.ndarray]) -> Grid:
+        """llama.cpp's rounding of each block, its bytes appended to ``blocks``."""
+        codes = kernels.code_bits(qtype).codes
+
+        def g(block: np.ndarray, cols: slice) -> Lattice:
+            raw = self._quantized(block, cols, qtype)
+            blocks.append(raw)
+            step, zero, levels = kernels.block_lattice(raw, qtype, block.shape[1])
+            return Lattice(step, zero, codes, levels)
         return g
 
     def roundtrip(self, qtype: QuantType) -> Roundtrip:
@@ -237,12 +292,14 @@ class _Inputs:
         threads = self._threads if block.size >= PARALLEL_VALUES else 1
         return kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
 
-    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType) -> tuple[float, float]:
-        """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will)."""
+    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType, exact: bool = False) -> tuple[float, float]:
+        """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will), or of
+        ``wc`` itself where it is what the file holds (``exact``)."""
         whole = None if self._im is None else self._im[None, :]
         w, wc = np.ascontiguousarray(w), np.ascontiguousarray(wc)
-        return (output_error(w, quant_roundtrip(w, qtype, whole, threads=self._threads), self.h),
-                output_error(w, quant_roundtrip(wc, qtype, whole, threads=self._threads), self.h))
+        held = wc if exact else quant_roundtrip(wc, qtype, whole, threads=self._threads)
+        return output_error(w, quant_roundtrip(w, qtype, whole, threads=self._threads), self.h), \
+            output_error(w, held, self.h)
 
 
 def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: Mapping[str, TensorInfo],

@@ -17,12 +17,12 @@ square; a block alone rounds some values differently, with the same error within
 
 ``compensate_columns`` is GPTQ's own unit, the column, inside the block: llama.cpp's rounding of the block fixes
 its grid (scales), then each column is rounded on that grid and its error moved onto the block's later columns
-too. The result is the rounded values themselves, which llama.cpp's quantizer gives back for the types whose
-scale search finds the same grid again (realize/compensate.py's COLUMN_CODES).
+too; their codes go into llama.cpp's bytes for the block as they are (realize/compensate.py's COLUMN_TYPES).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,9 +34,31 @@ Roundtrip = Callable[[np.ndarray, slice], np.ndarray]
 # Columns whose errors move onto each other one at a time before the rest of the block takes them in one product
 # (GPTQ's lazy batch): a 256-wide block's rank-one updates would otherwise rewrite the whole block per column.
 COLUMN_BATCH = 32
-# ``(w_block, cols)`` -> ``(step, zero)``: the grid llama.cpp's rounding of the block puts each value on (its scales
-# as it chose them): value = zero + code * step.
-Grid = Callable[[np.ndarray, slice], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """What llama.cpp's rounding of a block (its scales as it chose them) lets each value be, float32 (rows, block):
+    ``zero + step * code`` for codes in ``codes``, or with ``levels`` (IQ4_XS) ``step * levels[code]``."""
+
+    step: np.ndarray
+    zero: np.ndarray
+    codes: tuple[int, int]
+    levels: np.ndarray | None = None
+
+    def columns(self) -> Lattice:
+        """The same lattice held by columns, ``(block, rows)``, each column contiguous."""
+        return replace(self, step=np.ascontiguousarray(self.step.T), zero=np.ascontiguousarray(self.zero.T))
+
+    def nearest(self, x: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Column ``j``'s nearest values to ``x`` and their codes (of a lattice held by columns)."""
+        if self.levels is None:
+            return on_grid(x, self.step[j], self.zero[j], self.codes)
+        return on_levels(x, self.step[j], self.levels)
+
+
+# ``(w_block, cols)`` -> the block's Lattice.
+Grid = Callable[[np.ndarray, slice], Lattice]
 
 
 def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -111,66 +133,74 @@ def compensate(w: np.ndarray, steps: list[np.ndarray], block: int, roundtrip: Ro
     return out
 
 
-def compensate_columns(w: np.ndarray, u: np.ndarray, block: int, grid: Grid, codes: tuple[int, int],
-                       store: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def compensate_columns(w: np.ndarray, u: np.ndarray, block: int, grid: Grid,
+                       store: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ column by column on llama.cpp's grid: the rounded weight, each column's error moved onto the columns
     after it, inside its block too.
 
     Each block is quantized by llama.cpp as it stands after the earlier blocks' feedback, which fixes its scales;
-    its columns are then rounded one at a time on that grid. The values are on llama.cpp's grid, so quantizing
-    them gives them back where its scale search finds the same grid again (Q8_0, Q6_K: tests/test_gptq.py).
+    its columns are then rounded one at a time on that lattice. The codes go into llama.cpp's bytes for the block
+    (engine/kernels.pack_codes), so the file holds exactly what was rounded here.
 
     Args:
         w: float32 (rows, cols); cols a whole number of ``block``.
         u: ``inverse_factor(H)`` for this weight's input.
         block: the type's block size.
-        grid: ``(w_block, cols)`` -> ``(step, zero)`` of llama.cpp's rounding of the block (imatrix slice included).
-        codes: the lowest and highest code the type stores.
+        grid: ``(w_block, cols)`` -> the Lattice of llama.cpp's rounding of the block (imatrix slice included).
         store: the source file's rounding, applied to each block before llama.cpp sees it; None for F32.
 
     Returns:
-        float32 (rows, cols), every value ``zero + code * step`` of its block's grid.
+        The rounded values, float32 (rows, cols), and their codes, int8.
     """
     rows, cols = w.shape
     if cols % block or u.shape != (cols, cols):
         raise ValueError(f"a ({rows}, {cols}) weight, blocks of {block} and a {u.shape} factor do not match")
     out = np.array(w, dtype=np.float32)
     rounded = np.empty_like(out)
+    codes = np.empty(out.shape, dtype=np.int8)
     for b0 in range(0, cols, block):
         b1 = b0 + block
         part = out[:, b0:b1] if store is None else store(out[:, b0:b1])
-        step, zero = grid(part, slice(b0, b1))
-        rounded[:, b0:b1], err = round_block_columns(part.T.copy(), step.T.copy(), zero.T.copy(), u[b0:b1, b0:b1],
-                                                     codes)
+        lattice = grid(part, slice(b0, b1)).columns()
+        rounded[:, b0:b1], codes[:, b0:b1], err = round_block_columns(part.T.copy(), lattice, u[b0:b1, b0:b1])
         if b1 < cols:
             out[:, b1:] -= err @ u[b0:b1, b1:]
-    return rounded
+    return rounded, codes
 
 
-def round_block_columns(part_t: np.ndarray, step_t: np.ndarray, zero_t: np.ndarray, ub: np.ndarray,
-                        codes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def round_block_columns(part_t: np.ndarray, lattice: Lattice, ub: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One block's columns in turn (held as rows, ``(block, rows)``, so that each is contiguous): round each on its
-    grid and move its error onto the block's later columns. Returns the rounded block and its errors over ``U``'s
-    diagonal (for the columns after the block), both (rows, block)."""
+    lattice (held by columns) and move its error onto the block's later columns. Returns the rounded block, its
+    codes and its errors over ``U``'s diagonal (for the columns after the block), each (rows, block)."""
     block = part_t.shape[0]
     err_t = np.empty_like(part_t)
     rounded_t = np.empty_like(part_t)
+    codes_t = np.empty(part_t.shape, dtype=np.int8)
     for s0 in range(0, block, COLUMN_BATCH):
         s1 = min(s0 + COLUMN_BATCH, block)
         for j in range(s0, s1):
-            rounded_t[j] = on_grid(part_t[j], step_t[j], zero_t[j], codes)
+            rounded_t[j], codes_t[j] = lattice.nearest(part_t[j], j)
             err_t[j] = (part_t[j] - rounded_t[j]) / ub[j, j]
             part_t[j + 1:s1] -= np.outer(ub[j, j + 1:s1], err_t[j])
         part_t[s1:] -= ub[s0:s1, s1:].T @ err_t[s0:s1]
-    return rounded_t.T, err_t.T
+    return rounded_t.T, codes_t.T, err_t.T
 
 
-def on_grid(x: np.ndarray, step: np.ndarray, zero: np.ndarray, codes: tuple[int, int]) -> np.ndarray:
-    """The nearest of ``zero + code * step`` (codes within ``codes``); ``zero`` where the step is 0 (a block of
-    zeros)."""
+def on_grid(x: np.ndarray, step: np.ndarray, zero: np.ndarray, codes: tuple[int, int]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest of ``zero + code * step`` (codes within ``codes``) and its code; ``zero`` (code 0) where the step
+    is 0 (a block of zeros)."""
     safe = np.where(step == 0, 1.0, step)
-    code = np.clip(np.rint((x - zero) / safe), codes[0], codes[1])
-    return np.where(step == 0, zero, zero + code * safe).astype(np.float32)
+    code = np.where(step == 0, 0, np.clip(np.rint((x - zero) / safe), codes[0], codes[1]))
+    return (zero + code * safe).astype(np.float32), code.astype(np.int8)
+
+
+def on_levels(x: np.ndarray, step: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest of ``step * levels[code]`` (``levels`` ascending) and its code."""
+    safe = np.where(step == 0, 1.0, step)
+    code = np.searchsorted((levels[1:] + levels[:-1]) / 2, x / safe)
+    return (step * levels[code]).astype(np.float32), code.astype(np.int8)
 
 
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
