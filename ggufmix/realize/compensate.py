@@ -138,7 +138,7 @@ def compensated_source(source: Path, out: Path, plan: Plan, imatrix: Imatrix | N
     copy, side = temp_beside(out), temp_beside(out)
     try:
         t0 = time.perf_counter()
-        done = write_compensated(source, copy, plan, imatrix, opts, progress, side=side)
+        done = write_compensated(source, copy, side, plan, imatrix, opts, progress)
         done = replace(done, seconds=time.perf_counter() - t0)
         logger.info("gptq: %d weights; their output error on the calibration text is %.3fx plain rounding's",
                     len(done.compensated), done.ratio)
@@ -165,16 +165,15 @@ def compensable(e: PlanEntry, tied: bool, plain_roles: frozenset[str]) -> bool:
     return e.quantized and len(e.shape) == 2 and head and e.qtype not in FLOAT_TYPES and e.role not in plain_roles
 
 
-def write_compensated(source: Path, dest: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions,
-                      progress: bool = True, side: Path | None = None) -> Compensated:
+def write_compensated(source: Path, dest: Path, side: Path, plan: Plan, imatrix: Imatrix | None, opts: GptqOptions,
+                      progress: bool = True) -> Compensated:
     """Copy ``source`` to ``dest`` and overwrite each compensable weight with its compensated values; the
-    column-rounded weights' bytes go to ``side`` (a temporary file; without it, to one beside ``dest``).
+    column-rounded weights' bytes go to ``side`` (both temporary files the caller removes).
 
     Raises:
         InputError: a planned weight is not in the source as F32/F16/BF16, or never multiplied on the text.
     """
     shutil.copyfile(source, dest)
-    side = side or dest.with_name(dest.name + ".exact")
     plain: dict[str, float] = {}
     done: dict[str, float] = {}
     exact: dict[str, Exact] = {}
