@@ -1,7 +1,7 @@
 """Maths shared by the engine, the scorers and evaluation: it sits below all of them and imports none.
 
 log-softmax and NLL as llama.cpp's perplexity tool computes them (float32 values, float64 sums);
-the effective rank of LieQ's representational compactness.
+the effective rank of LieQ's representational compactness; the nearest code on a quantization block's lattice.
 """
 from __future__ import annotations
 
@@ -57,3 +57,15 @@ def effective_rank(x: np.ndarray) -> float:
         return 0.0
     p = s[s > 0] / total
     return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def lattice_codes(x: np.ndarray, step: np.ndarray, zero: np.ndarray | float, levels: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """The nearest code of each value on its block's lattice: ``zero + step * code`` or, with ``levels``
+    (ascending), ``step * levels[code]``; int32, unclipped, 0 where the step is 0 (a block of zeros)."""
+    safe = np.where(step == 0, 1.0, step)
+    if levels is None:
+        code = np.rint((x - zero) / safe)
+    else:
+        code = np.searchsorted((levels[1:] + levels[:-1]) / 2, x / safe)
+    return np.where(step == 0, 0, code).astype(np.int32)

@@ -104,26 +104,16 @@ def test_llama_cpp_rounds_each_block_on_its_own(qtype: QuantType) -> None:
 
 
 def _columns_case(qtype: QuantType, seed: int):  # noqa: ANN202
-    """A weight, its inputs' H, an imatrix, the column-by-column result on llama.cpp's grid and its bytes."""
-    from ggufmix.engine import kernels
-    from ggufmix.realize.gptq import Lattice, compensate_columns
-    from ggufmix.types import block_size
+    """A weight, its inputs' H, an imatrix, and the build's column-by-column result on llama.cpp's grid with its
+    bytes."""
+    from ggufmix.realize.compensate import _Inputs
 
     rng = np.random.default_rng(seed)
     x = _correlated_inputs(rng, 4096, 512)
     h = x.T.astype(np.float64) @ x
     w = rng.normal(size=(48, 512)).astype(np.float32)
     im = np.diag(h).astype(np.float32)
-    blocks: list[np.ndarray] = []
-
-    def grid(block: np.ndarray, cols: slice) -> Lattice:
-        blocks.append(kernels.quantize_rows(block, qtype, im[cols]))
-        step, zero, levels = kernels.block_lattice(blocks[-1], qtype, block.shape[1])
-        return Lattice(step, zero, kernels.code_bits(qtype).codes, levels)
-    bs = block_size(qtype)
-    rounded, codes = compensate_columns(w, inverse_factor(h), bs, grid)
-    packed = np.concatenate([kernels.pack_codes(b, qtype, codes[:, i * bs:(i + 1) * bs])
-                             for i, b in enumerate(blocks)], axis=1)
+    rounded, packed = _Inputs(h, inverse_factor(h), {}, im, 1).compensate(w, qtype, None)
     return w, h, im, rounded, packed
 
 

@@ -9,7 +9,6 @@ from ggufmix.engine.kernels import (
     QUANT_BYTES,
     block_lattice,
     code_bits,
-    codes_of,
     dequantize_rows,
     f16_to_f32,
     pack_codes,
@@ -17,6 +16,7 @@ from ggufmix.engine.kernels import (
     quantize_rows,
 )
 from ggufmix.errors import EngineError
+from ggufmix.numerics import lattice_codes
 from ggufmix.types import DEFAULT_TYPES, QuantType, type_size
 
 RNG = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def test_packing_each_values_code_gives_llama_cpps_bytes_back(qtype: QuantType) 
     x = rng.normal(size=(16, 512)).astype(np.float32) * rng.uniform(0.1, 3, size=(1, 512)).astype(np.float32)
     blocks = quantize_rows(x, qtype, rng.uniform(0.1, 3, 512).astype(np.float32))
     step, zero, levels = block_lattice(blocks, qtype, 512)
-    codes = codes_of(dequantize_rows(blocks, qtype, 512), step, zero, levels)
+    codes = lattice_codes(dequantize_rows(blocks, qtype, 512), step, zero, levels)
     scrambled = blocks.copy()
     view = scrambled.reshape(-1, type_size(qtype))
     for r in (INDEX_BYTES[qtype],) if qtype in INDEX_BYTES else QUANT_BYTES[qtype]:

@@ -19,6 +19,7 @@ from gguf.quants import IQ4_NL
 
 from ggufmix.engine.llamalib import lib_dir, loaded_once
 from ggufmix.errors import EngineError
+from ggufmix.numerics import lattice_codes
 from ggufmix.types import QuantType, block_size, fits, row_bytes, type_size
 
 logger = logging.getLogger(__name__)
@@ -272,16 +273,6 @@ def block_lattice(blocks: np.ndarray, qtype: QuantType, ncols: int
     return (*quant_grid(blocks, qtype, ncols), None)
 
 
-def codes_of(values: np.ndarray, step: np.ndarray, zero: np.ndarray, levels: np.ndarray | None) -> np.ndarray:
-    """The code of each value on its lattice (block_lattice), int32; 0 where the step is 0."""
-    safe = np.where(step == 0, 1.0, step)
-    if levels is None:
-        code = np.rint((values - zero) / safe)
-    else:
-        code = np.searchsorted((levels[1:] + levels[:-1]) / 2, values / safe)
-    return np.where(step == 0, 0, code).astype(np.int32)
-
-
 @dataclass(frozen=True)
 class CodeBits:
     """Where a block type keeps its values' codes, one entry per quant bit: its byte and bit in the block, the value
@@ -314,12 +305,12 @@ def code_bits(qtype: QuantType) -> CodeBits:
     rows = np.random.default_rng(0).normal(size=(1, n)).astype(np.float32)
     probe = _with_pattern(quantize_rows(rows, qtype, np.ones(n, np.float32)), qtype, ranges, one=False)
     step, zero, levels = block_lattice(probe, qtype, n)
-    base = codes_of(dequantize_rows(probe, qtype, n), step, zero, levels)
+    base = lattice_codes(dequantize_rows(probe, qtype, n), step, zero, levels)
     byte = np.repeat(np.concatenate([np.arange(r.start, r.stop) for r in ranges]), 8)
     bit = np.tile(np.arange(8), len(byte) // 8)
     flipped = np.repeat(probe, len(byte), axis=0)
     flipped[np.arange(len(byte)), byte] ^= (1 << bit).astype(np.uint8)
-    moved = codes_of(dequantize_rows(flipped, qtype, n), step, zero, levels) - base
+    moved = lattice_codes(dequantize_rows(flipped, qtype, n), step, zero, levels) - base
     element = np.argmax(moved != 0, axis=1)
     weight = moved[np.arange(len(byte)), element]
     power = np.abs(weight)

@@ -198,7 +198,7 @@ def write_compensated(source: Path, dest: Path, side: Path, plan: Plan, imatrix:
             # The output error of a sample of rows (rows are independent given H), which spares two more
             # whole-tensor quantizations and products with H per weight.
             sample = evenly_spaced_rows(w.shape[0], SAMPLE_ROWS)
-            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype, exact=packed is not None)
+            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
             text_chunks = inputs.chunks
     return Compensated(plain, done, opts, text_chunks, exact=exact, side=side)
 
@@ -291,12 +291,12 @@ class _Inputs:
         threads = self._threads if block.size >= PARALLEL_VALUES else 1
         return kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
 
-    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType, exact: bool = False) -> tuple[float, float]:
+    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType) -> tuple[float, float]:
         """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will), or of
-        ``wc`` itself where it is what the file holds (``exact``)."""
+        ``wc`` itself for COLUMN_TYPES, whose bytes the file holds as they were rounded."""
         whole = None if self._im is None else self._im[None, :]
         w, wc = np.ascontiguousarray(w), np.ascontiguousarray(wc)
-        held = wc if exact else quant_roundtrip(wc, qtype, whole, threads=self._threads)
+        held = wc if qtype in COLUMN_TYPES else quant_roundtrip(wc, qtype, whole, threads=self._threads)
         return output_error(w, quant_roundtrip(w, qtype, whole, threads=self._threads), self.h), \
             output_error(w, held, self.h)
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ggufmix.numerics import lattice_codes
+
 # Damping: a share of the mean diagonal added to H (GPTQ uses 0.01). On SmolLM2 at Q4_K_M's size, 0.1 and 32
 # chunks gave held-out KLD 0.0367 against 0.0384 with 0.01 and 16 chunks (work notes, docs/results.md).
 DAMP = 0.1
@@ -191,15 +193,13 @@ def on_grid(x: np.ndarray, step: np.ndarray, zero: np.ndarray, codes: tuple[int,
             ) -> tuple[np.ndarray, np.ndarray]:
     """The nearest of ``zero + code * step`` (codes within ``codes``) and its code; ``zero`` (code 0) where the step
     is 0 (a block of zeros)."""
-    safe = np.where(step == 0, 1.0, step)
-    code = np.where(step == 0, 0, np.clip(np.rint((x - zero) / safe), codes[0], codes[1]))
-    return (zero + code * safe).astype(np.float32), code.astype(np.int8)
+    code = np.clip(lattice_codes(x, step, zero), codes[0], codes[1])
+    return (zero + code * step).astype(np.float32), code.astype(np.int8)
 
 
 def on_levels(x: np.ndarray, step: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The nearest of ``step * levels[code]`` (``levels`` ascending) and its code."""
-    safe = np.where(step == 0, 1.0, step)
-    code = np.searchsorted((levels[1:] + levels[:-1]) / 2, x / safe)
+    code = lattice_codes(x, step, 0.0, levels)
     return (step * levels[code]).astype(np.float32), code.astype(np.int8)
 
 
