@@ -259,8 +259,8 @@ INDEX_BYTES: dict[QuantType, QuantBytes] = {
     QuantType.IQ4_XS: QuantBytes(8, 136, 0x00, 0x88),
 }
 IQ4_LEVELS = np.asarray(IQ4_NL.kvalues, dtype=np.float32)
-# Rows packed at once (pack_codes holds a byte per quant bit of each).
-PACK_ROWS = 8192
+# Blocks packed at once (pack_codes holds a byte per quant bit of each).
+PACK_BLOCKS = 8192
 
 
 def block_lattice(blocks: np.ndarray, qtype: QuantType, ncols: int
@@ -341,9 +341,10 @@ def pack_codes(blocks: np.ndarray, qtype: QuantType, codes: np.ndarray) -> np.nd
     negative = cb.weight[order] < 0
     keep = np.full(size, 0xFF, dtype=np.uint8)
     keep[byte] = 0
-    for r0 in range(0, nrows, PACK_ROWS):
-        view = out[r0:r0 + PACK_ROWS].reshape(-1, size)
-        above = codes[r0:r0 + PACK_ROWS].reshape(-1, n).astype(np.int32) - lo
+    every_block, every_code = out.reshape(-1, size), codes.reshape(-1, n)
+    for b0 in range(0, len(every_block), PACK_BLOCKS):
+        view = every_block[b0:b0 + PACK_BLOCKS]
+        above = every_code[b0:b0 + PACK_BLOCKS].astype(np.int32) - lo
         t = (above[:, cb.element[order]] >> shift) & 1
         bits = (np.where(negative, 1 - t, t) ^ cb.zero[order]).astype(np.uint8) << cb.bit[order].astype(np.uint8)
         view &= keep

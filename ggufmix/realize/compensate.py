@@ -266,8 +266,7 @@ class _Inputs:
             return compensate(w, self.steps(block), block, self.roundtrip(qtype), store), None
         blocks: list[np.ndarray] = []
         rounded, codes = compensate_columns(w, self._u, block, self.grid(qtype, blocks), store)
-        packed = [kernels.pack_codes(b, qtype, codes[:, i * block:(i + 1) * block]) for i, b in enumerate(blocks)]
-        return rounded, np.concatenate(packed, axis=1)
+        return rounded, kernels.pack_codes(np.concatenate(blocks, axis=1), qtype, codes)
 
     def grid(self, qtype: QuantType, blocks: list[np.ndarray]) -> Grid:
         """llama.cpp's rounding of each block, its bytes appended to ``blocks``."""
