@@ -21,6 +21,7 @@ from ggufmix.plan.budget import Budget
 from ggufmix.plan.plan import Plan
 from ggufmix.plan.planner import Pin, make_plan
 from ggufmix.plan.speed import DEFAULT_SPEED_TRADEOFF
+from ggufmix.realize.guard import guard_imatrix
 from ggufmix.realize.compensate import GptqOptions, compensated_source, write_exact
 from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized, smoothed_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
@@ -117,7 +118,8 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. ``smooth`` scales the
     head's and the blocks' inputs (with ``smooth.ffn`` ffn_down's too; realize/smooth.py): in the quantized file, or
     with ``gptq`` in a copy of the source that is then compensated (realize/compensate.py), each copy removed
-    afterwards."""
+    afterwards. With an imatrix, the columns the plan's rounding would erase are guarded first (realize/guard.py).
+    """
     t = dict(seconds or {})
     t0 = time.perf_counter()
     plan = make_plan(measured.scores, budget, types=types, pins=pins,
@@ -130,6 +132,10 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
         plan = refine(plan, measured.scores, measured.source.path, measured.imatrix, minutes=search_minutes,
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
+    if measured.imatrix is not None:
+        guarded = guard_imatrix(measured.source, plan, measured.imatrix, progress=progress)
+        measured, t["guard"] = replace(measured, imatrix=guarded.imatrix), guarded.seconds
+        plan = replace(plan, settings={**plan.settings, "guard": guarded.summary()})
     smoothing = choose_smoothing(measured.source, plan, measured.imatrix, smooth)
     if smoothing is not None:
         t["smooth"] = smoothing.seconds

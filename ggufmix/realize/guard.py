@@ -1,0 +1,100 @@
+"""Guard the plan's rounding against erased columns: an input channel whose weights the imatrix lets round to noise.
+
+llama.cpp's imatrix-weighted quantizers choose each block's scale (and min) for the columns the imatrix says are
+loud. A column that is quiet on the imatrix's text but shares its block with a very loud one can lose all of its
+weights: Qwen2.5-Coder-1.5B's blk.2.ffn_down column 8317 sits in the same 32 columns as column 8300 (530x the
+median power) and comes out of Q4_K with a relative error of 1.01, as if it were zero. On the calibration text its
+input never goes over 9.2; in a children's story it reaches 140, and those few tokens gave the default's file at
+Q3_K_M's size a largest token KLD of 2.8 (docs/results.md, "An erased column"). The imatrix cannot see a channel
+its text does not use, so the guard asks the weights instead: every planned tensor is rounded at its type, and
+where a column's relative error is over ERASED, that column's importance is raised BOOST times; the raise is kept
+where it brings the column back under ERASED (grid types such as IQ3_S do not respond, and are left alone).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from ggufmix.engine.oracle import quant_roundtrip
+from ggufmix.imatrix import Imatrix
+from ggufmix.io.gguf_source import GGUFSource
+from ggufmix.plan.plan import Plan, PlanEntry
+from ggufmix.score.stream import sample_rows
+from ggufmix.types import QuantType
+
+logger = logging.getLogger(__name__)
+
+ERASED = 0.8   # a column's ||Q(w) - w|| / ||w|| above this has lost most of what it carried
+BOOST = 30.0   # how much more the quantizer is told to care about an erased column
+ROWS = 2048    # rows sampled per tensor (all of attn and ffn_down on Qwen2.5-1.5B; a quarter of ffn_up)
+# Types whose quantizer trades columns through the imatrix and can be told to keep one: the scale (and min)
+# searches of the K and legacy types, IQ4's. The IQ1-IQ3 grids did not bring a column back at any boost tried.
+GUARDED = frozenset({QuantType.Q2_K, QuantType.Q3_K, QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K,
+                     QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1, QuantType.IQ4_XS,
+                     QuantType.IQ4_NL})
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """The imatrix to quantize with, and per tensor the columns whose importance was raised."""
+
+    imatrix: Imatrix
+    columns: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, object]:
+        return {"erased_above": ERASED, "boost": BOOST, "seconds": round(self.seconds, 1),
+                "columns": {n: list(c) for n, c in self.columns.items()}}
+
+
+def column_errors(w: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    """Each column's relative rounding error ``||Q(w)[:, j] - w[:, j]|| / ||w[:, j]||`` (0 for an all-zero column)."""
+    norm = np.linalg.norm(w, axis=0)
+    err = np.linalg.norm(rounded - w, axis=0)
+    return np.where(norm > 0, err / np.maximum(norm, 1e-30), 0.0)
+
+
+def rescued(w: np.ndarray, values: np.ndarray, round_with: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """The columns of ``w`` (rows, cols) whose error falls back under ERASED when their imatrix ``values`` are
+    raised BOOST times, or None where no column is erased or raising does not help any. ``round_with(values)``
+    rounds ``w`` with those importances."""
+    erased = column_errors(w, round_with(values)) > ERASED
+    if not erased.any():
+        return None
+    raised = np.where(erased, values * BOOST, values)
+    saved = erased & (column_errors(w, round_with(raised)) <= ERASED)
+    return np.flatnonzero(saved) if saved.any() else None
+
+
+def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, progress: bool = True) -> Guarded:
+    """``imatrix`` with the erased columns of the plan's GUARDED-type dense weights raised (see the module)."""
+    t0 = time.perf_counter()
+    sums = dict(imatrix.sums)
+    columns: dict[str, tuple[int, ...]] = {}
+    todo = [e for e in plan.quantized() if e.qtype in GUARDED and e.name in imatrix and imatrix.n_mat(e.name) == 1]
+    for e in tqdm(todo, desc="guard: erased columns", unit="tensor", disable=not progress):
+        cols = _guard_one(source, e, imatrix.values(e.name))
+        if cols is not None:
+            sums[e.name] = _raised_sums(imatrix.sums[e.name], cols)
+            columns[e.name] = tuple(int(c) for c in cols)
+    if columns:
+        logger.info("guard: %d columns in %d tensors kept from rounding to noise (%s)",
+                    sum(map(len, columns.values())), len(columns), ", ".join(list(columns)[:3]))
+    guarded = Imatrix(sums, dict(imatrix.counts), imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size)
+    return Guarded(guarded, columns, time.perf_counter() - t0)
+
+
+def _guard_one(source: GGUFSource, e: PlanEntry, values: np.ndarray) -> np.ndarray | None:
+    w = source.rows(e.name, sample_rows(source.tensors[e.name].nrows, ROWS))
+    return rescued(w, values, lambda v: quant_roundtrip(w, e.qtype, v.reshape(1, -1)))
+
+
+def _raised_sums(sums: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    out = np.array(sums, dtype=np.float32)
+    out[cols] *= BOOST
+    return out

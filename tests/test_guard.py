@@ -1,0 +1,102 @@
+"""The erased-column guard: a quiet column beside a loud one, rounded by llama.cpp's real quantizers, and a build
+whose file keeps that column."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+from click.testing import CliRunner
+
+from ggufmix.cli import cli
+from ggufmix.engine.oracle import quant_roundtrip
+from ggufmix.imatrix import Imatrix
+from ggufmix.realize.guard import BOOST, ERASED, column_errors, rescued
+from ggufmix.types import QuantType
+
+QUIET, LOUD = 5, 0  # columns of one 32-column block
+
+
+def _quiet_beside_loud(rng: np.random.Generator, rows: int = 64, cols: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Weights whose column QUIET is 10x smaller than its neighbours, importances with column LOUD 1000x the rest
+    (Qwen2.5-Coder-1.5B's blk.2.ffn_down, columns 8317 and 8300)."""
+    w = rng.normal(scale=0.02, size=(rows, cols)).astype(np.float32)
+    w[:, QUIET] *= 0.1
+    w[:, LOUD] = rng.normal(scale=0.06, size=rows)
+    v = np.ones(cols, np.float32)
+    v[LOUD] = 1000.0
+    return w, v
+
+
+def _rounder(w: np.ndarray, qtype: QuantType):  # noqa: ANN202
+    return lambda values: quant_roundtrip(w, qtype, values.reshape(1, -1))
+
+
+def test_column_errors_are_relative_per_column() -> None:
+    w = np.array([[1.0, 0.0, 2.0], [1.0, 0.0, 0.0]], np.float32)
+    rounded = np.array([[1.0, 0.5, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(column_errors(w, rounded), [np.sqrt(0.5), 0.0, 1.0])
+
+
+def test_q4_k_erases_a_quiet_column_beside_a_loud_one_and_the_raise_brings_it_back() -> None:
+    w, v = _quiet_beside_loud(np.random.default_rng(0))
+    round_q4 = _rounder(w, QuantType.Q4_K)
+    assert column_errors(w, round_q4(v))[QUIET] > ERASED  # the imatrix-weighted scale/min search drops it
+    assert column_errors(w, quant_roundtrip(w, QuantType.Q4_K, None))[QUIET] < column_errors(w, round_q4(v))[QUIET]
+    saved = rescued(w, v, round_q4)
+    assert saved is not None and list(saved) == [QUIET]
+    raised = v.copy()
+    raised[saved] *= BOOST
+    assert column_errors(w, round_q4(raised))[QUIET] <= ERASED
+    # what the raise costs the rest, weighted as the imatrix weighs it: little
+    weighted = [float(((round_q4(x) - w) ** 2 * v).sum()) for x in (v, raised)]
+    assert weighted[1] < 1.1 * weighted[0], weighted
+
+
+def test_nothing_is_raised_where_nothing_is_erased_or_nothing_helps() -> None:
+    rng = np.random.default_rng(1)
+    even = rng.normal(scale=0.02, size=(64, 256)).astype(np.float32)
+    assert rescued(even, np.ones(256, np.float32), _rounder(even, QuantType.Q4_K)) is None  # no column erased
+    w, v = _quiet_beside_loud(rng)
+    assert rescued(w, v, _rounder(w, QuantType.Q8_0)) is None                # Q8_0 erases nothing
+    assert rescued(w, v, _rounder(w, QuantType.Q3_K)) is None                # erased at Q3_K whatever the weights
+
+
+def _quiet_column_copy(model: Path, folder: Path, name: str) -> Path:
+    out = folder / "quiet.f16.gguf"
+    shutil.copyfile(model, out)
+    reader = gguf.GGUFReader(out, "r+")
+    data = np.asarray(next(t for t in reader.tensors if t.name == name).data)
+    data[:, QUIET] *= 0.1  # (rows, cols) as numpy sees a GGUF matrix
+    reader.data.flush()
+    return out
+
+
+def test_build_keeps_the_column_the_imatrix_would_erase(tiny_model: Path, tmp_path: Path) -> None:
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.io.gguf_source import open_gguf
+    from ggufmix.io.imatrix import write_imatrix_gguf
+
+    name = "blk.1.ffn_down.weight"
+    model = _quiet_column_copy(tiny_model, tmp_path, name)
+    im = collect_imatrix(model, list(range(3, 259)), n_ctx=64, progress=False)
+    sums = dict(im.sums)
+    loud = np.array(sums[name])
+    loud[LOUD] = 1000.0 * np.median(loud)
+    sums[name] = loud
+    im_path = write_imatrix_gguf(tmp_path / "im.gguf", Imatrix(sums, dict(im.counts), im.datasets))
+    out = tmp_path / "out.gguf"
+    res = CliRunner().invoke(cli, ["build", str(model), "--budget", "5bpw", "--types", "Q4_K,Q6_K", "--pin",
+                                   rf"{name.replace('.', '[.]')}=Q4_K", "--imatrix", str(im_path), "--no-smoke",
+                                   "--rows", "64", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    guard = json.loads(out.with_suffix(".plan.json").read_text())["settings"]["guard"]
+    assert guard["columns"].get(name) == [QUIET], guard
+    w = open_gguf(model).rows(name)
+    t = next(t for t in gguf.GGUFReader(out).tensors if t.name == name)
+    written = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    assert column_errors(w, written)[QUIET] <= ERASED  # in the file llama.cpp wrote
+    plain = quant_roundtrip(w, QuantType.Q4_K, (loud / im.counts[name][0]).reshape(1, -1).astype(np.float32))
+    assert column_errors(w, plain)[QUIET] > ERASED     # what the imatrix alone would have written
