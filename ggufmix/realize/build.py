@@ -133,7 +133,8 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                       progress=progress).plan
         t["refine"] = time.perf_counter() - t0
     if measured.imatrix is not None:
-        guarded = guard_imatrix(measured.source, plan, measured.imatrix, progress=progress)
+        guarded = guard_imatrix(measured.source, plan, measured.imatrix, threads=nthread or os.cpu_count() or 1,
+                                progress=progress)
         measured, t["guard"] = replace(measured, imatrix=guarded.imatrix), guarded.seconds
         plan = replace(plan, settings={**plan.settings, "guard": guarded.summary()})
     smoothing = choose_smoothing(measured.source, plan, measured.imatrix, smooth)

@@ -71,14 +71,16 @@ def rescued(w: np.ndarray, values: np.ndarray, round_with: Callable[[np.ndarray]
     return np.flatnonzero(saved) if saved.any() else None
 
 
-def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, progress: bool = True) -> Guarded:
-    """``imatrix`` with the erased columns of the plan's GUARDED-type dense weights raised (see the module)."""
+def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, threads: int = 1,
+                  progress: bool = True) -> Guarded:
+    """``imatrix`` with the erased columns of the plan's GUARDED-type dense weights raised (see the module);
+    ``threads`` row ranges rounded at once (the result does not depend on it)."""
     t0 = time.perf_counter()
     sums = dict(imatrix.sums)
     columns: dict[str, tuple[int, ...]] = {}
     todo = [e for e in plan.quantized() if e.qtype in GUARDED and e.name in imatrix and imatrix.n_mat(e.name) == 1]
     for e in tqdm(todo, desc="guard: erased columns", unit="tensor", disable=not progress):
-        cols = _guard_one(source, e, imatrix.values(e.name))
+        cols = _guard_one(source, e, imatrix.values(e.name), threads)
         if cols is not None:
             sums[e.name] = _raised_sums(imatrix.sums[e.name], cols)
             columns[e.name] = tuple(int(c) for c in cols)
@@ -89,9 +91,9 @@ def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, progress:
     return Guarded(guarded, columns, time.perf_counter() - t0)
 
 
-def _guard_one(source: GGUFSource, e: PlanEntry, values: np.ndarray) -> np.ndarray | None:
+def _guard_one(source: GGUFSource, e: PlanEntry, values: np.ndarray, threads: int) -> np.ndarray | None:
     w = source.rows(e.name, sample_rows(source.tensors[e.name].nrows, ROWS))
-    return rescued(w, values, lambda v: quant_roundtrip(w, e.qtype, v.reshape(1, -1)))
+    return rescued(w, values, lambda v: quant_roundtrip(w, e.qtype, v.reshape(1, -1), threads=threads))
 
 
 def _raised_sums(sums: np.ndarray, cols: np.ndarray) -> np.ndarray:
