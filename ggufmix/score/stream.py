@@ -239,7 +239,8 @@ def _bounded_map(pool: Executor, fn: Any, items: Iterator[Any], window: int) -> 
         pending.add(pool.submit(fn, item))
         if len(pending) >= window:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in done)
+            # the finished results first: an interrupt raised in one task must not drop another's (the journal)
+            yield from (f.result() for f in sorted(done, key=lambda f: f.exception() is not None))
     yield from (f.result() for f in as_completed(pending))
 
 
