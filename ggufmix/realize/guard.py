@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -89,8 +89,7 @@ def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, threads: 
     if columns:
         logger.info("guard: %d columns in %d tensors kept from rounding to noise (%s)",
                     sum(map(len, columns.values())), len(columns), ", ".join(list(columns)[:3]))
-    guarded = Imatrix(sums, dict(imatrix.counts), imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size)
-    return Guarded(guarded, columns, time.perf_counter() - t0)
+    return Guarded(replace(imatrix, sums=sums), columns, time.perf_counter() - t0)
 
 
 def _guard_one(source: GGUFSource, e: PlanEntry, values: np.ndarray, threads: int) -> np.ndarray | None:
