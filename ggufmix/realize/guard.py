@@ -7,10 +7,12 @@ median power) and comes out of Q4_K with a relative error of 1.01, as if it were
 input never goes over 9.2; in a children's story it reaches 140, and those few tokens gave the default's file at
 Q3_K_M's size a largest token KLD of 2.8 (docs/results.md, "An erased column"). The imatrix cannot see a channel
 its text does not use, so the guard asks the weights instead: every planned tensor is rounded at its type, and
-where a column's relative error is over ERASED, that column's importance is raised BOOST times; the raise is kept
-where it brings the column back under ERASED (grid types such as IQ3_S do not respond, and are left alone).
-Only the raised columns are checked again. A raise can push a neighbour over: in that block, 8290 and 8310 go from
-under 0.8 to 0.93 and 0.86 (the block is too much for Q4_K; docs/results.md says what that cost).
+where a column's relative error is over ERASED, that column's importance is raised STEP times, and the tensor is
+rounded again. A raise can push a neighbour over: with 8317 raised 9x, 8290 and 8310 in its block go from under
+0.8 to 0.96 and 0.86. So every column is checked again each round, and whatever is still erased is raised STEP
+times more (up to CAP); the factors of the round with the fewest erased columns are kept (8317 9x, 8290 and 8310
+3x: none left). Grid types such as IQ3_S do not respond to a raise and are left alone; where no round leaves fewer
+erased columns than the imatrix alone (Q3_K in a block like this one), nothing is raised.
 """
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ from ggufmix.types import QuantType
 logger = logging.getLogger(__name__)
 
 ERASED = 0.8   # a column's ||Q(w) - w|| / ||w|| above this has lost most of what it carried
-BOOST = 30.0   # how much more the quantizer is told to care about an erased column
+STEP = 3.0     # how much more the quantizer is told to care about a column each round it is erased
+CAP = 81.0     # and at most this much in all (four rounds)
+ROUNDS = 8     # roundings of one tensor at most (the first, then raises)
 ROWS = 2048    # rows sampled per tensor (all of attn and ffn_down on Qwen2.5-1.5B; a quarter of ffn_up)
 # Types whose quantizer trades columns through the imatrix and can be told to keep one: the scale (and min)
-# searches of the K and legacy types, IQ4's. IQ3_S's grid brought no column back at the 30x tried (IQ1-IQ3 left out).
+# searches of the K and legacy types, IQ4's. IQ3_S's grid brought no column back at 30x (IQ1-IQ3 left out).
 GUARDED = frozenset({QuantType.Q2_K, QuantType.Q3_K, QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K,
                      QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1, QuantType.IQ4_XS,
                      QuantType.IQ4_NL})
@@ -46,12 +50,12 @@ class Guarded:
     """The imatrix to quantize with, and per tensor the columns whose importance was raised."""
 
     imatrix: Imatrix
-    columns: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    columns: Mapping[str, Mapping[int, float]] = field(default_factory=dict)  # tensor -> {column: factor}
     seconds: float = 0.0
 
     def summary(self) -> dict[str, object]:
-        return {"erased_above": ERASED, "boost": BOOST, "seconds": round(self.seconds, 1),
-                "columns": {n: list(c) for n, c in self.columns.items()}}
+        return {"erased_above": ERASED, "step": STEP, "cap": CAP, "seconds": round(self.seconds, 1),
+                "columns": {n: {str(c): f for c, f in cols.items()} for n, cols in self.columns.items()}}
 
 
 def column_errors(w: np.ndarray, rounded: np.ndarray) -> np.ndarray:
@@ -61,16 +65,34 @@ def column_errors(w: np.ndarray, rounded: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, err / np.maximum(norm, 1e-30), 0.0)
 
 
-def rescued(w: np.ndarray, values: np.ndarray, round_with: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
-    """The columns of ``w`` (rows, cols) whose error falls back under ERASED when their imatrix ``values`` are
-    raised BOOST times, or None where no column is erased or raising does not help any. ``round_with(values)``
-    rounds ``w`` with those importances."""
-    erased = column_errors(w, round_with(values)) > ERASED
-    if not erased.any():
-        return None
-    raised = np.where(erased, values * BOOST, values)
-    saved = erased & (column_errors(w, round_with(raised)) <= ERASED)
-    return np.flatnonzero(saved) if saved.any() else None
+def raise_factors(w: np.ndarray, values: np.ndarray,
+                  round_with: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """Per-column factors for the imatrix ``values`` that leave the fewest columns of ``w`` (rows, cols) erased, or
+    None where none is erased or no raise leaves fewer; ``round_with(values)`` rounds ``w`` with those importances.
+
+    Each round every column still erased is raised STEP times more, up to CAP, and all columns are checked again.
+    Of the round with the fewest, the raises of the columns it leaves erased are dropped where that leaves no more:
+    they cost their blocks' other columns and bought nothing.
+    """
+    def erased(factors: np.ndarray) -> np.ndarray:
+        return column_errors(w, round_with(values * factors)) > ERASED
+
+    factors = np.ones(values.shape, np.float32)
+    best, left = factors, erased(factors)
+    now = left
+    for _ in range(ROUNDS - 1):
+        grow = now & (factors * STEP <= CAP)
+        if not grow.any():
+            break
+        factors = np.where(grow, factors * STEP, factors).astype(np.float32)
+        now = erased(factors)
+        if now.sum() < left.sum():
+            best, left = factors, now
+    if left.any() and (best[left] > 1).any():
+        kept = np.where(left, 1.0, best).astype(np.float32)
+        if erased(kept).sum() <= left.sum():
+            best = kept
+    return None if (best == 1).all() else best
 
 
 def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, threads: int = 1,
@@ -79,25 +101,19 @@ def guard_imatrix(source: GGUFSource, plan: Plan, imatrix: Imatrix, *, threads: 
     ``threads`` row ranges rounded at once (the result does not depend on it)."""
     t0 = time.perf_counter()
     sums = dict(imatrix.sums)
-    columns: dict[str, tuple[int, ...]] = {}
+    columns: dict[str, dict[int, float]] = {}
     todo = [e for e in plan.quantized() if e.qtype in GUARDED and e.name in imatrix and imatrix.n_mat(e.name) == 1]
     for e in tqdm(todo, desc="guard: erased columns", unit="tensor", disable=not progress):
-        cols = _guard_one(source, e, imatrix.values(e.name), threads)
-        if cols is not None:
-            sums[e.name] = _raised_sums(imatrix.sums[e.name], cols)
-            columns[e.name] = tuple(int(c) for c in cols)
+        factors = _guard_one(source, e, imatrix.values(e.name), threads)
+        if factors is not None:
+            sums[e.name] = np.asarray(imatrix.sums[e.name], np.float32) * factors
+            columns[e.name] = {int(c): float(factors[c]) for c in np.flatnonzero(factors != 1)}
     if columns:
-        logger.info("guard: %d columns in %d tensors kept from rounding to noise (%s)",
+        logger.info("guard: %d columns in %d tensors raised against rounding to noise (%s)",
                     sum(map(len, columns.values())), len(columns), ", ".join(list(columns)[:3]))
     return Guarded(replace(imatrix, sums=sums), columns, time.perf_counter() - t0)
 
 
 def _guard_one(source: GGUFSource, e: PlanEntry, values: np.ndarray, threads: int) -> np.ndarray | None:
     w = source.rows(e.name, sample_rows(source.tensors[e.name].nrows, ROWS))
-    return rescued(w, values, lambda v: quant_roundtrip(w, e.qtype, v.reshape(1, -1), threads=threads))
-
-
-def _raised_sums(sums: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    out = np.array(sums, dtype=np.float32)
-    out[cols] *= BOOST
-    return out
+    return raise_factors(w, values, lambda v: quant_roundtrip(w, e.qtype, v.reshape(1, -1), threads=threads))
