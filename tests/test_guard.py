@@ -73,13 +73,20 @@ def test_a_raise_that_pushes_a_neighbour_over_is_followed_by_its_raise() -> None
     assert (column_errors(w, round_q4(v * factors)) <= ERASED).all()
 
 
-def test_nothing_is_raised_where_nothing_is_erased_or_nothing_helps() -> None:
+def test_nothing_is_raised_where_nothing_is_erased_nothing_helps_or_the_column_is_dead() -> None:
     rng = np.random.default_rng(1)
     even = rng.normal(scale=0.02, size=(64, 256)).astype(np.float32)
     assert raise_factors(even, np.ones(256, np.float32), _rounder(even, QuantType.Q4_K)) is None  # none erased
     w, v = _quiet_beside_loud(rng)
     assert raise_factors(w, v, _rounder(w, QuantType.Q8_0)) is None                # Q8_0 erases nothing
     assert raise_factors(w, v, _rounder(w, QuantType.Q3_K)) is None                # erased whatever the raise
+    w[:, QUIET] *= 0.9  # weights under a tenth of the median column's (Qwen2.5-Coder-1.5B's blk.1.attn_v)
+    round_q4 = _rounder(w, QuantType.Q4_K)
+    quiet, dead = v.copy(), v.copy()
+    quiet[QUIET], dead[QUIET] = 0.2, 0.09
+    assert raise_factors(w, quiet, round_q4) is not None                 # its input still a fifth of the median's
+    assert column_errors(w, round_q4(dead))[QUIET] > ERASED
+    assert raise_factors(w, dead, round_q4) is None                      # a tenth too: dead, left alone
 
 
 def _quiet_column_copy(model: Path, folder: Path, name: str) -> Path:
