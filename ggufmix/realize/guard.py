@@ -99,9 +99,10 @@ def raise_factors(w: np.ndarray, values: np.ndarray,
 
 
 def _live_columns(w: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Columns the model uses: weights or imatrix value at least DEAD of the tensor's median column. Qwen2.5-Coder-1.5B's
-    blk.1.attn_v has 9 columns at a twentieth of the median weights and a hundredth of its input power; Q5_K rounds
-    them to noise, 81x raises brought back 2, and the file did not change measurably (docs/results.md)."""
+    """Columns the model uses: weights or imatrix value at least DEAD of the tensor's median column's.
+    Qwen2.5-Coder-1.5B's blk.1.attn_v has 9 columns at a twentieth of the median weights and a hundredth of its input
+    power; Q5_K rounds them to noise, 81x raises brought back 2, and the file did not change measurably
+    (docs/results.md)."""
     norm = np.linalg.norm(w, axis=0)
     return (norm >= DEAD * np.median(norm)) | (values >= DEAD * np.median(values))
 
