@@ -6,8 +6,7 @@ import multiprocessing
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import (FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor,
-                                as_completed, wait)
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -239,9 +238,16 @@ def _bounded_map(pool: Executor, fn: Any, items: Iterator[Any], window: int) -> 
         pending.add(pool.submit(fn, item))
         if len(pending) >= window:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            # the finished results first: an interrupt raised in one task must not drop another's (the journal)
-            yield from (f.result() for f in sorted(done, key=lambda f: f.exception() is not None))
-    yield from (f.result() for f in as_completed(pending))
+            yield from _results_first(done)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        yield from _results_first(done)
+
+
+def _results_first(done: set[Future]) -> Iterator[Any]:
+    """The finished futures' results, the failed ones last: an interrupt raised in one task must not drop another's
+    finished result before it reaches the journal."""
+    return (f.result() for f in sorted(done, key=lambda f: f.exception() is not None))
 
 
 def _job(source: GGUFSource, slot: Slot, kernels: Kernels, imat: np.ndarray | None, max_rows: int,
