@@ -229,6 +229,32 @@ QUANT_BYTES: dict[QuantType, tuple[QuantBytes, ...]] = {
 }
 
 
+def with_header(blocks: np.ndarray, qtype: QuantType, d: np.ndarray, m: np.ndarray,
+                scales: np.ndarray | None = None, mins: np.ndarray | None = None) -> np.ndarray:
+    """A copy of raw blocks (nrows, row bytes) with each block's header set, its quant bits kept: Q4_1 / Q5_1 ``d``
+    and ``m`` (one per block, F16); Q4_K / Q5_K ``d`` and ``dmin`` and the eight sub-blocks' 6-bit ``scales`` and
+    ``mins`` (blocks, 8), packed as ggml-quants.c's ``quantize_row_q4_K_impl`` packs them (``get_scale_min_k4``
+    reads them back).
+
+    Raises:
+        EngineError: ``qtype`` is none of the four.
+    """
+    size = type_size(qtype)
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    flat = out.reshape(-1, size)
+    k_type = qtype in (QuantType.Q4_K, QuantType.Q5_K)
+    if not k_type and qtype not in (QuantType.Q4_1, QuantType.Q5_1):
+        raise EngineError(f"no header layout for {qtype.name}")
+    flat[:, 0:2] = np.asarray(d, np.float16).reshape(-1, 1).view(np.uint8)
+    flat[:, 2:4] = np.asarray(m, np.float16).reshape(-1, 1).view(np.uint8)
+    if k_type:
+        sc, mn = np.asarray(scales, np.uint8), np.asarray(mins, np.uint8)
+        flat[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+        flat[:, 8:12] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+        flat[:, 12:16] = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    return out
+
+
 def with_quants(blocks: np.ndarray, qtype: QuantType, one: bool) -> np.ndarray:
     """A copy of raw blocks (any shape, whole blocks per row) with every quant set to 0, or to 1 (``one``),
     the scales untouched.

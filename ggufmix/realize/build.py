@@ -25,6 +25,7 @@ from ggufmix.realize.guard import guard_imatrix
 from ggufmix.realize.compensate import GptqOptions, compensated_source, write_exact
 from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized, smoothed_source
 from ggufmix.realize.overrides import base_ftype, overrides, recipe
+from ggufmix.realize.rounding import write_searched
 from ggufmix.realize.verify import Verified, verify
 from ggufmix.score.measure import Measured, ScoreOptions, measure
 from ggufmix.scores import Scores
@@ -58,7 +59,7 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
           types: Sequence[QuantType] | None = None, pins: Sequence[Pin] = (), scores: Scores | None = None,
           force: bool = False, smoke: bool = True, nthread: int = 0, progress: bool = True,
           search_minutes: float = 0.0, gptq: GptqOptions | None = None, smooth: SmoothOptions | None = None,
-          speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
+          speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF, block_search: bool = False) -> BuildResult:
     """The three stages in memory: measure (or take ``scores``), plan ``budget`` (for ``kld`` scores with
     ``search_minutes``, refined end to end by the oracle: search/refine.py), realize the file.
 
@@ -73,7 +74,7 @@ def build(source: Path, out: Path, budget: Budget, *, opts: ScoreOptions = Score
     seconds = {"score": time.perf_counter() - t0}
     return plan_and_realize(measured, out, budget, types=types, pins=pins, smoke=smoke, nthread=nthread,
                             progress=progress, seconds=seconds, search_minutes=search_minutes, gptq=gptq,
-                            smooth=smooth, speed_tradeoff=speed_tradeoff)
+                            smooth=smooth, speed_tradeoff=speed_tradeoff, block_search=block_search)
 
 
 def budget_width(source: Path, budget: Budget) -> float:
@@ -113,12 +114,14 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                      pins: Sequence[Pin] = (), smoke: bool = True, nthread: int = 0, progress: bool = True,
                      seconds: dict[str, float] | None = None, search_minutes: float = 0.0,
                      gptq: GptqOptions | None = None, smooth: SmoothOptions | None = None,
-                     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF) -> BuildResult:
+                     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF, block_search: bool = False) -> BuildResult:
     """Plan ``budget`` from the measured scores and realize it at ``out`` (quantize, read back, smoke test,
     sidecars). ``--fit`` calls this again with a smaller budget: the scores stay in memory. ``smooth`` scales the
     head's and the blocks' inputs (with ``smooth.ffn`` ffn_down's too; realize/smooth.py): in the quantized file, or
     with ``gptq`` in a copy of the source that is then compensated (realize/compensate.py), each copy removed
     afterwards. With an imatrix, the columns the plan's rounding would erase are guarded first (realize/guard.py).
+    With ``block_search`` the Q4_1 / Q5_1 / Q4_K / Q5_K blocks are searched for a closer rounding than llama.cpp's
+    (realize/rounding.py).
     """
     t = dict(seconds or {})
     t0 = time.perf_counter()
@@ -137,6 +140,7 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
                                 progress=progress)
         measured, t["guard"] = replace(measured, imatrix=guarded.imatrix), guarded.seconds
         plan = replace(plan, settings={**plan.settings, "guard": guarded.summary()})
+    plan = replace(plan, settings={**plan.settings, "rounding": "searched" if block_search else "llama.cpp"})
     smoothing = choose_smoothing(measured.source, plan, measured.imatrix, smooth)
     if smoothing is not None:
         t["smooth"] = smoothing.seconds
@@ -144,7 +148,9 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
     patch = None  # --smooth without --gptq: the quantized file is smoothed in place, the source not copied
     if smoothing is not None and smoothing.active and gptq is None:
         patch = partial(patch_quantized, src=measured.source, smoothing=smoothing, imatrix=measured.imatrix,
-                        threads=nthread)
+                        threads=nthread, block_search=block_search)
+    if gptq is not None:
+        gptq = replace(gptq, block_search=block_search)
     with (smoothed_source(measured.source, out, plan, measured.imatrix, None if patch else smoothing)
           as (smoothed, imatrix),
           compensated_source(smoothed, out, plan, imatrix, gptq, progress) as (source, done)):
@@ -152,10 +158,26 @@ def plan_and_realize(measured: Measured, out: Path, budget: Budget, *, types: Se
             t["gptq"] = done.seconds
             plan = replace(plan, settings={**plan.settings, "gptq": done.summary()})
             patch = partial(write_exact, done=done)
+        skip = set(done.exact) if done is not None else set()
+        if patch is not None and done is None:  # the smoothed weights were rounded by patch_quantized
+            skip |= {e.name for e in plan.quantized() if smoothing is not None and smoothing.scaling(e.name)}
+        if block_search:
+            patch = partial(_then_search, patch, values=source, plan=plan, imatrix=imatrix, skip=skip,
+                            threads=nthread or os.cpu_count() or 1, seconds=t)
         verified, text = quantize_plan(source, out, plan, imatrix, smoke=smoke, nthread=nthread,
                                        progress=progress, seconds=t, patch=patch)
     sidecars(out, plan, verified, t, text)
     return BuildResult(out, plan, verified, text, t)
+
+
+def _then_search(patch: Callable[[Path], None] | None, quantized: Path, *, values: Path, plan: Plan,
+                 imatrix: Imatrix | None, skip: set[str], threads: int, seconds: dict[str, float]) -> None:
+    """``patch``, then the search for better blocks (realize/rounding.py) over the weights no patch rounded."""
+    if patch is not None:
+        patch(quantized)
+    t0 = time.perf_counter()
+    write_searched(quantized, values, plan, imatrix, skip, threads)
+    seconds["rounding"] = time.perf_counter() - t0
 
 
 def quantize_plan(source: Path, out: Path, plan: Plan, imatrix: Imatrix | None, *, smoke: bool = False,

@@ -4,7 +4,9 @@ For each weight the plan quantizes (block weights and the output head; not 3-D e
 graph gives the inputs' ``H = sum x x^T`` on the calibration text (engine/covariance.py), and realize/gptq.py
 moves each block's rounding error onto the columns after it (for COLUMN_TYPES each column's, on llama.cpp's grid).
 llama_model_quantize then quantizes the copy exactly as it would the source, and the column-rounded weights' own
-bytes replace what it wrote for them (``write_exact``).
+bytes replace what it wrote for them (``write_exact``). With ``block_search`` (``build --search-rounding``) each
+Q4_1 / Q5_1 / Q4_K / Q5_K block the feedback rounds is the search's of realize/rounding.py, and the block-fed Q4_1 /
+Q5_1 weights' bytes go into the file the same way.
 
 ``token_embd`` is compensated only where it is also the output head (tied embeddings, no ``output.weight``):
 the feedback is for the head's inputs, and each row's lookup as an embedding takes a larger plain error. On
@@ -42,6 +44,7 @@ from ggufmix.realize.gptq import (
     inverse_factor,
     output_error,
 )
+from ggufmix.realize.rounding import SEARCHED, quantize_searched
 from ggufmix.types import QuantType, block_size
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ class GptqOptions:
     chunks: int = GPTQ_CHUNKS
     ctx: int = 512
     every_role: bool = False
+    block_search: bool = False  # Q4_1 / Q5_1 / Q4_K / Q5_K blocks searched (realize/rounding.py), else llama.cpp's
 
     @property
     def plain_roles(self) -> frozenset[str]:
@@ -198,7 +202,8 @@ def write_compensated(source: Path, dest: Path, side: Path, plan: Plan, imatrix:
             # The output error of a sample of rows (rows are independent given H), which spares two more
             # whole-tensor quantizations and products with H per weight.
             sample = evenly_spaced_rows(w.shape[0], SAMPLE_ROWS)
-            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype)
+            plain[e.name], done[e.name] = inputs.errors(w[sample], wc[sample], e.qtype,
+                                                        None if packed is None else packed[sample])
             text_chunks = inputs.chunks
     return Compensated(plain, done, opts, text_chunks, exact=exact, side=side)
 
@@ -248,8 +253,9 @@ class _Inputs:
     the weights that read the same node) and what the imatrix says about its columns."""
 
     def __init__(self, h: np.ndarray, u: np.ndarray, steps: dict[int, list[np.ndarray]], im: np.ndarray | None,
-                 chunks: int) -> None:
+                 chunks: int, block_search: bool = False) -> None:
         self.h, self._u, self._steps, self._im, self.chunks = h, u, steps, im, chunks
+        self._search = block_search
         self._threads = cpu_count()
 
     def steps(self, block: int) -> list[np.ndarray]:
@@ -262,9 +268,10 @@ class _Inputs:
         """The weight to hand llama.cpp, and for COLUMN_TYPES, rounded column by column, its bytes (rows, row
         bytes); the other types are compensated a block at a time."""
         block = block_size(qtype)
-        if qtype not in COLUMN_TYPES:
-            return compensate(w, self.steps(block), block, self.roundtrip(qtype), store), None
         blocks: list[np.ndarray] = []
+        if qtype not in COLUMN_TYPES:
+            wc = compensate(w, self.steps(block), block, self.roundtrip(qtype, blocks), store)
+            return wc, (np.concatenate(blocks, axis=1) if self._search and qtype in SEARCHED else None)
         rounded, codes = compensate_columns(w, self._u, block, self.grid(qtype, blocks), store)
         return rounded, kernels.pack_codes(np.concatenate(blocks, axis=1), qtype, codes)
 
@@ -279,23 +286,32 @@ class _Inputs:
             return Lattice(step, zero, codes, levels)
         return g
 
-    def roundtrip(self, qtype: QuantType) -> Roundtrip:
+    def roundtrip(self, qtype: QuantType, blocks: list[np.ndarray]) -> Roundtrip:
+        """The rounding of each block, its bytes appended to ``blocks``."""
         def rt(block: np.ndarray, cols: slice) -> np.ndarray:
-            return kernels.dequantize_rows(self._quantized(block, cols, qtype), qtype, block.shape[1])
+            raw = self._quantized(block, cols, qtype)
+            blocks.append(raw)
+            return kernels.dequantize_rows(raw, qtype, block.shape[1])
         return rt
 
     def _quantized(self, block: np.ndarray, cols: slice, qtype: QuantType) -> np.ndarray:
-        """llama.cpp's blocks for some columns of the weight, with those columns' imatrix."""
+        """The blocks for some columns of the weight, with those columns' imatrix: llama.cpp's, bettered by the
+        search of realize/rounding.py for its SEARCHED types."""
         sub = None if self._im is None else self._im[cols]
         threads = self._threads if block.size >= PARALLEL_VALUES else 1
-        return kernels.quantize_rows(np.ascontiguousarray(block), qtype, sub, threads)
+        block = np.ascontiguousarray(block)
+        if self._search:
+            return quantize_searched(block, qtype, sub, threads)
+        return kernels.quantize_rows(block, qtype, sub, threads)
 
-    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType) -> tuple[float, float]:
+    def errors(self, w: np.ndarray, wc: np.ndarray, qtype: QuantType, packed: np.ndarray | None
+               ) -> tuple[float, float]:
         """Output errors of rounding ``w`` as it is and of rounding ``wc`` (whole rows, as llama.cpp will), or of
-        ``wc`` itself for COLUMN_TYPES, whose bytes the file holds as they were rounded."""
+        the bytes the file will hold (``packed``, the same rows) where they were rounded here."""
         whole = None if self._im is None else self._im[None, :]
         w, wc = np.ascontiguousarray(w), np.ascontiguousarray(wc)
-        held = wc if qtype in COLUMN_TYPES else quant_roundtrip(wc, qtype, whole, threads=self._threads)
+        held = quant_roundtrip(wc, qtype, whole, threads=self._threads) if packed is None else \
+            kernels.dequantize_rows(packed, qtype, w.shape[1])
         return output_error(w, quant_roundtrip(w, qtype, whole, threads=self._threads), self.h), \
             output_error(w, held, self.h)
 
@@ -318,7 +334,7 @@ def _with_inputs(source: Path, entries: Sequence[PlanEntry], tensors: Mapping[st
                 factors[node] = (inverse_factor(h), {})
             u, steps = factors[node]
             im = imatrix.values(e.name) if imatrix is not None and e.name in imatrix.names else None
-            yield e, _Inputs(h, u, steps, im, cov.chunks)
+            yield e, _Inputs(h, u, steps, im, cov.chunks, opts.block_search)
             bar.update()
     bar.close()
 

@@ -40,6 +40,7 @@ from ggufmix.imatrix import Imatrix
 from ggufmix.io.gguf_source import GGUFSource, writable_tensors
 from ggufmix.plan.plan import Plan
 from ggufmix.realize.compensate import check_room_for_copy, evenly_spaced_rows
+from ggufmix.realize.rounding import quantize_searched
 from ggufmix.types import FLOAT_TYPES, QuantType, cpu_input_type
 
 logger = logging.getLogger(__name__)
@@ -335,10 +336,12 @@ def write_smoothed(source: Path, dest: Path, smoothing: Smoothing) -> None:
 
 
 def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imatrix: Imatrix | None,
-                    threads: int = 0) -> None:
+                    threads: int = 0, block_search: bool = False) -> None:
     """Smooth an already quantized file in place: float tensors scaled as write_smoothed scales them, quantized ones
     quantized again, at the type they have there, from the source's rows as the smoothed copy would hold them, with
-    the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy."""
+    the imatrix scaled_imatrix gives: the bytes llama.cpp writes from that copy, without the copy (with
+    ``block_search``, bettered as realize/rounding.py betters them)."""
+    quantize = quantize_searched if block_search else kernels.quantize_rows
     im = scaled_imatrix(imatrix, smoothing)
     with writable_tensors(quantized) as tensors:
         for name, (info, raw) in tensors.items():
@@ -355,7 +358,7 @@ def patch_quantized(quantized: Path, src: GGUFSource, smoothing: Smoothing, imat
             for r0 in range(0, n, PATCH_ROWS):
                 rows = _apply(src.rows(name, np.arange(r0, min(n, r0 + PATCH_ROWS))), how, r0)
                 rows = to_float32(from_float32(rows, stored), stored).reshape(len(rows), -1)
-                out[r0:r0 + len(rows)] = kernels.quantize_rows(rows, qtype, col, threads or cpu_count())
+                out[r0:r0 + len(rows)] = quantize(rows, qtype, col, threads or cpu_count())
 
 
 def _scaled_float(raw: np.ndarray, stored: QuantType, how: Sequence[tuple[bool, np.ndarray]]) -> np.ndarray:

@@ -65,6 +65,7 @@ class Recipe:
     gptq: GptqOptions | None = None  # --gptq: error feedback from the calibration text (realize/compensate.py)
     speed_tradeoff: float = DEFAULT_SPEED_TRADEOFF  # predicted error given up for a faster quantize (plan/speed.py)
     smooth: SmoothOptions | None = None  # --smooth: the head's and blocks' inputs scaled (--smooth-ffn: ffn_down's too)
+    block_search: bool = False  # --search-rounding: Q4_1 / Q5_1 / Q4_K / Q5_K blocks searched (realize/rounding.py)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _build_to(model: Path, out: Path, meta: dict[str, Any], target: Budget | Fit
               opts: ScoreOptions, recipe: Recipe, progress: bool) -> tuple[BuildResult, list[str] | None]:
     kw = {"types": recipe.types, "pins": recipe.pins, "smoke": recipe.smoke, "scores": recipe.scores,
           "search_minutes": recipe.search_minutes, "gptq": recipe.gptq, "smooth": recipe.smooth,
-          "speed_tradeoff": recipe.speed_tradeoff}
+          "speed_tradeoff": recipe.speed_tradeoff, "block_search": recipe.block_search}
     if isinstance(target, Budget):
         return build(model, out, target, opts=opts, force=force, progress=progress, **kw), None
     res, report, measured = build_to_fit(model, out, meta, target, opts=opts, force=force, progress=progress, **kw)
