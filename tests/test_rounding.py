@@ -139,3 +139,39 @@ def test_with_gptq_the_fed_back_blocks_are_the_searched_ones(odd_model: Path, tm
     differ = {n for n in ours if not np.array_equal(a[n][1], b[n][1])}
     fed, downs = [n for n in ours if "ffn_down" not in n], [n for n in ours if "ffn_down" in n]
     assert fed and downs and set(fed) <= differ and set(downs) <= differ, (fed, downs, differ)
+
+
+def test_the_smoothing_patch_searches_the_smoothed_weights(tiny_model: Path, tmp_path: Path) -> None:
+    """--calib without --gptq smooths the quantized file in place: patch_quantized rounds the smoothed weights again
+    from the source, and with the search those blocks are the search's, closer to the smoothed values."""
+    from functools import partial
+
+    from tinymodel import loud_copy
+
+    from ggufmix.engine.activations import collect_imatrix
+    from ggufmix.plan.budget import parse_budget
+    from ggufmix.plan.planner import make_plan
+    from ggufmix.realize.build import quantize_plan
+    from ggufmix.realize.smooth import SmoothOptions, choose_smoothing, patch_quantized
+    from ggufmix.score.measure import ScoreOptions, open_source, score_source
+
+    model, calib = loud_copy(tiny_model, tmp_path), write_calib_text(tmp_path)
+    im = collect_imatrix(model, calib.read_text(), n_ctx=64, n_chunks=4, include_output=True, progress=False)
+    src = open_gguf(model)
+    plan = make_plan(score_source(open_source(model, False), ScoreOptions(max_rows=32), im, progress=False),
+                     parse_budget("5.2bpw"), types=(QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K))
+    found = choose_smoothing(src, plan, im, SmoothOptions(calib.read_text(), ctx=64, ffn=True))
+    assert found is not None and found.active
+    files = {}
+    for search in (True, False):
+        files[search] = tmp_path / f"{search}.gguf"
+        quantize_plan(model, files[search], plan, im, patch=partial(patch_quantized, src=src, smoothing=found,
+                                                                     imatrix=im, block_search=search))
+    a, b = open_gguf(files[True]), open_gguf(files[False])
+    patched = [e.name for e in plan.quantized()
+               if e.qtype in (QuantType.Q4_K, QuantType.Q5_K) and found.scaling(e.name)]
+    assert patched
+    for n in patched:
+        assert not np.array_equal(a.rows(n), b.rows(n)), n
+    others = [e.name for e in plan.quantized() if not found.scaling(e.name)]
+    assert all(np.array_equal(a.rows(n), b.rows(n)) for n in others)  # the rest is write_searched's, after

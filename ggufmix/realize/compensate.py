@@ -270,8 +270,9 @@ class _Inputs:
         block = block_size(qtype)
         blocks: list[np.ndarray] = []
         if qtype not in COLUMN_TYPES:
-            wc = compensate(w, self.steps(block), block, self.roundtrip(qtype, blocks), store)
-            return wc, (np.concatenate(blocks, axis=1) if self._search and qtype in SEARCHED else None)
+            exact = self._search and qtype in SEARCHED  # the search's bytes: llama.cpp would round the copy its way
+            wc = compensate(w, self.steps(block), block, self.roundtrip(qtype, blocks if exact else None), store)
+            return wc, (np.concatenate(blocks, axis=1) if exact else None)
         rounded, codes = compensate_columns(w, self._u, block, self.grid(qtype, blocks), store)
         return rounded, kernels.pack_codes(np.concatenate(blocks, axis=1), qtype, codes)
 
@@ -286,11 +287,12 @@ class _Inputs:
             return Lattice(step, zero, codes, levels)
         return g
 
-    def roundtrip(self, qtype: QuantType, blocks: list[np.ndarray]) -> Roundtrip:
-        """The rounding of each block, its bytes appended to ``blocks``."""
+    def roundtrip(self, qtype: QuantType, blocks: list[np.ndarray] | None) -> Roundtrip:
+        """The rounding of each block, its bytes appended to ``blocks`` (None: not kept)."""
         def rt(block: np.ndarray, cols: slice) -> np.ndarray:
             raw = self._quantized(block, cols, qtype)
-            blocks.append(raw)
+            if blocks is not None:
+                blocks.append(raw)
             return kernels.dequantize_rows(raw, qtype, block.shape[1])
         return rt
 

@@ -51,6 +51,7 @@ REFITS = 3
 K_SCALE_SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88)
 K_MIN_SHRINK = (1.0, 0.95, 0.9, 0.85)
 ROWS_AT_ONCE = 256
+READ_ROWS = 16 * ROWS_AT_ONCE  # source rows read at once by write_searched
 
 
 def half(a: np.ndarray) -> np.ndarray:
@@ -228,10 +229,11 @@ def write_searched(quantized: Path, values: Path, plan: Plan, imatrix: Imatrix |
             info, raw = tensors[e.name]
             if info.qtype != e.qtype:
                 continue  # verify() names the fallback
-            rows = src.rows(e.name)
             im = imatrix.values(e.name) if imatrix is not None and e.name in imatrix.names else None
-            blocks = raw.reshape(len(rows), -1)
-            blocks[:] = _searched_over(rows, e.qtype, blocks, im, threads)
+            blocks = raw.reshape(info.nrows, -1)
+            for r0 in range(0, info.nrows, READ_ROWS):  # a slice of the float rows in memory at a time
+                rows = src.rows(e.name, np.arange(r0, min(info.nrows, r0 + READ_ROWS)))
+                blocks[r0:r0 + len(rows)] = _searched_over(rows, e.qtype, blocks[r0:r0 + len(rows)], im, threads)
     logger.info("rounding: %d weights' blocks searched", len(todo))
     return [e.name for e in todo]
 
