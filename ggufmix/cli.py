@@ -187,7 +187,7 @@ _fit_options = [
 @click.option("--smooth-head/--no-smooth-head", "smooth_head", default=None, hidden=True)  # --smooth before 2026-12-06
 @click.option("--search-rounding", is_flag=True,
               help="Search each Q4_1, Q5_1, Q4_K and Q5_K block's scales for less imatrix-weighted error than "
-              "llama.cpp's own quantizer leaves, block by block (the same format): at Q5_K_M's size 3-9% lower KLD "
+              "llama.cpp's own quantizer leaves, block by block (the same format): at Q5_K_M's size 4-10% lower KLD "
               "on most held-out texts, for 1-4 minutes more on SmolLM2-135M and 23 on Qwen2.5-Coder-1.5B "
               "(2 cores; docs/results.md).")
 @_apply(_hf_options)
