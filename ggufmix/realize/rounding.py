@@ -60,13 +60,24 @@ def half(a: np.ndarray) -> np.ndarray:
 
 
 def codes_on(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, top: int) -> np.ndarray:
-    """Each value's nearest code on ``offset + scale * code`` (the last axis of ``x`` is the block's values)."""
+    """Each value's nearest code on ``offset + scale * code`` (the last axis of ``x`` is the block's values):
+    numerics.lattice_codes per block, kept float32 (its int32 codes would turn every product after into float64)."""
     safe = np.where(scale > 0, scale, 1.0)
     return np.where(scale[..., None] > 0, np.clip(np.rint((x - offset[..., None]) / safe[..., None]), 0, top), 0)
 
 
 def weighted_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray, offset: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (w * (x - scale[..., None] * q - offset[..., None]) ** 2).sum(-1)
+
+
+def solve_pair(m11: np.ndarray, m12: np.ndarray, m22: np.ndarray, b1: np.ndarray, b2: np.ndarray,
+               old1: np.ndarray, old2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's weighted least squares in two unknowns, ``[[m11, m12], [m12, m22]] c = [b1, b2]``; the old
+    values where the system is degenerate."""
+    det = m11 * m22 - m12 * m12
+    ok = det > 1e-30
+    safe = np.where(ok, det, 1.0)
+    return np.where(ok, (m22 * b1 - m12 * b2) / safe, old1), np.where(ok, (m11 * b2 - m12 * b1) / safe, old2)
 
 
 def refit(x: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, offset: np.ndarray, nonpositive: bool
@@ -76,10 +87,7 @@ def refit(x: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, offset
     subtracted), the scale then refitted alone."""
     sw, sq, sqq = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
     sx, sqx = (w * x).sum(1), (w * q * x).sum(1)
-    det = sw * sqq - sq * sq
-    ok = det > 1e-30
-    s = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), scale)
-    o = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), offset)
+    s, o = solve_pair(sqq, sq, sw, sqx, sx, scale, offset)
     if nonpositive:
         alone = np.where(sqq > 0, sqx / np.where(sqq > 0, sqq, 1.0), scale)
         s, o = np.where(o > 0, alone, s), np.minimum(o, 0.0)
@@ -165,10 +173,7 @@ def _best_integers(x: np.ndarray, w: np.ndarray, top: int, d: np.ndarray, dmin: 
     a1, a2 = best_sc[..., None] * q, -np.broadcast_to(best_mn[..., None], q.shape)
     m11, m12, m22 = (w * a1 * a1).sum((1, 2)), (w * a1 * a2).sum((1, 2)), (w * a2 * a2).sum((1, 2))
     b1, b2 = (w * a1 * x).sum((1, 2)), (w * a2 * x).sum((1, 2))
-    det = m11 * m22 - m12 * m12
-    ok = det > 1e-30
-    d2 = half(np.maximum(np.where(ok, (m22 * b1 - m12 * b2) / np.where(ok, det, 1.0), d), 0.0))
-    dmin2 = half(np.maximum(np.where(ok, (m11 * b2 - m12 * b1) / np.where(ok, det, 1.0), dmin), 0.0))
+    d2, dmin2 = (half(np.maximum(c, 0.0)) for c in solve_pair(m11, m12, m22, b1, b2, d, dmin))
     refitted = _k_error(x, w, top, d2, dmin2, best_sc, best_mn) < err.sum(1)
     return np.where(refitted, d2, d), np.where(refitted, dmin2, dmin), best_sc, best_mn
 
@@ -213,16 +218,12 @@ def quantize_searched(rows: np.ndarray, qtype: QuantType, imatrix: np.ndarray | 
 
 
 def write_searched(quantized: Path, values: Path, plan: Plan, imatrix: Imatrix | None, skip: Collection[str] = (),
-                   threads: int = 1) -> list[str]:
+                   threads: int = 1) -> None:
     """Search the blocks of every planned weight at a SEARCHED type but ``skip``, from its values in ``values``
-    (the file llama.cpp quantized), and write the better ones into ``quantized`` in place.
-
-    Returns:
-        The weights searched.
-    """
+    (the file llama.cpp quantized), and write the better ones into ``quantized`` in place."""
     todo = [e for e in plan.quantized() if e.qtype in SEARCHED and e.name not in skip]
     if not todo:
-        return []
+        return
     src = open_gguf(values)
     with writable_tensors(quantized) as tensors:
         for e in todo:
@@ -235,7 +236,6 @@ def write_searched(quantized: Path, values: Path, plan: Plan, imatrix: Imatrix |
                 rows = src.rows(e.name, np.arange(r0, min(info.nrows, r0 + READ_ROWS)))
                 blocks[r0:r0 + len(rows)] = _searched_over(rows, e.qtype, blocks[r0:r0 + len(rows)], im, threads)
     logger.info("rounding: %d weights' blocks searched", len(todo))
-    return [e.name for e in todo]
 
 
 def _searched_over(rows: np.ndarray, qtype: QuantType, blocks: np.ndarray, imatrix: np.ndarray | None,
